@@ -1,0 +1,117 @@
+"""The paper's setup: identity-preserving SR on 128x128 VGGFace2 faces with a frozen FaceNet embedder.
+
+Every hyper-parameter of DESIGN.md section 1 is a named field here; `ipsr_jax.config.validate`
+checks them all before anything is compiled.
+
+    python -m ipsr_jax.main --config=configs/base.py --workdir=gs://bucket/run \
+        --config.data.root=/data/vggface2_aligned \
+        --config.embedder.checkpoint=/ckpt/facenet_vggface2
+
+`configs/base.py:local` shrinks the run for a laptop CPU (big_vision-style variants).
+"""
+
+import ml_collections
+
+# The paper's 10 training input resolutions (height, width), Section 3.3.
+PAPER_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 16), (21, 15), (32, 32),
+                  (112, 96))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # UNet generator (the authors' Keras code: 7 down, 6 up + output ConvTranspose).
+  config.model = ml_collections.ConfigDict(dict(
+      ngf=64,                     # base width; widths ngf * (1, 2, 4, 8, 8, 8, 8)
+      num_downs=7,                # 128 -> 1
+      max_width_multiplier=8,
+      num_dropout_blocks=3,       # first 3 decoder blocks use dropout
+      dropout_rate=0.5,
+      leaky_relu_slope=0.3,       # Keras LeakyReLU default
+      bn_momentum=0.99,           # Keras BatchNormalization defaults
+      bn_epsilon=1e-3,
+      init_stddev=0.02,           # N(0, .02) kernel init
+      image_size=128,
+  ))
+
+  # Frozen Inception-ResNet-v1 (facenet-pytorch), converted with `ipsr_jax.tools.convert_facenet`.
+  config.embedder = ml_collections.ConfigDict(dict(
+      checkpoint='',              # Orbax dir written by convert_facenet or by --mode=pretrain_embedder
+      input_size=160,             # SR/HR resized 128 -> 160 bicubic before the embedder
+      embedding_size=512,
+      width=1.0,                  # channel multiplier of the port (1.0 = facenet-pytorch)
+      dropout_rate=0.6,
+      bn_epsilon=1e-3,
+  ))
+
+  config.loss = ml_collections.ConfigDict(dict(
+      beta=5.0,                   # L = L_embedding + beta * L_pixel
+      identity_weight=1.0,        # 0 -> the pixel-only ablation
+      pixel_weight=1.0,           # 0 with identity_weight=1 -> identity-only ablation
+      identity_distance='mse',    # 'mse' (paper) or 'cosine'
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      source='identity_folder',   # identity_folder | tfds | synthetic | lfw | orl
+      root='',                    # <root>/<identity>/<image>, aligned 128x128 faces
+      tfds_name='',               # e.g. 'ipsr_identity_folder/vggface2' when source == 'tfds'
+      tfds_data_dir='',
+      split='train',
+      image_size=128,
+      lr_sizes=PAPER_LR_SIZES,    # (height, width) of the simulated low-resolution inputs
+      lr_per='example',           # 'example' (paper text) or 'batch' (authors' code)
+      round_lr=True,              # round the small image to uint8 (a real LR image is 8-bit)
+      degrade_on_device=False,    # do the down-then-up resize inside the jitted step
+      random_flip=False,
+      random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
+      num_workers=0,              # Grain worker processes per host
+      worker_buffer_size=2,
+      read_threads=8,
+      shuffle=True,
+      max_bad_fraction=0.01,      # more unreadable images than this is an error
+      synthetic_identities=2000,  # only for source == 'synthetic'
+      synthetic_images_per_identity=20,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=64,              # global batch; must divide by the number of devices
+      num_epochs=50,
+      num_train_steps=-1,         # -1 -> derived from num_epochs and the dataset size
+      optimizer='adam',
+      learning_rate=2e-4,
+      b1=0.5,
+      b2=0.999,
+      eps=1e-7,                   # Keras Adam epsilon
+      weight_decay=0.0,
+      schedule='constant',        # constant | cosine | warmup_cosine
+      warmup_steps=0,
+      grad_clip_norm=0.0,         # 0 -> no clipping
+      compute_dtype='float32',    # 'bfloat16' for mixed precision (params and loss stay float32)
+      log_every_steps=100,
+      checkpoint_every_steps=2000,
+      keep_checkpoints=3,
+      image_summary_every_steps=2000,
+      image_summary_lr_sizes=((7, 6), (16, 16), (32, 32)),
+      eval_every_steps=0,         # 0 -> evaluate only at the end
+      profile_steps=0,            # > 0: capture a profile of this many steps after warm-up
+  ))
+
+  # Device mesh: data-parallel axis over every device of every host; 'fsdp' shards params too.
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                    # -1 -> all remaining devices
+      fsdp=1,
+  ))
+
+  # Evaluations run by --mode=eval and every train.eval_every_steps (big_vision style).
+  config.evals = ml_collections.ConfigDict()
+
+  if arg == 'local':
+    config.model.ngf = 16
+    config.train.batch_size = 8
+    config.train.num_train_steps = 200
+    config.train.log_every_steps = 10
+    config.train.checkpoint_every_steps = 100
+  elif arg:
+    raise ValueError(f'configs/base.py: unknown variant {arg!r} (known: local)')
+  return config

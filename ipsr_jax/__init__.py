@@ -1,0 +1,3 @@
+"""ipsr_jax: identity-preserving face super-resolution for low-resolution face recognition."""
+
+__version__ = "0.1.0"
