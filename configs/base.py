@@ -20,6 +20,7 @@ PAPER_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.mode = 'train'           # train | eval | pretrain_embedder | demo (--mode overrides)
 
   # UNet generator (the authors' Keras code: 7 down, 6 up + output ConvTranspose).
   config.model = ml_collections.ConfigDict(dict(
@@ -95,6 +96,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_summary_lr_sizes=((7, 6), (16, 16), (32, 32)),
       eval_every_steps=0,         # 0 -> evaluate only at the end
       profile_steps=0,            # > 0: capture a profile of this many steps after warm-up
+  ))
+
+  # Embedder pretraining (--mode=pretrain_embedder, configs/embedder.py): the recognizer's head.
+  config.pretrain = ml_collections.ConfigDict(dict(
+      head='arcface',             # 'arcface' (additive angular margin) or 'softmax' (facenet logits)
+      arcface_scale=30.0,
+      arcface_margin=0.3,
   ))
 
   # Device mesh: data-parallel axis over every device of every host; 'fsdp' shards params too.

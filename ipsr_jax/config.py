@@ -1,0 +1,95 @@
+"""Checks a config before anything is built or compiled; each error names the offending field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
+SOURCES = ('identity_folder', 'lfw', 'orl', 'ar', 'scface', 'tfds', 'synthetic')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _need(ok: bool, field: str, value: Any, why: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def _positive(config, field: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+  _need(ok, field, value, 'must be a number ' + ('>= 0' if allow_zero else '> 0'))
+
+
+def validate_lr_sizes(sizes, field: str, image_size: int) -> None:
+  _need(len(sizes) > 0, field, sizes, 'needs at least one (height, width)')
+  for hw in sizes:
+    ok = len(hw) == 2 and all(isinstance(s, int) and 1 <= s <= image_size for s in hw)
+    _need(ok, field, sizes, f'each entry must be (height, width) integers in 1..{image_size}; bad entry {hw!r}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first wrong value; a no-op on a good config."""
+  m, e, loss, d, t = config.model, config.embedder, config.loss, config.data, config.train
+  _need(config.get('mode', 'train') in MODES, 'mode', config.get('mode'), f'must be one of {MODES}')
+  for f in ('model.ngf', 'model.num_downs', 'model.image_size', 'model.bn_epsilon', 'model.init_stddev',
+            'embedder.input_size', 'embedder.embedding_size', 'embedder.width', 'train.batch_size',
+            'train.learning_rate', 'train.log_every_steps', 'train.checkpoint_every_steps',
+            'train.keep_checkpoints', 'data.image_size'):
+    _positive(config, f)
+  for f in ('loss.beta', 'loss.identity_weight', 'loss.pixel_weight', 'train.warmup_steps',
+            'train.grad_clip_norm', 'train.weight_decay', 'train.eval_every_steps', 'train.profile_steps',
+            'train.image_summary_every_steps', 'data.num_workers', 'data.random_crop_padding',
+            'model.num_dropout_blocks'):
+    _positive(config, f, allow_zero=True)
+  _need(m.image_size % (2**m.num_downs) == 0, 'model.num_downs', m.num_downs,
+        f'model.image_size={m.image_size} must be divisible by 2**num_downs')
+  _need(d.image_size == m.image_size, 'data.image_size', d.image_size,
+        f'must equal model.image_size={m.image_size}')
+  _need(m.num_dropout_blocks <= m.num_downs - 1, 'model.num_dropout_blocks', m.num_dropout_blocks,
+        f'at most the {m.num_downs - 1} decoder blocks')
+  _need(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'must be in [0, 1)')
+  _need(0.0 <= m.leaky_relu_slope < 1.0, 'model.leaky_relu_slope', m.leaky_relu_slope, 'must be in [0, 1)')
+  _need(0.0 < m.bn_momentum < 1.0, 'model.bn_momentum', m.bn_momentum, 'must be in (0, 1)')
+  _need(loss.identity_distance in ('mse', 'cosine'), 'loss.identity_distance', loss.identity_distance,
+        "must be 'mse' or 'cosine'")
+  _need(loss.identity_weight > 0 or loss.pixel_weight > 0, 'loss.identity_weight', loss.identity_weight,
+        'and loss.pixel_weight are both 0: nothing to train')
+  _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')
+  _need(d.lr_per in ('example', 'batch'), 'data.lr_per', d.lr_per, "must be 'example' or 'batch'")
+  validate_lr_sizes(d.lr_sizes, 'data.lr_sizes', d.image_size)
+  validate_lr_sizes(t.image_summary_lr_sizes, 'train.image_summary_lr_sizes', d.image_size)
+  _need(0.0 <= d.max_bad_fraction < 1.0, 'data.max_bad_fraction', d.max_bad_fraction, 'must be in [0, 1)')
+  _need(t.optimizer in ('adam', 'adamw', 'sgd'), 'train.optimizer', t.optimizer, "must be 'adam', 'adamw' or 'sgd'")
+  _need(t.schedule in ('constant', 'cosine', 'warmup_cosine'), 'train.schedule', t.schedule,
+        "must be 'constant', 'cosine' or 'warmup_cosine'")
+  _need(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, 'train.b1', (t.b1, t.b2), 'b1 and b2 must be in [0, 1)')
+  _need(t.compute_dtype in DTYPES, 'train.compute_dtype', t.compute_dtype, f'must be one of {DTYPES}')
+  _need(t.num_train_steps == -1 or t.num_train_steps > 0, 'train.num_train_steps', t.num_train_steps,
+        'must be -1 (from num_epochs) or > 0')
+  _need(t.num_train_steps > 0 or t.num_epochs > 0, 'train.num_epochs', t.num_epochs,
+        'must be > 0 when num_train_steps is -1')
+  needs_root = d.source in ('identity_folder', 'lfw', 'orl', 'ar', 'scface')
+  _need(not needs_root or bool(d.root), 'data.root', d.root,
+        f'is required for data.source={d.source!r}: the folder of aligned 128x128 faces')
+  _need(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name', d.tfds_name,
+        "is required for data.source='tfds'")
+  _need(config.mesh.fsdp >= 1 and (config.mesh.data == -1 or config.mesh.data >= 1), 'mesh', config.mesh.to_dict(),
+        'data must be -1 or >= 1 and fsdp >= 1')
+  _need(config.pretrain.head in ('arcface', 'softmax'), 'pretrain.head', config.pretrain.head,
+        "must be 'arcface' or 'softmax'")
+  for name, ev in config.get('evals', {}).items():
+    _need('protocol' in ev, f'evals.{name}', ev.to_dict() if hasattr(ev, 'to_dict') else ev,
+          'needs a protocol (ar, lfw, scface_p1, scface_p2, generic)')
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,206 @@
+"""Pretrains Inception-ResNet-v1 (any width) as a face recognizer, for users without FaceNet weights.
+
+`--config=configs/embedder.py`: softmax (facenet-pytorch's `logits` head) or an ArcFace-style
+additive angular margin head on an identity-labelled source. The result is saved with
+`embedder_store.save_embedder` to `<workdir>/embedder`, the format the IPSR training loads as its
+frozen embedder (`config.embedder.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+
+from ipsr_jax import checkpointing
+from ipsr_jax import config as config_lib
+from ipsr_jax import sharding
+from ipsr_jax import summaries
+from ipsr_jax import train as train_lib
+from ipsr_jax.data import pipeline
+from ipsr_jax.data import sources
+from ipsr_jax.models import embedder_store
+from ipsr_jax.models import inception_resnet_v1
+from ipsr_jax.ops import resize as resize_lib
+
+
+class ArcFaceHead(nn.Module):
+  """cos(theta + m) on the true class, scaled by s (Deng et al. 2019)."""
+  num_classes: int
+  scale: float = 30.0
+  margin: float = 0.3
+
+  @nn.compact
+  def __call__(self, embeddings: jax.Array, labels: jax.Array) -> jax.Array:
+    w = self.param('kernel', nn.initializers.normal(0.01), (embeddings.shape[-1], self.num_classes))
+    w = w / jnp.linalg.norm(w, axis=0, keepdims=True)
+    cos = jnp.clip(embeddings.astype(jnp.float32) @ w, -1.0 + 1e-6, 1.0 - 1e-6)
+    target = jnp.cos(jnp.arccos(cos) + self.margin)
+    onehot = jax.nn.one_hot(labels, self.num_classes)
+    return self.scale * jnp.where(onehot > 0, target, cos)
+
+
+@flax.struct.dataclass
+class EmbedderState:
+  step: jax.Array
+  params: Any          # {'embedder': ..., 'head': ...}
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_step: jax.Array
+
+
+@flax.struct.dataclass
+class EmbedderMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  accuracy: clu_metrics.Average.from_output('accuracy')
+
+
+def module_kwargs(config, num_classes: int) -> dict:
+  e = config.embedder
+  return dict(embedding_size=e.embedding_size, width=e.width, dropout_rate=e.dropout_rate,
+              bn_epsilon=e.bn_epsilon, num_classes=num_classes if config.pretrain.head == 'softmax' else None)
+
+
+def _augment(hr: jax.Array, rng: jax.Array, config) -> jax.Array:
+  """Random horizontal flip: faces are left-right symmetric, identities are not."""
+  flip = jax.random.bernoulli(rng, 0.5, (hr.shape[0], 1, 1, 1))
+  return jnp.where(flip, hr[:, :, ::-1], hr)
+
+
+def make_step(config, embedder, head, tx):
+  input_size = config.embedder.input_size
+
+  def step(state: EmbedderState, batch: dict) -> tuple[EmbedderState, EmbedderMetrics]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    aug_rng, drop_rng = jax.random.split(rng)
+    pixels = _augment(batch['hr'].astype(jnp.float32), aug_rng, config)
+    x = inception_resnet_v1.standardize(_resize_to(pixels, input_size))
+    labels = batch['label']
+
+    def loss_fn(params):
+      variables = {'params': params['embedder'], 'batch_stats': state.batch_stats}
+      if head is None:
+        logits, updates = embedder.apply(variables, x, train=True, classify=True, rngs={'dropout': drop_rng},
+                                         mutable=['batch_stats'])
+      else:
+        emb, updates = embedder.apply(variables, x, train=True, rngs={'dropout': drop_rng},
+                                      mutable=['batch_stats'])
+        logits = head.apply({'params': params['head']}, emb, labels)
+      logits = logits.astype(jnp.float32)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+      return loss, (accuracy, updates['batch_stats'])
+
+    (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              batch_stats=keep(batch_stats, state.batch_stats),
+                              opt_state=keep(opt_state, state.opt_state),
+                              nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
+                                                       state.step, state.nonfinite_step))
+    return new_state, EmbedderMetrics.single_from_model_output(loss=loss, accuracy=accuracy)
+
+  return step
+
+
+def _resize_to(pixels: jax.Array, size: int) -> jax.Array:
+  if pixels.shape[1:3] == (size, size):
+    return pixels
+  return resize_lib.resize(pixels, (size, size))
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'embedder')
+
+
+def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Trains, then writes the frozen-embedder checkpoint; returns its directory. Resumes if interrupted."""
+  config_lib.validate(config)
+  out = export_dir(workdir)
+  if os.path.exists(os.path.join(out, 'embedder.json')):
+    logging.info('Embedder already trained: %s', out)
+    return out
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  source = sources.make_source(config.data, split=config.data.split)
+  num_classes = source.num_identities
+  num_steps = config.train.num_train_steps
+  kwargs = module_kwargs(config, num_classes)
+  dtype = train_lib.compute_dtype(config.train)
+  embedder = inception_resnet_v1.InceptionResnetV1(**kwargs, dtype=dtype)
+  head = (ArcFaceHead(num_classes, scale=config.pretrain.arcface_scale, margin=config.pretrain.arcface_margin)
+          if config.pretrain.head == 'arcface' else None)
+  tx = train_lib.make_optimizer(config.train, num_steps)
+
+  def init() -> EmbedderState:
+    rng = jax.random.PRNGKey(config.seed)
+    size = config.embedder.input_size
+    variables = embedder.init(jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)), train=False,
+                              classify=head is None)
+    params = {'embedder': variables['params']}
+    if head is not None:
+      params['head'] = head.init(jax.random.fold_in(rng, 3), jnp.zeros((1, config.embedder.embedding_size)),
+                                 jnp.zeros((1,), jnp.int32))['params']
+    return EmbedderState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+                         opt_state=tx.init(params), rng=jax.random.fold_in(rng, 2),
+                         nonfinite_step=jnp.full((), -1, jnp.int32))
+
+  abstract = jax.eval_shape(init)
+  state_sharding = sharding.param_sharding(abstract, mesh).replace(
+      step=sharding.replicated(mesh), rng=sharding.replicated(mesh), nonfinite_step=sharding.replicated(mesh))
+  step_fn = jax.jit(make_step(config, embedder, head, tx),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  writer = summaries.create_writer(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  iterator = pipeline.make_train_iterator(config, source, seed=config.seed)
+  consumed = checkpointing.ConsumedIteratorState(iterator)
+  if ckpt.latest_step() is not None:
+    _, state = ckpt.restore(checkpointing.abstract_like(abstract, state_sharding), consumed)
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)()
+  step = int(jax.device_get(state.step))
+  logging.info('Pretraining the embedder (%s head, %d identities, width %s) for %d steps from %d.',
+               config.pretrain.head, num_classes, config.embedder.width, num_steps, step)
+  progress = summaries.periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                       every_steps=config.train.log_every_steps)
+  metrics = None
+  try:
+    with mesh:
+      while step < num_steps:
+        batch = sharding.to_global(next(iterator), mesh)
+        state, m = step_fn(state, batch)
+        consumed.state = iterator.get_state()
+        step += 1
+        metrics = m if metrics is None else metrics.merge(m)
+        progress(step)
+        if step % config.train.log_every_steps == 0 or step == num_steps:
+          train_lib.check_finite(state, step)
+          writer.write_scalars(step, {f'embedder/{k}': v for k, v in metrics.compute().items()})
+          metrics = None
+        if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
+          train_lib.check_finite(state, step)
+          ckpt.save(step, state, consumed, force=True)
+  finally:
+    ckpt.close()
+    writer.close()
+  variables = jax.device_get({'params': state.params['embedder'], 'batch_stats': state.batch_stats})
+  variables = jax.tree.map(np.asarray, variables)
+  embedder_store.save_embedder(out, variables, module_kwargs=kwargs,
+                               source=f'pretrained by ipsr_jax on {source!r} ({config.pretrain.head} head, '
+                                      f'{num_steps} steps)')
+  logging.info('Wrote the embedder to %s', out)
+  return out

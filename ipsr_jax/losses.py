@@ -1,0 +1,56 @@
+"""The identity-preserving loss: L = L_embedding(E(SR), E(HR)) + beta * L_pixel(SR, HR)  (Eq. 3.3).
+
+SR and HR are generator-range images in [-1, 1]. The embedder sees them as pixels resized
+128 -> 160 (bicubic) and standardised; the HR embedding carries no gradient, the SR embedding
+sends its gradient through the frozen embedder into the generator (unlike the authors' code,
+whose embeddings were computed outside the gradient tape).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+IDENTITY_DISTANCES = ('mse', 'cosine')
+
+
+def to_pixels(x: jax.Array) -> jax.Array:
+  """[-1, 1] generator range -> 0..255 pixels."""
+  return (x + 1.0) * 127.5
+
+
+def from_pixels(x: jax.Array) -> jax.Array:
+  """0..255 pixels (any int or float dtype) -> float32 [-1, 1]."""
+  return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def identity_distance(e_sr: jax.Array, e_hr: jax.Array, kind: str = 'mse') -> jax.Array:
+  """Mean over the batch of the distance between unit embeddings (Eq. 3.2)."""
+  e_sr, e_hr = e_sr.astype(jnp.float32), e_hr.astype(jnp.float32)
+  if kind == 'mse':
+    return jnp.mean(jnp.square(e_sr - e_hr))
+  if kind == 'cosine':
+    return jnp.mean(1.0 - jnp.sum(e_sr * e_hr, axis=-1))
+  raise ValueError(f'loss.identity_distance must be one of {IDENTITY_DISTANCES}, got {kind!r}')
+
+
+def pixel_mse(sr: jax.Array, hr: jax.Array) -> jax.Array:
+  """Eq. 3.1 as the authors' code computes it: mean squared error in the [-1, 1] range."""
+  return jnp.mean(jnp.square(sr.astype(jnp.float32) - hr.astype(jnp.float32)))
+
+
+def ipsr_loss(sr: jax.Array, hr: jax.Array, embed: Callable[[jax.Array], jax.Array],
+              loss_config) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its terms. `embed` maps 0..255 pixel images to unit embeddings."""
+  terms = {'pixel_mse': pixel_mse(sr, hr)}
+  total = loss_config.beta * loss_config.pixel_weight * terms['pixel_mse']
+  if loss_config.identity_weight:
+    e_sr = embed(to_pixels(sr))
+    e_hr = jax.lax.stop_gradient(embed(to_pixels(hr)))
+    terms['identity'] = identity_distance(e_sr, e_hr, loss_config.identity_distance)
+    terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr.astype(jnp.float32) * e_hr, axis=-1))
+    total = total + loss_config.identity_weight * terms['identity']
+  terms['loss'] = total
+  return total, terms

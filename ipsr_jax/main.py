@@ -1,0 +1,73 @@
+"""Entry point: parses flags, sets up logging and devices, dispatches on the mode.
+
+  python -m ipsr_jax.main --config=configs/base.py --workdir=runs/ipsr \
+      [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo]
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports (local or gs://).')
+flags.DEFINE_string('mode', None, 'train | eval | pretrain_embedder | demo; default: config.mode or train.')
+flags.DEFINE_integer('checkpoint_step', None, 'eval: restore this step instead of the newest.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors stay instant, and TF never grabs the GPU.
+  import jax  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  mode = FLAGS.mode or config.get('mode', 'train')
+  with config.unlocked():
+    config.mode = mode
+  config_lib.validate(config)
+  _hide_gpus_from_tensorflow()
+  sharding.initialize_distributed()
+  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  workdir = FLAGS.workdir
+  if mode == 'train':
+    from ipsr_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+  elif mode == 'eval':
+    from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    evaluator.evaluate_checkpoint(config, workdir, step=FLAGS.checkpoint_step)
+  elif mode == 'pretrain_embedder':
+    from ipsr_jax import embedder_train  # pylint: disable=g-import-not-at-top
+    embedder_train.train_embedder(config, workdir)
+  elif mode == 'demo':
+    from ipsr_jax import demo  # pylint: disable=g-import-not-at-top
+    demo.run_demo(config, workdir)
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """TF (TFDS, TensorBoard) must not pre-allocate accelerator memory JAX needs."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except ImportError:
+    pass
+  except RuntimeError:  # already initialised
+    pass
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  run()

@@ -1,0 +1,85 @@
+"""The UNet generator: bicubic-upsampled LR face (128x128, [-1, 1]) -> SR face.
+
+As the authors' Keras code builds it (DESIGN.md section 1): `num_downs` encoder blocks of a 4x4
+stride-2 Conv (+ BatchNorm except the first and the innermost) + LeakyReLU, `num_downs - 1` decoder
+blocks of a 4x4 stride-2 ConvTranspose + BatchNorm (+ Dropout on the first few) + ReLU, each joined
+to the matching encoder output by concatenation, and an output ConvTranspose to 3 channels + tanh.
+The paper's "7 upsampling blocks" counts that output layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def encoder_widths(ngf: int, num_downs: int, max_width_multiplier: int = 8) -> list[int]:
+  """ngf * (1, 2, 4, 8, 8, 8, 8) for the paper's 7 levels."""
+  return [ngf * min(2**i, max_width_multiplier) for i in range(num_downs)]
+
+
+class UNet(nn.Module):
+  ngf: int = 64
+  num_downs: int = 7
+  max_width_multiplier: int = 8
+  num_dropout_blocks: int = 3
+  dropout_rate: float = 0.5
+  leaky_relu_slope: float = 0.3
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  init_stddev: float = 0.02
+  out_channels: int = 3
+  dtype: Dtype = jnp.float32          # compute dtype (bfloat16 for mixed precision)
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if x.shape[1] % (2**self.num_downs) or x.shape[2] % (2**self.num_downs):
+      raise ValueError(f'UNet with {self.num_downs} downsamplings needs sides divisible by '
+                       f'{2**self.num_downs}, got {x.shape[1:3]}')
+    init = nn.initializers.normal(self.init_stddev)
+    widths = encoder_widths(self.ngf, self.num_downs, self.max_width_multiplier)
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    x = x.astype(self.dtype)
+
+    skips: list[jax.Array] = []
+    for i, width in enumerate(widths):
+      use_bn = 0 < i < self.num_downs - 1  # no BN on the first and the innermost block
+      x = nn.Conv(width, (4, 4), strides=(2, 2), padding='SAME', use_bias=not use_bn, kernel_init=init,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=f'down{i}_conv')(x)
+      if use_bn:
+        x = norm(f'down{i}_bn')(x)
+      x = nn.leaky_relu(x, self.leaky_relu_slope)
+      skips.append(x)
+
+    x = skips.pop()  # the innermost (1x1) features start the decoder
+    for j in range(self.num_downs - 1):
+      width = widths[self.num_downs - 2 - j]
+      x = nn.ConvTranspose(width, (4, 4), strides=(2, 2), padding='SAME', use_bias=False, kernel_init=init,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name=f'up{j}_conv')(x)
+      x = norm(f'up{j}_bn')(x)
+      if j < self.num_dropout_blocks:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f'up{j}_dropout')(x)
+      x = nn.relu(x)
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+
+    x = nn.ConvTranspose(self.out_channels, (4, 4), strides=(2, 2), padding='SAME', kernel_init=init,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name='out_conv')(x)
+    return jnp.tanh(x.astype(jnp.float32))
+
+
+def from_config(model_config, dtype: Dtype = jnp.float32) -> UNet:
+  """The generator that `config.model` describes."""
+  return UNet(ngf=model_config.ngf, num_downs=model_config.num_downs,
+              max_width_multiplier=model_config.max_width_multiplier,
+              num_dropout_blocks=model_config.num_dropout_blocks, dropout_rate=model_config.dropout_rate,
+              leaky_relu_slope=model_config.leaky_relu_slope, bn_momentum=model_config.bn_momentum,
+              bn_epsilon=model_config.bn_epsilon, init_stddev=model_config.init_stddev, dtype=dtype)
+

@@ -1,0 +1,95 @@
+"""Device mesh over every device of every host, and how arrays are laid out on it.
+
+The batch is split over both mesh axes ('data', 'fsdp'); parameters and optimiser state are
+replicated, or with `mesh.fsdp > 1` split along their largest divisible dimension over 'fsdp'
+(ZeRO-3 style: XLA gathers them for the forward pass and reduce-scatters the gradients).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when this looks like one process of several; a no-op otherwise.
+
+  Cloud TPU pods and SLURM are detected by JAX itself; an explicit coordinator comes from
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (the launchers set them).
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  elif env.get('SLURM_NTASKS', '1') != '1' or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()  # auto-detects the cluster
+  else:
+    return
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """Mesh of shape (data, fsdp) over all global devices; -1 takes the remaining devices."""
+  n = jax.device_count()
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  if fsdp < 1 or (data < 1 and data != -1):
+    raise ValueError(f'config.mesh: data must be -1 or >= 1 and fsdp >= 1, got data={data}, fsdp={fsdp}')
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices')
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f'config.mesh data={data} x fsdp={fsdp} != {n} devices')
+  devices = np.asarray(jax.devices()).reshape(data, fsdp)
+  return Mesh(devices, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh) -> int:
+  """Per-device batch; the global batch must split evenly over devices and processes."""
+  n = mesh.devices.size
+  if global_batch % n or global_batch % jax.process_count():
+    raise ValueError(f'config.train.batch_size={global_batch} must be a multiple of the device count ({n}) '
+                     f'and of the process count ({jax.process_count()})')
+  return global_batch // n
+
+
+def param_sharding(tree, mesh: Mesh, fsdp_min_size: int = 2**14):
+  """Replicated leaves, or with an 'fsdp' axis > 1, large leaves split on their largest divisible dim."""
+  fsdp = mesh.shape['fsdp']
+
+  def spec(leaf):
+    shape = getattr(leaf, 'shape', ())
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
+      return NamedSharding(mesh, P())
+    for dim in np.argsort(shape)[::-1]:
+      if shape[dim] % fsdp == 0:
+        axes = [None] * len(shape)
+        axes[dim] = 'fsdp'
+        return NamedSharding(mesh, P(*axes))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(spec, tree)
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax arrays sharded over the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

@@ -1,0 +1,305 @@
+"""Identity-preserving SR training: the train state, the sharded step, and the loop.
+
+`train_and_evaluate(config, workdir)` runs the same code on a laptop CPU, one GPU or a TPU pod
+slice: one jitted step over a (data, fsdp) mesh of every device of every host, Orbax checkpoints
+(with the Grain iterator state, so a resumed run sees exactly the batches an uninterrupted run
+would), clu metric writers and periodic actions.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+
+from ipsr_jax import checkpointing
+from ipsr_jax import config as config_lib
+from ipsr_jax import losses
+from ipsr_jax import sharding
+from ipsr_jax import summaries
+from ipsr_jax.data import degrade
+from ipsr_jax.data import pipeline
+from ipsr_jax.data import sources
+from ipsr_jax.models import embedder_store
+from ipsr_jax.models import inception_resnet_v1
+from ipsr_jax.models import unet as unet_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array              # raw uint32 key; the step's key is fold_in(rng, step)
+  nonfinite_step: jax.Array   # first step whose loss was not finite, -1 while all were
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  pixel_mse: clu_metrics.Average.from_output('pixel_mse')
+  identity: clu_metrics.Average.from_output('identity')
+  cosine_similarity: clu_metrics.Average.from_output('cosine_similarity')
+  grad_norm: clu_metrics.Average.from_output('grad_norm')
+
+
+def compute_dtype(train_config) -> jnp.dtype:
+  return jnp.bfloat16 if train_config.compute_dtype == 'bfloat16' else jnp.float32
+
+
+def make_optimizer(train_config, num_steps: int) -> optax.GradientTransformation:
+  lr = train_config.learning_rate
+  if train_config.schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(lr, num_steps)
+  elif train_config.schedule == 'warmup_cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, lr, train_config.warmup_steps, num_steps)
+  if train_config.optimizer == 'adam':
+    opt = optax.adam(lr, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps)
+  elif train_config.optimizer == 'adamw':
+    opt = optax.adamw(lr, b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
+                      weight_decay=train_config.weight_decay)
+  else:
+    opt = optax.sgd(lr, momentum=train_config.b1)
+  if train_config.grad_clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), opt)
+  return opt
+
+
+def init_state(config, generator: unet_lib.UNet, tx: optax.GradientTransformation) -> TrainState:
+  rng = jax.random.PRNGKey(config.seed)
+  size = config.model.image_size
+  variables = generator.init(jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)), train=False)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+                    rng=jax.random.fold_in(rng, 2), nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def generator_input(batch: dict, degrader: degrade.DeviceDegrader | None) -> jax.Array:
+  """The bicubic-upsampled LR face in [-1, 1], degraded on the host or inside the step."""
+  if degrader is None:
+    return losses.from_pixels(batch['lr'])
+  return losses.from_pixels(degrader(batch['hr'].astype(jnp.float32), batch['lr_index']))
+
+
+def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int) -> Callable[[jax.Array], jax.Array]:
+  return lambda pixels: inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size)
+
+
+def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, generator, embedder, tx,
+               degrader) -> tuple[TrainState, TrainMetrics]:
+  """One generator update on a global batch; the embedder is frozen (its variables are an input)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  hr = losses.from_pixels(batch['hr'])
+  lr = generator_input(batch, degrader)
+  embed = make_embed_fn(embedder, embedder_vars, config.embedder.input_size) if embedder is not None else None
+
+  def loss_fn(params):
+    sr, updates = generator.apply({'params': params, 'batch_stats': state.batch_stats}, lr, train=True,
+                                  rngs={'dropout': rng}, mutable=['batch_stats'])
+    loss, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
+    return loss, (terms, updates['batch_stats'])
+
+  (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite loss freezes the state at the last good values; the host notices at its next check.
+  ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step,
+                               state.nonfinite_step))
+  terms = dict(terms, grad_norm=optax.global_norm(grads))
+  terms.setdefault('identity', jnp.zeros(()))
+  terms.setdefault('cosine_similarity', jnp.zeros(()))
+  return new_state, TrainMetrics.single_from_model_output(**terms)
+
+
+def sr_apply(generator, variables, lr: jax.Array) -> jax.Array:
+  """Inference-mode generator: [-1, 1] input -> [-1, 1] SR."""
+  return generator.apply(variables, lr, train=False)
+
+
+class Trainer:
+  """Builds everything a run needs from the config; `train_and_evaluate` drives it."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_lib.validate(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.train.batch_size, self.mesh)
+    self.source = sources.make_source(config.data, split=config.data.split)
+    steps_per_epoch = max(1, len(self.source) // config.train.batch_size)
+    self.num_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
+                      config.train.num_epochs * steps_per_epoch)
+    dtype = compute_dtype(config.train)
+    self.generator = unet_lib.from_config(config.model, dtype=dtype)
+    self.tx = make_optimizer(config.train, self.num_steps)
+    self.embedder, self.embedder_vars = None, None
+    if config.loss.identity_weight:
+      module, variables, info = embedder_store.load_embedder(config.embedder.checkpoint)
+      self.embedder_info = info
+      self.embedder = module.clone(dtype=dtype)
+      self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
+    self.degrader = (degrade.DeviceDegrader(config.data.lr_sizes, (config.data.image_size,) * 2,
+                                            round_lr=config.data.round_lr)
+                     if config.data.degrade_on_device else None)
+    abstract = jax.eval_shape(functools.partial(init_state, config, self.generator, self.tx))
+    self.state_sharding = sharding.param_sharding(abstract, self.mesh).replace(
+        step=sharding.replicated(self.mesh), rng=sharding.replicated(self.mesh),
+        nonfinite_step=sharding.replicated(self.mesh))
+    self.abstract_state = checkpointing.abstract_like(abstract, self.state_sharding)
+    step = functools.partial(train_step, config=config, generator=self.generator, embedder=self.embedder,
+                             tx=self.tx, degrader=self.degrader)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
+                                                  sharding.replicated(self.mesh)),
+                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+                              donate_argnums=(0,))
+    self._sr = jax.jit(functools.partial(sr_apply, self.generator))
+
+  def initial_state(self) -> TrainState:
+    init = functools.partial(init_state, self.config, self.generator, self.tx)
+    return jax.jit(init, out_shardings=self.state_sharding)()
+
+  def image_summary(self, state: TrainState, hr: np.ndarray) -> np.ndarray:
+    """Rows: per LR size, the bicubic input, the SR output; last row HR."""
+    hr = np.asarray(hr[:8])
+    rows = []
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    for lr_hw in self.config.train.image_summary_lr_sizes:
+      lr = degrade.degrade(hr, tuple(lr_hw), hr.shape[1:3], round_lr=self.config.data.round_lr)
+      sr = self._sr(variables, losses.from_pixels(jnp.asarray(lr)))
+      rows += [lr, np.asarray(jnp.clip(jnp.round(losses.to_pixels(sr)), 0, 255)).astype(np.uint8)]
+    return summaries.image_grid(rows + [hr])
+
+
+class _Preemption:
+  """SIGTERM (preemption, `kill`) asks the loop to save a checkpoint and stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _prefetch(iterator, mesh):
+  """Yields (global device batch, iterator state after it): the next batch is put on the devices
+  while the current step runs."""
+  pending = None
+  while True:
+    batch = next(iterator)
+    state = iterator.get_state()
+    current = (sharding.to_global(batch, mesh), state)
+    if pending is not None:
+      yield pending
+    pending = current
+
+
+def check_finite(state: TrainState, step: int) -> None:
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f'Non-finite loss at step {bad + 1}: training stopped. The last checkpoint (before that step) is '
+        'kept and restorable; lower train.learning_rate or set train.grad_clip_norm, then run again.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluate_fn: Callable[[int, dict], dict] | None = None) -> TrainState:
+  """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
+  trainer = Trainer(config, workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config_lib.to_json(config))
+  writer = summaries.create_writer(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  iterator = pipeline.make_train_iterator(config, trainer.source, seed=config.seed)
+  consumed = checkpointing.ConsumedIteratorState(iterator)
+  if ckpt.latest_step() is not None:
+    _, state = ckpt.restore(trainer.abstract_state, consumed)
+  else:
+    state = trainer.initial_state()
+    if trainer.embedder is not None:
+      writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
+  start = int(jax.device_get(state.step))
+  logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
+               jax.device_count(), jax.devices()[0].platform, config.train.batch_size)
+  hooks = [summaries.periodic_actions.ReportProgress(num_train_steps=trainer.num_steps, writer=writer,
+                                                     every_steps=config.train.log_every_steps)]
+  if config.train.profile_steps and jax.process_index() == 0:
+    hooks.append(summaries.periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
+                                                    first_profile=start + 10, logdir=workdir))
+  batches = _prefetch(consumed.iterator, trainer.mesh)
+  metrics = None
+  step = start
+  t = config.train
+  try:
+    with _Preemption() as preemption, trainer.mesh:
+      while step < trainer.num_steps:
+        batch, iter_state = next(batches)
+        state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars)
+        consumed.state = iter_state
+        step += 1
+        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+        for hook in hooks:
+          hook(step)
+        last = step == trainer.num_steps
+        if step % t.log_every_steps == 0 or last:
+          check_finite(state, step)
+          writer.write_scalars(step, {f'train/{k}': v for k, v in metrics.compute().items()})
+          metrics = None
+        if t.image_summary_every_steps and (step % t.image_summary_every_steps == 0 or last):
+          grid = trainer.image_summary(state, batch_host_hr(batch))
+          writer.write_images(step, {'lr_sr_hr': grid[None]})
+          if jax.process_index() == 0:
+            summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
+        if step % t.checkpoint_every_steps == 0 or last or preemption.requested:
+          check_finite(state, step)
+          ckpt.save(step, state, consumed, force=True)
+        if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
+          writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
+        writer.flush()
+        if preemption.requested:
+          break
+  finally:
+    ckpt.close()  # waits for an async save in flight
+    writer.close()
+  return state
+
+
+def batch_host_hr(batch: dict) -> np.ndarray:
+  """The HR images of a global batch that this host can see (its addressable shards)."""
+  shards = batch['hr'].addressable_shards
+  return np.concatenate([np.asarray(s.data) for s in sorted(shards, key=lambda s: s.index[0].start or 0)])

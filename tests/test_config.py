@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+import pytest
+
+from configs import base
+from ipsr_jax import config as config_lib
+from tests.conftest import REPO
+
+
+def test_base_config_is_the_paper():
+  config = base.get_config()
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.root'):
+    config_lib.validate(config)  # the paper's data must be named
+  config.data.root = '/data/vggface2_aligned'
+  config_lib.validate(config)
+  assert config.loss.beta == 5.0 and config.train.learning_rate == 2e-4 and config.train.b1 == 0.5
+  assert config.train.batch_size == 64 and config.train.num_epochs == 50
+  assert config.model.leaky_relu_slope == 0.3 and config.model.bn_momentum == 0.99
+  assert config.model.bn_epsilon == 1e-3 and config.model.init_stddev == 0.02 and config.model.ngf == 64
+  assert config.embedder.input_size == 160 and len(config.data.lr_sizes) == 10
+  assert tuple(config.data.lr_sizes[0]) == (7, 6) and tuple(config.data.lr_sizes[-1]) == (112, 96)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('train.optimizer', 'adagrad', 'config.train.optimizer'),
+    ('train.batch_size', 0, 'config.train.batch_size'),
+    ('loss.identity_distance', 'l1', 'config.loss.identity_distance'),
+    ('data.lr_sizes', ((7, 6), (200, 8)), 'config.data.lr_sizes'),
+    ('model.dropout_rate', 1.5, 'config.model.dropout_rate'),
+    ('data.source', 'imagenet', 'config.data.source'),
+    ('model.num_downs', 9, 'config.model.num_downs'),
+    ('train.compute_dtype', 'float16', 'config.train.compute_dtype'),
+])
+def test_wrong_values_name_the_field(field, value, message):
+  config = base.get_config()
+  config.data.root = '/data/faces'
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace('.', r'\.')):
+    config_lib.validate(config)
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'ipsr_jax.main', '--config=configs/base.py', '--workdir=/tmp/x',
+                         *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_bad_and_unknown_values_before_compiling():
+  bad = _main('--config.train.optimizer=adagrad', '--config.data.root=/nonexistent')
+  assert bad.returncode != 0 and 'config.train.optimizer' in bad.stderr
+  unknown = _main('--config.train.not_a_field=1')
+  assert unknown.returncode != 0 and 'not_a_field' in unknown.stderr
+  variant = _main('--config=configs/base.py:nope')
+  assert variant.returncode != 0 and 'unknown variant' in variant.stderr

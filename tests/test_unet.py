@@ -1,0 +1,85 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ipsr_jax.models import unet as unet_lib
+from configs import base
+
+
+def _init(model, batch=2, size=128):
+  x = jax.random.uniform(jax.random.key(0), (batch, size, size, 3), minval=-1, maxval=1)
+  return x, model.init(jax.random.key(1), x, train=False)
+
+
+def test_shapes_range_and_paper_widths():
+  model = unet_lib.from_config(base.get_config().model)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(1), jnp.zeros((1, 128, 128, 3)), train=False))['params']
+  small = unet_lib.UNet(ngf=4)
+  x, variables = _init(small, batch=1)
+  y = small.apply(variables, x * 50, train=False)  # large inputs: tanh must still bound the output
+  assert y.shape == (1, 128, 128, 3) and y.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(y))) <= 1.0
+  # Encoder widths ngf*(1,2,4,8,8,8,8); BN on all but the first and innermost blocks.
+  assert [params[f'down{i}_conv']['kernel'].shape[-1] for i in range(7)] == [64, 128, 256, 512, 512, 512, 512]
+  assert sorted(k for k in params if k.startswith('down') and k.endswith('_bn')) == [f'down{i}_bn' for i in range(1, 6)]
+  assert 'bias' in params['down0_conv'] and 'bias' in params['down6_conv'] and 'bias' not in params['down3_conv']
+  n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  assert 41_000_000 < n < 42_500_000, n
+
+
+def test_skip_wiring():
+  model = unet_lib.UNet(ngf=4)
+  x, variables = _init(model)
+  params = variables['params']
+  widths = unet_lib.encoder_widths(4, 7)
+  # Decoder j>0 reads [up_{j-1}, skip from encoder level 6-j]: twice that level's width.
+  for j in range(1, 6):
+    assert params[f'up{j}_conv']['kernel'].shape[-2] == 2 * widths[6 - j]
+  assert params['out_conv']['kernel'].shape[-2] == 2 * widths[0]
+  # Each decoder output has the spatial size of the encoder level it is joined to.
+  _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
+  inter = inter['intermediates']
+  for j in range(6):
+    up = inter[f'up{j}_conv']['__call__'][0]
+    down = inter[f'down{5 - j}_conv']['__call__'][0]
+    assert up.shape[1:3] == down.shape[1:3]
+  # The first-level skip carries the input's fine detail: removing it changes the output.
+  y = model.apply(variables, x, train=False)
+  cut = jax.tree.map(lambda a: a, params)
+  cut['out_conv']['kernel'] = cut['out_conv']['kernel'].at[:, :, widths[0]:, :].set(0.0)
+  y_cut = model.apply({**variables, 'params': cut}, x, train=False)
+  assert float(jnp.max(jnp.abs(y - y_cut))) > 1e-3
+  # ...and it is the skip half (the concat's second part) that carries it: cutting the decoder half
+  # leaves a different output again.
+  cut2 = jax.tree.map(lambda a: a, params)
+  cut2['out_conv']['kernel'] = cut2['out_conv']['kernel'].at[:, :, :widths[0], :].set(0.0)
+  y_cut2 = model.apply({**variables, 'params': cut2}, x, train=False)
+  assert float(jnp.max(jnp.abs(y_cut - y_cut2))) > 1e-3
+
+
+def test_train_vs_inference_only_dropout_and_batchnorm():
+  x = jax.random.uniform(jax.random.key(0), (4, 128, 128, 3), minval=-1, maxval=1)
+  # No dropout, momentum 0: one train step stores exactly this batch's statistics, after which
+  # inference mode reproduces the train-mode output.
+  model = unet_lib.UNet(ngf=4, dropout_rate=0.0, bn_momentum=0.0)
+  variables = model.init(jax.random.key(1), x, train=False)
+  y_train, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  y_eval = model.apply({**variables, **updates}, x, train=False)
+  np.testing.assert_allclose(y_train, y_eval, atol=1e-4)
+  # With the stats at init (mean 0, var 1) inference differs from train mode.
+  assert float(jnp.max(jnp.abs(model.apply(variables, x, train=False) - y_train))) > 1e-2
+  # Dropout: train outputs differ by rng, inference is deterministic.
+  model = unet_lib.UNet(ngf=4)
+  variables = model.init(jax.random.key(1), x, train=False)
+  run = lambda k: model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(k)},
+                              mutable=['batch_stats'])[0]
+  assert float(jnp.max(jnp.abs(run(0) - run(1)))) > 1e-3
+  np.testing.assert_array_equal(run(0), run(0))
+  np.testing.assert_array_equal(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
+
+
+def test_bad_size_is_a_clear_error():
+  model = unet_lib.UNet(ngf=4)
+  with pytest.raises(ValueError, match='divisible by 128'):
+    model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)), train=False)
