@@ -120,6 +120,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_train_steps = 200
     config.train.log_every_steps = 10
     config.train.checkpoint_every_steps = 100
+  elif arg == 'tiny':  # seconds per step on one CPU core: tests and smoke runs
+    config.data.source = 'synthetic'
+    config.data.synthetic_identities = 16
+    config.data.synthetic_images_per_identity = 4
+    config.data.image_size = config.model.image_size = 32
+    config.data.lr_sizes = ((4, 4), (8, 6), (16, 16))
+    config.train.image_summary_lr_sizes = ((8, 6), (16, 16))
+    config.model.num_downs = 5
+    config.model.ngf = 4
+    config.embedder.input_size = 80     # the smallest input Inception-ResNet-v1 accepts
+    config.train.batch_size = 8
+    config.train.num_train_steps = 6
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 3
+    config.train.image_summary_every_steps = 3
   elif arg:
-    raise ValueError(f'configs/base.py: unknown variant {arg!r} (known: local)')
+    raise ValueError(f'configs/base.py: unknown variant {arg!r} (known: local, tiny)')
   return config

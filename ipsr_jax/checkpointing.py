@@ -7,11 +7,13 @@ Arrays restore onto whatever mesh the caller gives: a run saved on N devices res
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
-import grain.python as grain
+import grain
+import grain.python as grain_python
 import jax
 import orbax.checkpoint as ocp
 
@@ -28,10 +30,12 @@ class ConsumedIteratorState:
     self.iterator = iterator
     self.state = iterator.get_state()
 
-  def get_state(self):
-    return self.state
+  def get_state(self) -> bytes:  # Grain's handler stores bytes for iterators it does not know
+    return json.dumps(self.state).encode() if isinstance(self.state, dict) else self.state
 
-  def set_state(self, state):
+  def set_state(self, state) -> None:
+    if isinstance(state, bytes) and isinstance(self.iterator, grain.DatasetIterator):
+      state = json.loads(state)
     self.iterator.set_state(state)
     self.state = state
 
@@ -65,7 +69,7 @@ class Checkpointer:
            metrics: dict | None = None, force: bool = False) -> bool:
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items[DATA] = grain.PyGrainCheckpointSave(data_iter)
+      items[DATA] = grain_python.PyGrainCheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     if saved:
       logging.info('Saving checkpoint at step %d (asynchronously).', step)
@@ -79,7 +83,7 @@ class Checkpointer:
       raise FileNotFoundError(f'no checkpoint in {self.manager.directory}')
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items[DATA] = grain.PyGrainCheckpointRestore(data_iter)
+      items[DATA] = grain_python.PyGrainCheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info('Restored checkpoint step %d from %s', step, self.manager.directory)
     return step, restored[STATE]

@@ -6,8 +6,6 @@ additive angular margin head on an identity-labelled source. The result is saved
 frozen embedder (`config.embedder.checkpoint`).
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from typing import Any

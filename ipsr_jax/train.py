@@ -6,8 +6,6 @@ slice: one jitted step over a (data, fsdp) mesh of every device of every host, O
 would), clu metric writers and periodic actions.
 """
 
-from __future__ import annotations
-
 import functools
 import logging
 import os

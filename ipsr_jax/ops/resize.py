@@ -65,9 +65,9 @@ def resize_np(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return np.clip(np.round(y), 0, 255) if is_uint8 else y
 
   if out_w != x.shape[2]:
-    x = finish(np.einsum('ow,nhwc->nhoc', resize_weights(x.shape[2], out_w).astype(np.float32), x))
+    x = finish(np.einsum('ow,nhwc->nhoc', resize_weights(x.shape[2], out_w).astype(np.float32), x, optimize=True))
   if out_h != x.shape[1]:
-    x = finish(np.einsum('oh,nhwc->nowc', resize_weights(x.shape[1], out_h).astype(np.float32), x))
+    x = finish(np.einsum('oh,nhwc->nowc', resize_weights(x.shape[1], out_h).astype(np.float32), x, optimize=True))
   out = x.astype(np.uint8) if is_uint8 else x.astype(np.float32)
   return out[0] if squeeze else out
 

@@ -7,11 +7,15 @@ galleries from probes without decoding any image.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ipsr_jax.data import image_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +35,9 @@ class FaceSource:
   """Base class: subclasses fill `self.records` and implement `load_image(record)`.
 
   `source[i]` returns {'image': uint8 [H, W, 3], 'label': int32, 'index': int64} or None when the
-  image cannot be decoded; that image is logged with its path and counted in `self.bad`, and the
-  pipeline filters the None out (never a crash, never a silent hole).
+  image cannot be decoded; that image is logged with its path and counted (once, however many
+  epochs meet it) in `self.bad`, and the pipeline filters the None out (never a crash, never a
+  silent hole). `verify()` decodes everything up front. `FileFaceSource` decodes `record.path`.
   """
 
   name: str = 'faces'
@@ -54,22 +59,86 @@ class FaceSource:
   def load_image(self, record: Record) -> np.ndarray:
     raise NotImplementedError
 
-  def note_bad(self, record: Record, error: Exception) -> None:
-    self.bad.append(record.path)
-    logging.warning('Skipping unreadable image %s: %s', record.path, error)
-    if len(self.bad) > max(1, self.max_bad_fraction * len(self.records)):
-      raise BadImageError(
-          f'{self!r}: {len(self.bad)} of {len(self.records)} images are unreadable, more than '
-          f'data.max_bad_fraction={self.max_bad_fraction}; first: {self.bad[:5]}')
+  def _too_many_bad(self, count: int) -> bool:
+    return count > max(1, self.max_bad_fraction * len(self))
+
+  def _bad_error(self, bad: Sequence[str]) -> BadImageError:
+    return BadImageError(
+        f'{self!r}: {len(bad)} of {len(self)} images are unreadable, more than '
+        f'data.max_bad_fraction={self.max_bad_fraction}; first: {list(bad[:5])}')
+
+  def note_bad(self, record: Record, error: Exception, key: str | None = None) -> None:
+    """Counts an unreadable image once (`key`, default its path), however many epochs meet it."""
+    key = key or record.path
+    if key in self.bad:
+      return
+    self.bad.append(key)
+    logging.warning('Skipping unreadable image %s: %s', key, error)
+    if self._too_many_bad(len(self.bad)):
+      raise self._bad_error(self.bad)
+
+  def verify(self, num_threads: int = 8) -> list[str]:
+    """Decodes every image once; returns the unreadable ones (paths, or '#<index>' without one).
+
+    Raises BadImageError when they exceed `max_bad_fraction` (the same rule `source[i]` applies),
+    so a broken dataset fails before training rather than at step 100k. Decoding releases the GIL
+    in PIL, so threads help.
+    """
+    def check(index: int) -> str | None:
+      record = self.records[index]
+      try:
+        self.load_image(record)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Unreadable image %s: %s', record.path or index, e)
+        return record.path or f'#{index}'
+      return None
+
+    indices = range(len(self.records))
+    if num_threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        results = list(pool.map(check, indices))
+    else:
+      results = [check(i) for i in indices]
+    bad = [r for r in results if r is not None]
+    self.bad = list(bad)
+    if self._too_many_bad(len(bad)):
+      raise self._bad_error(bad)
+    return bad
 
   def __getitem__(self, index: int) -> dict[str, Any] | None:
     record = self.records[int(index)]
     try:
       image = self.load_image(record)
     except Exception as e:  # pylint: disable=broad-except
-      self.note_bad(record, e)
+      self.note_bad(record, e, key=record.path or f'#{index}')
       return None
     return {'image': image, 'label': np.int32(record.label), 'index': np.int64(index)}
 
   def __repr__(self) -> str:
     return f'{type(self).__name__}(name={self.name!r}, size={len(self)})'
+
+
+def require_root(root: str | os.PathLike, layout: str) -> str:
+  """`root` as a str, or a FileNotFoundError that names the path and the layout expected there."""
+  root = os.fspath(root)
+  if not root:
+    raise FileNotFoundError(f'No data root given (config.data.root is empty); expected {layout}')
+  if not os.path.isdir(root):
+    raise FileNotFoundError(
+        f'Data root {root!r} does not exist or is not a directory; expected {layout}')
+  return root
+
+
+class FileFaceSource(FaceSource):
+  """A source whose records are image files: decodes with `image_io.decode_image` (PIL, RGB).
+
+  `image_size` (int, square) resizes every decoded image with PIL-exact bicubic.
+  """
+
+  def __init__(self, records: Sequence[Record], max_bad_fraction: float = 0.01,
+               image_size: int | None = None):
+    super().__init__(records, max_bad_fraction=max_bad_fraction)
+    self.image_size = None if image_size is None else int(image_size)
+
+  def load_image(self, record: Record) -> np.ndarray:
+    return image_io.decode_image(record.path, self.image_size)

@@ -1,0 +1,70 @@
+"""The embedded default: the paper's method end to end on synthetic identities, on a laptop CPU.
+
+    python -m ipsr_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Pretrains a small embedder, trains identity-preserving SR and the pixel-only ablation at reduced
+width, evaluates on held-out identities and writes runs/demo/report/. See ipsr_jax/demo.py.
+`configs/demo.py:tiny` is the same pipeline at a few steps per stage (tests).
+"""
+
+import ml_collections
+
+from configs import base
+
+DEMO_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 16), (21, 15), (32, 32))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.mode = 'demo'
+  config.data.source = 'synthetic'
+  config.data.synthetic_identities = 2000
+  config.data.synthetic_images_per_identity = 16
+  config.data.read_threads = 2
+  config.model.ngf = 8
+  config.embedder.width = 0.25
+  config.embedder.input_size = 80
+  config.embedder.embedding_size = 128
+  config.train.batch_size = 16
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 200
+  config.train.image_summary_every_steps = 200
+
+  # Per-stage overrides of the config above, merged into it by ipsr_jax.demo.stage_config.
+  config.demo = ml_collections.ConfigDict(dict(
+      embedder=dict(
+          mode='pretrain_embedder', pretrain=dict(head='arcface'), data=dict(degrade_on_device=True),
+          train=dict(batch_size=64, num_train_steps=800, learning_rate=3e-3, b1=0.9, schedule='warmup_cosine',
+                     warmup_steps=50, image_summary_every_steps=0, checkpoint_every_steps=400)),
+      ipsr=dict(train=dict(num_train_steps=500)),
+      pixel_only=dict(train=dict(num_train_steps=500), loss=dict(identity_weight=0.0)),
+  ))
+
+  # Identification on 100 held-out identities (gallery one image each, 4 probes each).
+  config.evals.synthetic = ml_collections.ConfigDict(dict(
+      protocol='generic', source='synthetic', split='test', trials=1, resolutions=DEMO_LR_SIZES,
+      synthetic_identities=100, synthetic_images_per_identity=5, max_rank=20))
+
+  if arg == 'tiny':
+    config.data.synthetic_identities = 32
+    config.data.synthetic_images_per_identity = 4
+    config.data.image_size = config.model.image_size = 32
+    config.model.num_downs = 5
+    config.model.ngf = 4
+    config.data.lr_sizes = ((7, 6), (16, 16))
+    config.train.image_summary_lr_sizes = ((7, 6), (16, 16))
+    config.embedder.width = 0.125
+    config.embedder.embedding_size = 32
+    config.train.batch_size = 8
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 2
+    config.train.image_summary_every_steps = 2
+    config.demo.embedder.train.update(dict(num_train_steps=2, batch_size=8, warmup_steps=1,
+                                          checkpoint_every_steps=2))
+    config.demo.ipsr.train.num_train_steps = 2
+    config.demo.pixel_only.train.num_train_steps = 2
+    config.evals.synthetic.update(dict(resolutions=((7, 6), (16, 16)), synthetic_identities=4,
+                                       synthetic_images_per_identity=3, max_rank=4))
+  elif arg:
+    raise ValueError(f'configs/demo.py: unknown variant {arg!r} (known: tiny)')
+  return config

@@ -1,0 +1,79 @@
+"""Decoding face images from disk into uint8 RGB arrays, the one format the pipeline carries.
+
+Every source decodes with the same function, so a folder source, the TFDS build made from it and
+the evaluation protocols see identical pixels (PIL's decoder; OpenCV's JPEG IDCT differs slightly).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from ipsr_jax.ops import resize as resize_lib
+
+# Extensions that count as images when listing a folder; anything else (.txt, .DS_Store) is ignored.
+IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.pgm', '.ppm', '.pnm', '.bmp', '.tif',
+                              '.tiff', '.gif', '.webp'})
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+  name = os.path.basename(os.fspath(path))
+  return not name.startswith('.') and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
+    # 16-bit PGM/PNG: keep the top 8 bits rather than letting convert() clip everything to 255.
+    wide = np.asarray(image, dtype=np.int64)
+    grey = (wide >> 8).astype(np.uint8) if wide.max(initial=0) > 255 else wide.astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if image.mode != 'RGB':
+    image = image.convert('RGB')  # L (ORL's PGM), P, RGBA, CMYK -> 3 channels
+  return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image(data: bytes | str | os.PathLike | BinaryIO,
+                 image_size: int | tuple[int, int] | None = None) -> np.ndarray:
+  """Decodes a file path, bytes or file object into uint8 [H, W, 3] RGB.
+
+  Raises on empty, truncated or unknown data (PIL's own errors): callers count those as bad images.
+  `image_size` resizes to a square (int) or (height, width) with PIL-exact bicubic.
+  """
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    if not data:
+      raise ValueError('empty image data')
+    data = io.BytesIO(data)
+  with Image.open(data) as image:
+    image.load()  # decode now: a truncated JPEG raises here, not later in a worker
+    array = _to_rgb(image)
+  if image_size is not None:
+    array = resize_to(array, image_size)
+  return np.ascontiguousarray(array)
+
+
+def resize_to(image: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarray:
+  hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  if tuple(image.shape[:2]) == hw:
+    return image
+  return resize_lib.resize_np(image, hw)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """Lossless encoding: decode_image(encode_png(x)) == x exactly."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
+  """Central `fraction` of each side: a stand-in for alignment on pre-centred photos (LFW)."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'crop fraction must be in (0, 1], got {fraction}')
+  h, w = image.shape[:2]
+  ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return image[top:top + ch, left:left + cw]

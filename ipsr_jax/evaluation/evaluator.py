@@ -1,0 +1,103 @@
+"""Evaluation from checkpoints: `--mode=eval`, and the periodic evaluator training calls.
+
+Each entry of `config.evals` (big_vision style) names a protocol and its data:
+
+    config.evals.lfw = dict(protocol='lfw', source='lfw', root='/data/lfw_aligned', trials=10,
+                            compare={'pixel_only': 'runs/pixel_only'}, judge=True)
+
+The generator is restored from the run's newest (or a named) Orbax checkpoint without building
+the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless
+the entry names another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+from ipsr_jax import api
+from ipsr_jax.data import sources
+from ipsr_jax.evaluation import protocols
+from ipsr_jax.evaluation import report
+
+DEFAULTS = dict(protocol='generic', source='', root='', split='test', trials=-1, resolutions=(),
+                compare={}, judge=False, embedder='', max_rank=100, synthetic_identities=0,
+                synthetic_images_per_identity=0, every_steps=0)
+
+
+def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`config.evals[name]` over the defaults; unknown keys are an error naming them."""
+  entry = config.evals[name].to_dict()
+  unknown = set(entry) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f'config.evals.{name}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}')
+  return ml_collections.ConfigDict({**DEFAULTS, **entry})
+
+
+def eval_source(config: ml_collections.ConfigDict, settings: ml_collections.ConfigDict):
+  """The source an evaluation reads: the entry's data, else the run's data at split `settings.split`."""
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  if settings.source:
+    data.source = settings.source
+  if settings.root:
+    data.root = settings.root
+  if settings.synthetic_identities:
+    data.synthetic_identities = settings.synthetic_identities
+  if settings.synthetic_images_per_identity:
+    data.synthetic_images_per_identity = settings.synthetic_images_per_identity
+  return sources.make_source(data, split=settings.split)
+
+
+def make_embedder(config, settings) -> api.Embedder:
+  return api.Embedder.from_checkpoint(settings.embedder or config.embedder.checkpoint,
+                                      input_size=config.embedder.input_size)
+
+
+def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
+             step: int | None, embedder: api.Embedder | None = None) -> dict:
+  """Runs one `config.evals` entry with the given SR callables and writes its report."""
+  settings = eval_settings(config, name)
+  source = eval_source(config, settings)
+  embedder = embedder or make_embedder(config, settings)
+  judge_fn = None
+  if settings.judge:
+    from ipsr_jax.evaluation import judge  # pylint: disable=g-import-not-at-top
+    if judge.DlibJudge.available():
+      judge_fn = judge.DlibJudge().embed
+    else:
+      logging.warning('config.evals.%s.judge: dlib or its models are not installed; no judge column.', name)
+  spec = protocols.get_protocol(settings.protocol)
+  trials = None if settings.trials < 0 else settings.trials
+  load = lambda record: source.load_image(record)
+  records = source.records
+  results = protocols.run_protocol(
+      settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
+      resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
+      max_rank=settings.max_rank)
+  extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
+           'judge': repr(judge_fn.__self__) if judge_fn is not None else None}
+  if jax.process_index() == 0:
+    report.write_report(out_dir, spec.name, results, step, extra=extra)
+    logging.info('Wrote the %s report to %s', name, out_dir)
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+  """--mode=eval: every `config.evals` entry on the newest (or `step`) checkpoint of `workdir`."""
+  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  if not config.evals:
+    raise ValueError('config.evals is empty: name at least one evaluation, e.g. '
+                     "--config.evals.lfw='{protocol: lfw, source: lfw, root: /data/lfw_aligned}' in the config file")
+  sr = inference.SuperResolver.from_checkpoint(workdir, step=step)
+  all_results = {}
+  for name in config.evals:
+    settings = eval_settings(config, name)
+    sr_fns = {'sr': sr}
+    for label, run in settings.compare.items():
+      sr_fns[label] = inference.SuperResolver.from_checkpoint(run)
+    all_results[name] = run_eval(config, name, sr_fns, os.path.join(workdir, 'eval', name), sr.step)
+  return all_results

@@ -1,0 +1,229 @@
+"""Writes a protocol's results: report.json, report.md (laid out like the paper's table, with the
+paper's numbers beside ours), cmc_<condition>.png and faces.png.
+
+Figures are drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global
+backend switch, safe inside a training process or on a headless host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ipsr_jax.evaluation import paper_tables
+
+# Keys of report.json that come from the results and may not be overridden by `extra`.
+CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step')
+# Result keys that are not JSON (images) or repeat the core ones.
+_SKIP = ('examples',)
+PANEL_ORDER = ('lr', 'bicubic', 'native', 'hr')
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)  # JSON has no inf/nan; PSNR of identical images is inf
+  return x
+
+
+def _columns(protocol: str, results: Mapping[str, Any]) -> list[str]:
+  ours = list(results.get('conditions') or results['rank1'])
+  table = paper_tables.PAPER_TABLES.get(protocol)
+  if table is None:
+    return ours
+  return [c for c in table.columns if c in ours] + [c for c in ours if c not in table.columns]
+
+
+def _methods(results: Mapping[str, Any], key: str = 'rank1') -> list[str]:
+  seen = list(results.get('methods') or [])
+  for per_method in results.get(key, {}).values():
+    seen += [m for m in per_method if m not in seen]
+  return seen
+
+
+def _pct(v: float | None) -> str:
+  return '-' if v is None else f'{100.0 * v:.2f}'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  out = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * len(header)) + '|']
+  return out + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def _rank1_rows(protocol: str, results: Mapping[str, Any], columns: list[str], prefix: str) -> list:
+  mean = results.get(f'{prefix}rank1', {})
+  std = results.get(f'{prefix}rank1_std', {})
+  paper_of = {m: row for row, m in paper_tables.PAPER_METHOD.get(protocol, {}).items()}
+  multi = len(results.get('trials') or []) > 1
+  rows = []
+  for m in _methods(results, f'{prefix}rank1'):
+    cells = []
+    for c in columns:
+      v = mean.get(c, {}).get(m)
+      cell = _pct(v)
+      if v is not None and multi and m in std.get(c, {}):
+        cell += f' ± {100.0 * std[c][m]:.2f}'
+      ref = paper_tables.paper_value(protocol, paper_of[m], c) if m in paper_of else None
+      if v is not None and ref is not None and not prefix:
+        cell += f' (paper {ref:.2f})'
+      cells.append(cell)
+    rows.append([f'ours: {m}'] + cells)
+  return rows
+
+
+def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | None,
+             extra: Mapping[str, Any] | None = None) -> str:
+  """The report as Markdown: rank-1 (%) rows = methods, columns = conditions, then the paper."""
+  extra = dict(extra or {})
+  columns = _columns(protocol, results)
+  table = paper_tables.PAPER_TABLES.get(protocol)
+  title = f'Table {table.number}: {table.caption}' if table else 'Rank-1 identification rate (%)'
+  lines = [f'# {protocol}: rank-1 identification (%)', '',
+           f'Checkpoint step: {checkpoint_step}.  Trials: {results.get("trials")}.  '
+           f'Gallery: {results.get("num_gallery")} images of {results.get("num_identities")} '
+           f'identities; probes per condition: {results.get("num_probes")}.']
+  for k, v in extra.items():
+    lines.append(f'{k}: {v}')
+  lines += ['', f'## {title}', '']
+  labels = ([table.column_labels[table.columns.index(c)] if c in table.columns else c
+             for c in columns] if table else columns)
+  rows = _rank1_rows(protocol, results, columns, '')
+  if table:
+    rows.append([f'**paper (Table {table.number})**'] + [''] * len(columns))
+    for name, values in table.rows.items():
+      by_col = dict(zip(table.columns, values))
+      rows.append([f'paper: {name}'] + ['-' if by_col.get(c) is None else f'{by_col[c]:.2f}'
+                                        for c in columns])
+  lines += _table(['Method'] + labels, rows)
+  if len(results.get('trials') or []) > 1:
+    lines += ['', f'Ours: mean ± std over {len(results["trials"])} trials (std with ddof=0).']
+  if table and table.notes:
+    lines += [''] + [f'Note: {n}' for n in table.notes]
+  if results.get('judge_rank1'):
+    lines += ['', '## Independent judge (rank-1 %, a different recognizer)', '']
+    lines += _table(['Method'] + labels, _rank1_rows(protocol, results, columns, 'judge_'))
+  for metric, fmt in (('psnr', '{:.2f}'), ('ssim', '{:.4f}')):
+    values = results.get(metric) or {}
+    if not values:
+      continue
+    cols = [c for c in columns if c in values]
+    methods = [m for m in _methods(results, metric) if any(m in values[c] for c in cols)]
+    lines += ['', f'## {metric.upper()} vs HR', '']
+    lines += _table(['Method'] + cols, [[m] + [fmt.format(values[c][m]) if m in values[c] else '-'
+                                              for c in cols] for m in methods])
+  lines += ['', '## CMC', ''] + [f'![CMC {c}](cmc_{c}.png)' for c in columns if c in
+                                 results.get('cmc', {})]
+  return '\n'.join(lines) + '\n'
+
+
+def _save(fig: Figure, path: str) -> None:
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=100)
+
+
+def plot_cmc(path: str, condition: str, curves: Mapping[str, Sequence[float]],
+             protocol: str = '') -> None:
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.add_subplot()
+  for method, curve in curves.items():
+    ranks = np.arange(1, len(curve) + 1)
+    ax.plot(ranks, 100.0 * np.asarray(curve), label=method, marker='.' if len(curve) < 30 else None)
+  ax.set_xlabel('rank')
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_ylabel('identification rate (%)')
+  ax.set_ylim(0, 101)
+  ax.set_title(f'CMC {protocol} {condition}'.strip())
+  ax.grid(alpha=0.3)
+  ax.legend(loc='lower right')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def nearest_upscale(image: np.ndarray, out_hw: tuple[int, int] = (128, 128)) -> np.ndarray:
+  """Nearest-neighbour upscale for display: every LR pixel stays a visible block."""
+  h, w = image.shape[:2]
+  rows = np.arange(out_hw[0]) * h // out_hw[0]
+  cols = np.arange(out_hw[1]) * w // out_hw[1]
+  return image[rows][:, cols]
+
+
+def plot_faces(path: str, examples: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+  """Grid: one row per (condition, example); columns LR (nearest-upscaled), bicubic, SR..., HR."""
+  panels: list[str] = []
+  for ex in examples.values():
+    panels += [k for k in ex if k not in panels]
+  order = [p for p in ('lr', 'bicubic') if p in panels]
+  order += [p for p in panels if p not in PANEL_ORDER]
+  order += [p for p in ('native', 'hr') if p in panels]
+  rows = [(c, i) for c, ex in examples.items() for i in range(len(next(iter(ex.values()))))]
+  if not rows:
+    raise ValueError('no example faces to plot')
+  fig = Figure(figsize=(1.6 * len(order), 1.6 * len(rows)))
+  for r, (cond, i) in enumerate(rows):
+    for col, p in enumerate(order):
+      ax = fig.add_subplot(len(rows), len(order), r * len(order) + col + 1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if p in examples[cond]:
+        img = np.asarray(examples[cond][p][i])
+        if p == 'lr':
+          img = nearest_upscale(img)
+        ax.imshow(img.astype(np.uint8), interpolation='nearest')
+      if r == 0:
+        ax.set_title(p, fontsize=9)
+      if col == 0:
+        ax.set_ylabel(cond, fontsize=9)
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str, Any],
+                 checkpoint_step: int | None, extra: Mapping[str, Any] | None = None,
+                 examples: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, str]:
+  """Writes report.json, report.md, cmc_<condition>.png and faces.png; returns their paths.
+
+  report.json = {"protocol", "rank1": {cond: {method: r}}, "cmc", "psnr", "ssim",
+  "checkpoint_step", every other JSON-able result (rank1_std, trials, judge_rank1, ...), then
+  `extra` (embedder description, ...)}. `examples` defaults to results['examples']
+  ({cond: {'lr'|'bicubic'|<sr>|'hr'|'native': uint8 [n, h, w, 3]}}); no faces.png without any.
+  """
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  extra = dict(extra or {})
+  clash = set(extra) & set(CORE_KEYS)
+  if clash:
+    raise ValueError(f'extra may not override report keys {sorted(clash)}')
+  doc = {'protocol': protocol, 'rank1': results['rank1'], 'cmc': results.get('cmc', {}),
+         'psnr': results.get('psnr', {}), 'ssim': results.get('ssim', {}),
+         'checkpoint_step': None if checkpoint_step is None else int(checkpoint_step)}
+  for k, v in results.items():
+    if k not in doc and k not in _SKIP:
+      doc[k] = v
+  doc.update(extra)
+  paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
+  with open(paths['json'], 'w') as f:
+    json.dump(_jsonable(doc), f, indent=1)
+  with open(paths['md'], 'w') as f:
+    f.write(markdown(protocol, results, checkpoint_step, extra))
+  for cond, curves in results.get('cmc', {}).items():
+    paths[f'cmc_{cond}'] = os.path.join(out_dir, f'cmc_{cond}.png')
+    plot_cmc(paths[f'cmc_{cond}'], cond, curves, protocol)
+  examples = results.get('examples') if examples is None else examples
+  if examples:
+    paths['faces'] = os.path.join(out_dir, 'faces.png')
+    plot_faces(paths['faces'], examples)
+  return paths

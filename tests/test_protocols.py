@@ -1,0 +1,301 @@
+"""Protocol splits on generated datasets in their real on-disk naming, and the runner end to end."""
+
+import collections
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ipsr_jax.data.sources import ar as ar_source
+from ipsr_jax.data.sources import folders
+from ipsr_jax.data.sources import scface as scface_source
+from ipsr_jax.data.sources.base import Record
+from ipsr_jax.evaluation import protocols
+
+REAL_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+
+def _write(path, size=(8, 8), value=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.full(size + (3,), value, np.uint8)).save(path)
+
+
+def _paths(split):
+  return [r.path for r in split.gallery], [r.path for r in split.all_probes()]
+
+
+# ----------------------------------------------------------------------------- AR
+
+
+@pytest.fixture(scope='module')
+def ar_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('ar')
+  # 55 men, 52 women; shots 1, 2, 14, 15 (all a split needs); m-003 and w-010 lack session 2,
+  # so they must be skipped and m-001..m-051 minus m-003 give the 50 men.
+  for sex, n in (('m', 55), ('w', 52)):
+    for person in range(1, n + 1):
+      for shot in (2, 1, 15, 14):
+        if shot >= 14 and (sex, person) in (('m', 3), ('w', 10)):
+          continue
+        _write(str(root / f'{sex}-{person:03d}-{shot:02d}.bmp'))
+  return root
+
+
+def test_ar_split(ar_root):
+  source = ar_source.ARFaces(ar_root)
+  split = protocols.ar_split(source.records)
+  gallery, probes = _paths(split)
+  assert len(gallery) == len(probes) == 100
+  assert not set(gallery) & set(probes)
+  assert all(p.endswith('-14.bmp') for p in gallery)
+  assert all(p.endswith('-01.bmp') for p in probes)
+  ids = [r.identity for r in split.gallery]
+  assert ids == [r.identity for r in split.probes[protocols.ALL]]
+  assert collections.Counter(i[0] for i in ids) == {'m': 50, 'w': 50}
+  assert 'm-003' not in ids and 'w-010' not in ids
+  assert ids[:3] == ['m-001', 'm-002', 'm-004'] and ids[49] == 'm-051' and ids[-1] == 'w-051'
+  assert protocols.ar_split(list(reversed(source.records))) == split  # order-independent
+  with pytest.raises(ValueError):
+    protocols.ar_split(source.records, per_sex=60)
+
+
+# ----------------------------------------------------------------------------- LFW / generic
+
+
+def _identity_records(counts):
+  return [Record(path=f'/lfw/p{i:03d}/p{i:03d}_{j:04d}.jpg', label=i, identity=f'p{i:03d}')
+          for i, n in enumerate(counts) for j in range(1, n + 1)]
+
+
+def test_lfw_split():
+  counts = np.random.default_rng(0).integers(1, 12, 80)
+  records = _identity_records(counts)
+  split = protocols.lfw_split(records, seed=0)
+  kept = {f'p{i:03d}' for i, n in enumerate(counts) if n >= 4}
+  gallery, probes = _paths(split)
+  assert len(gallery) == len(kept)
+  assert [r.identity for r in split.gallery] == sorted(kept)  # one each
+  assert len(probes) == sum(n - 1 for n in counts if n >= 4)
+  assert {r.identity for r in split.all_probes()} == kept
+  assert not set(gallery) & set(probes)
+  assert len(set(gallery) | set(probes)) == sum(n for n in counts if n >= 4)
+  assert protocols.lfw_split(records, seed=0) == split
+  others = [_paths(protocols.lfw_split(records, seed=s))[0] for s in range(1, 10)]
+  assert all(o != gallery for o in others)
+  # The random gallery pick is spread over the images, not always the first.
+  assert len({p[-8:] for p in gallery}) > 3
+
+
+def test_generic_split_min_images():
+  records = _identity_records([1, 2, 3, 5])
+  split = protocols.generic_identity_split(records, seed=3)
+  assert [r.identity for r in split.gallery] == ['p001', 'p002', 'p003']
+  assert len(split.all_probes()) == 1 + 2 + 4
+  with pytest.raises(ValueError):
+    protocols.generic_identity_split(records, seed=0, min_images=6)
+
+
+def test_lfw_split_on_identity_folders(tmp_path):
+  for i, n in enumerate((4, 6, 3, 5)):
+    for j in range(1, n + 1):
+      _write(str(tmp_path / 'lfw' / f'Person_{i}' / f'Person_{i}_{j:04d}.jpg'))
+  source = folders.LFW(tmp_path / 'lfw')
+  split = protocols.lfw_split(source.records, seed=1)
+  assert [r.identity for r in split.gallery] == ['Person_0', 'Person_1', 'Person_3']
+  assert len(split.all_probes()) == 3 + 5 + 4
+
+
+def test_lfw_split_on_real_lfw():
+  root = REAL_DATA / 'lfw'
+  if not root.is_dir():
+    pytest.skip(f'LFW not found at {root}')
+  source = folders.LFW(root)
+  split = protocols.lfw_split(source.records, seed=0)
+  # The paper's population: 610 people with >= 4 of LFW's 13,233 images.
+  assert len(source.records) == 13233
+  assert len(split.gallery) == 610 and len(split.all_probes()) == 6123
+  assert split == protocols.lfw_split(source.records, seed=0)
+
+
+# ----------------------------------------------------------------------------- SCface
+
+
+@pytest.fixture(scope='module')
+def scface_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('scface')
+  for person in range(1, 11):
+    pid = f'{person:03d}'
+    if person != 10:  # 010 has no mugshot: not a P1 identity
+      _write(str(root / 'mugshot_frontal_cropped_all' / f'{pid}_frontal.JPG'), (12, 10))
+    _write(str(root / 'mugshot_rotation_all' / f'{pid}_L1.jpg'))  # ignored by the source
+    for d in (1, 2, 3):
+      for cam in range(1, 8):  # cam6/cam7 are infrared
+        if person == 9 and d == 3:  # 009 has no close images: not a P2 identity
+          continue
+        _write(str(root / f'surveillance_cameras_distance_{d}' / f'cam{cam}' /
+                   f'{pid}_cam{cam}_{d}.jpg'), (6 + 2 * d, 5 + 2 * d))
+  return root
+
+
+def test_scface_p1(scface_root):
+  source = scface_source.SCface(scface_root)
+  split = protocols.scface_p1(source.records)
+  assert len(split.gallery) == 9
+  assert all(r.meta['kind'] == 'mugshot' for r in split.gallery)
+  assert list(split.probes) == ['1.0m', '2.6m', '4.2m']
+  expected_d = {'1.0m': 3, '2.6m': 2, '4.2m': 1}
+  for group, probes in split.probes.items():
+    assert all(r.meta['distance'] == expected_d[group] for r in probes)
+    assert {r.meta['camera'] for r in probes} == {1, 2, 3, 4, 5}
+    assert {r.identity for r in probes} <= {r.identity for r in split.gallery}
+  assert len(split.probes['1.0m']) == 8 * 5 and len(split.probes['4.2m']) == 9 * 5
+  gallery, probes = _paths(split)
+  assert not set(gallery) & set(probes)
+  assert protocols.scface_p1(list(reversed(source.records))) == split
+
+
+def test_scface_p2(scface_root):
+  source = scface_source.SCface(scface_root)
+  split = protocols.scface_p2(source.records)
+  assert len(split.gallery) == 9 * 5  # 001..008 + 010, five visible cameras at 1.0 m
+  assert all(r.meta['distance'] == 3 and r.meta['kind'] == 'surveillance' for r in split.gallery)
+  assert list(split.probes) == ['2.6m']
+  probes = split.probes['2.6m']
+  assert len(probes) == 9 * 5 and all(r.meta['distance'] == 2 for r in probes)
+  assert '009' not in {r.identity for r in probes}
+  gallery, probe_paths = _paths(split)
+  assert not set(gallery) & set(probe_paths)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _face(rng, size=128):
+  """A smooth random face-like pattern: 4x4 colours upsampled, so it survives 7x6."""
+  small = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+  return np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+
+
+def _toy_embed(calls):
+  def embed(images):
+    images = np.asarray(images, np.float32)
+    calls.append(len(images))
+    n, h, w, c = images.shape
+    pooled = images.reshape(n, 8, h // 8, 8, w // 8, c).mean(axis=(2, 4)).reshape(n, -1)
+    pooled -= pooled.mean(axis=1, keepdims=True)
+    with np.errstate(invalid='ignore'):  # a flat image -> NaN, which the runner must reject
+      return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  return embed
+
+
+def _toy_dataset(num_ids=12, per_id=3, seed=0, noise=0.0):
+  rng = np.random.default_rng(seed)
+  records, images = [], {}
+  for i in range(num_ids):
+    base = _face(rng)
+    for j in range(per_id):
+      path = f'/toy/id{i:02d}/{j}.png'
+      img = base if noise == 0 else np.clip(base + rng.normal(0, noise, base.shape), 0, 255)
+      images[path] = img.astype(np.uint8)
+      records.append(Record(path=path, label=i, identity=f'id{i:02d}'))
+  return records, lambda r: images[r.path]
+
+
+def test_run_protocol_generic_every_resolution_and_method():
+  records, load = _toy_dataset()
+  calls = []
+  fixed = _face(np.random.default_rng(99))
+  sr_fns = {'sr': lambda x: np.asarray(x, np.float32),  # identity SR: must equal bicubic
+            'pixel_only': lambda x: np.broadcast_to(fixed, x.shape)}  # one face for everyone
+  res = protocols.run_protocol('generic', records, load, embed_fn=_toy_embed(calls),
+                               sr_fns=sr_fns, trials=2, chunk=8, resolutions=((7, 6), (16, 16)),
+                               judge_fn=_toy_embed([]), num_examples=2)
+  assert max(calls) <= 8  # callables see fixed-size chunks
+  methods = ['hr', 'bicubic', 'sr', 'pixel_only', 'sr_concat', 'pixel_only_concat']
+  assert res['methods'] == methods
+  assert res['conditions'] == ['7x6', '16x16']
+  assert res['trials'] == [0, 1]
+  for key in ('rank1', 'rank1_std', 'cmc', 'judge_rank1'):
+    assert set(res[key]) == {'7x6', '16x16'}
+    for c in res[key]:
+      assert list(res[key][c]) == methods
+  for c in ('7x6', '16x16'):
+    assert res['rank1'][c]['hr'] == 1.0  # probes are exact copies of the gallery images
+    assert res['rank1'][c]['sr'] == res['rank1'][c]['bicubic']
+    # One embedding for every probe: only the identity nearest to it is found, 1 in 12.
+    assert res['rank1'][c]['pixel_only'] == pytest.approx(1 / 12)
+    assert len(res['rank1_trials'][c]['hr']) == 2
+    assert len(res['cmc'][c]['bicubic']) == 12 and res['cmc'][c]['bicubic'][-1] == 1.0
+    assert set(res['psnr'][c]) == {'bicubic', 'sr', 'pixel_only'}
+    assert res['psnr'][c]['sr'] == pytest.approx(res['psnr'][c]['bicubic'])
+    assert res['ssim'][c]['sr'] == pytest.approx(res['ssim'][c]['bicubic'])
+    assert res['psnr'][c]['pixel_only'] < res['psnr'][c]['bicubic']
+  assert res['rank1']['16x16']['bicubic'] >= res['rank1']['7x6']['bicubic']
+  assert res['psnr']['16x16']['bicubic'] > res['psnr']['7x6']['bicubic'] > 10
+  assert res['num_gallery'] == 12 and res['num_probes'] == {'7x6': 24, '16x16': 24}
+  ex = res['examples']['7x6']
+  assert ex['lr'].shape == (2, 7, 6, 3) and ex['hr'].shape == (2, 128, 128, 3)
+  assert ex['sr'].dtype == np.uint8 and set(ex) == {'lr', 'bicubic', 'sr', 'pixel_only', 'hr'}
+
+
+def test_run_protocol_lfw_trials_and_hr_at_112x96():
+  records, load = _toy_dataset(num_ids=6, per_id=4, noise=30.0)
+  seen = []
+
+  def embed(images):
+    seen.append(np.asarray(images).copy())
+    return _toy_embed([])(images)
+
+  res = protocols.run_protocol('lfw', records, load, embed_fn=embed, trials=3, methods=['hr'],
+                               image_quality=False)
+  assert res['methods'] == ['hr'] and res['psnr'] == {} and res['ssim'] == {}
+  assert res['conditions'] == ['7x6', '14x12', '16x14', '18x16']
+  assert len(res['rank1_trials']['7x6']['hr']) == 3
+  assert 0.5 < res['rank1']['7x6']['hr'] <= 1.0
+  # The 'hr' probes went through 112x96: not identical to any 128x128 original.
+  from ipsr_jax.data import degrade  # pylint: disable=import-outside-toplevel
+  originals = np.stack([load(r) for r in records])
+  hr_probes = degrade.degrade(originals, (112, 96), (128, 128))
+  batches = np.concatenate(seen)
+  assert any(np.array_equal(b, hr_probes[0]) for b in batches)
+  assert res['rank1_std']['7x6']['hr'] >= 0.0
+
+
+def test_run_protocol_scface_natural_lr(scface_root):
+  source = scface_source.SCface(scface_root)
+  rng = np.random.default_rng(1)
+  faces = {i: _face(rng) for i in range(1, 11)}
+
+  def load(record):  # natural LR: each identity's face at the record's own small size
+    h, w = source.load_image(record).shape[:2]
+    return np.asarray(Image.fromarray(faces[int(record.identity)]).resize((w, h), Image.BICUBIC))
+
+  res = protocols.run_protocol('scface_p1', source.records, load, embed_fn=_toy_embed([]),
+                               sr_fns={'sr': lambda x: x})
+  assert res['conditions'] == ['1.0m', '2.6m', '4.2m']
+  assert res['methods'] == ['native', 'bicubic', 'sr', 'sr_concat']
+  assert res['psnr'] == {} and res['ssim'] == {}
+  assert res['num_probes'] == {'1.0m': 40, '2.6m': 45, '4.2m': 45}
+  for c in res['conditions']:
+    assert res['rank1'][c]['sr_concat'] == res['rank1'][c]['bicubic']
+    assert res['examples'][c]['lr'].shape[1:] == (64, 64, 3)
+  assert res['rank1']['1.0m']['native'] > 0.5  # 10x12 faces of 4x4 patterns still match
+  p2 = protocols.run_protocol('scface_p2', source.records, load, embed_fn=_toy_embed([]),
+                              sr_fns={'sr': lambda x: x}, methods=['bicubic', 'sr'])
+  assert p2['conditions'] == ['2.6m'] and p2['methods'] == ['bicubic', 'sr']
+
+
+def test_run_protocol_rejects_bad_arguments():
+  records, load = _toy_dataset(num_ids=3, per_id=2)
+  with pytest.raises(ValueError, match='unknown protocol'):
+    protocols.run_protocol('nope', records, load, embed_fn=_toy_embed([]))
+  with pytest.raises(ValueError, match='unknown methods'):
+    protocols.run_protocol('generic', records, load, embed_fn=_toy_embed([]), methods=['x'])
+  with pytest.raises(ValueError, match='returned'):
+    protocols.run_protocol('generic', records, load, embed_fn=_toy_embed([]),
+                           sr_fns={'sr': lambda x: x[:, :64]}, resolutions=((8, 8),))
+  with pytest.raises(ValueError, match='non-finite'):  # a constant SR face has no direction
+    protocols.run_protocol('generic', records, load, embed_fn=_toy_embed([]),
+                           sr_fns={'sr': lambda x: np.full_like(x, 7)}, resolutions=((8, 8),))

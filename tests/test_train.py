@@ -1,0 +1,197 @@
+"""Training: the identity term's gradient, sharding invariance, multi-process, exact resume, guards."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from ipsr_jax import checkpointing
+from ipsr_jax import losses
+from ipsr_jax import summaries
+from ipsr_jax import train
+from ipsr_jax.models import embedder_store
+from ipsr_jax.models import inception_resnet_v1
+from ipsr_jax.models import unet as unet_lib
+from tests.conftest import REPO
+
+EMBEDDER_KWARGS = dict(width=0.125, embedding_size=64)
+
+
+def make_embedder(directory, seed=0):
+  module = inception_resnet_v1.InceptionResnetV1(**EMBEDDER_KWARGS)
+  variables = module.init(jax.random.key(seed), jnp.zeros((1, 80, 80, 3)), train=False)
+  # Non-trivial BatchNorm statistics, as a trained network has.
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(np.asarray, variables)
+  stats = variables['batch_stats']
+  variables['batch_stats'] = jax.tree_util.tree_map_with_path(
+      lambda path, a: (rng.uniform(0.5, 1.5, a.shape) if 'var' in jax.tree_util.keystr(path)
+                       else rng.normal(0.0, 0.1, a.shape)).astype(a.dtype), stats)
+  embedder_store.save_embedder(directory, variables, module_kwargs=EMBEDDER_KWARGS, source='random test init')
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def embedder_dir(tmp_path_factory):
+  return make_embedder(tmp_path_factory.mktemp('embedder') / 'e')
+
+
+def tiny_config(embedder_dir, **overrides):
+  config = base.get_config('tiny')
+  config.embedder.checkpoint = embedder_dir
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+def test_identity_term_trains_the_generator(tmp_path, embedder_dir):
+  """beta = 0: the generator still gets a gradient, and it depends on the embedder's weights."""
+  config = tiny_config(embedder_dir)
+  config.loss.beta = 0.0
+  generator = unet_lib.from_config(config.model)
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  variables = generator.init(jax.random.key(2), x, train=False)
+
+  def grads_for(embedder_path, detach_sr=False):
+    module, evars, _ = embedder_store.load_embedder(embedder_path)
+    embed = lambda px: inception_resnet_v1.embed_images(module, evars, px, config.embedder.input_size)
+    if detach_sr:  # the authors' code: embeddings computed outside the gradient tape
+      embed_fn = lambda px: jax.lax.stop_gradient(embed(px))
+    else:
+      embed_fn = embed
+
+    def loss(params):
+      sr = generator.apply({**variables, 'params': params}, x, train=False)
+      return losses.ipsr_loss(sr, hr, embed_fn, config.loss)[0]
+
+    return jax.grad(loss)(variables['params'])
+
+  norm = lambda g: float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))))
+  g1 = grads_for(embedder_dir)
+  assert norm(g1) > 1e-6
+  g2 = grads_for(make_embedder(tmp_path / 'other', seed=1))
+  diff = jax.tree.map(lambda a, b: a - b, g1, g2)
+  assert norm(diff) > 0.05 * norm(g1)
+  assert norm(grads_for(embedder_dir, detach_sr=True)) == 0.0  # why the authors' loss trained nothing
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _train_cmd(workdir, embedder_dir, *extra):
+  return [sys.executable, '-m', 'ipsr_jax.main', '--config=configs/base.py:tiny', f'--workdir={workdir}',
+          f'--config.embedder.checkpoint={embedder_dir}', *extra]
+
+
+CACHE = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'ipsr-test-jax-cache-{os.getuid()}'
+
+
+def _env(devices=1, **extra):
+  # The runs share compiled programs through JAX's persistent cache: same program, no recompile.
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', **extra)
+
+
+def _losses(workdir):
+  return {r['step']: r['train/loss'] for r in summaries.read_metrics(str(workdir)) if 'train/loss' in r}
+
+
+def _final_params(workdir):
+  step, variables = checkpointing.Checkpointer(str(workdir), read_only=True).restore_model()
+  return step, jax.tree.map(np.asarray, variables)
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, embedder_dir):
+  """6 steps on one CPU device, checkpoints at 3 and 6: the reference run."""
+  workdir = tmp_path_factory.mktemp('straight')
+  subprocess.run(_train_cmd(workdir, embedder_dir), cwd=REPO, env=_env(1), check=True, timeout=600)
+  return workdir
+
+
+def test_run_writes_metrics_events_images_config(straight_run):
+  losses_by_step = _losses(straight_run)
+  assert sorted(losses_by_step) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(v) for v in losses_by_step.values())
+  config = json.loads((straight_run / 'config.json').read_text())
+  assert config['loss']['beta'] == 5.0 and config['model']['ngf'] == 4
+  assert list((straight_run / 'images').glob('step_*.png'))
+  if summaries.HAS_TENSORBOARD:
+    assert list((straight_run / 'tensorboard').glob('events.out.tfevents.*'))
+  assert _final_params(straight_run)[0] == 6
+
+
+def test_eight_devices_match_one(tmp_path, straight_run, embedder_dir):
+  subprocess.run(_train_cmd(tmp_path, embedder_dir), cwd=REPO, env=_env(8), check=True, timeout=600)
+  one, eight = _losses(straight_run), _losses(tmp_path)
+  np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-4)
+  _, p1 = _final_params(straight_run)
+  _, p8 = _final_params(tmp_path)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p1, p8)
+
+
+def test_two_processes_match_one(tmp_path, straight_run, embedder_dir):
+  port = _free_port()
+  procs = [subprocess.Popen(_train_cmd(tmp_path, embedder_dir), cwd=REPO,
+                            env=_env(2, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+                                     JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert 'process 0 of 2' in outs[0] and 'process 1 of 2' in outs[1]
+  one, two = _losses(straight_run), _losses(tmp_path)
+  np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-4)
+
+
+def test_sigkill_then_resume_is_exact(tmp_path, straight_run, embedder_dir):
+  cmd = _train_cmd(tmp_path, embedder_dir)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  step3 = tmp_path / 'checkpoints' / '3'
+  deadline = time.time() + 600
+  while not (step3 / '_CHECKPOINT_METADATA').exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # no clean exit: no chance to save anything more
+  proc.wait()
+  steps = checkpointing.Checkpointer(str(tmp_path), read_only=True).all_steps()
+  assert 3 in steps
+  if 6 in steps:  # the kill came too late to test anything: drop step 6 and resume from 3
+    import shutil
+    shutil.rmtree(tmp_path / 'checkpoints' / '6')
+  # A write interrupted mid-way (Orbax's temporary folder) must not hide step 3.
+  (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234').mkdir()
+  (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234' / 'garbage').write_text('partial')
+  assert checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step() == 3
+  subprocess.run(cmd, cwd=REPO, env=_env(1), check=True, timeout=600)
+  straight, resumed = _losses(straight_run), _losses(tmp_path)
+  np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-6)
+  _, a = _final_params(straight_run)
+  _, b = _final_params(tmp_path)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, embedder_dir):
+  config = tiny_config(embedder_dir)
+  config.train.learning_rate = 1e30  # the first update blows the generator up
+  config.train.checkpoint_every_steps = 1
+  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss at step \d+'):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, variables = checkpointing.Checkpointer(str(tmp_path), read_only=True).restore_model()
+  assert step >= 1
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(variables))
