@@ -57,7 +57,8 @@ class Checkpointer:
         max_to_keep=keep, create=not read_only, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
         best_mode='max', read_only=read_only)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA), options=options)
+    handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain_python.PyGrainCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
