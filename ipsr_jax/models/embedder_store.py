@@ -1,0 +1,137 @@
+"""Save and load the face embedder as an Orbax checkpoint that needs no torch to read.
+
+Layout of an embedder directory (local path or gs://):
+
+    <dir>/embedder.json   {"module_kwargs": {...}, "source": "...", "format_version": 1}
+    <dir>/variables/      Orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
+
+Written by `python -m ipsr_jax.tools.convert_facenet` (facenet-pytorch weights) and by
+`--mode=pretrain_embedder`; read by training (`config.embedder.checkpoint`), evaluation and
+`ipsr_jax.api.Embedder.from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ipsr_jax.models.inception_resnet_v1 import InceptionResnetV1, abstract_variables
+
+INFO_FILE = 'embedder.json'
+VARIABLES_DIR = 'variables'
+FORMAT_VERSION = 1
+_DTYPE_FIELDS = ('dtype', 'param_dtype')
+
+HOW_TO_GET_WEIGHTS = (
+    'Get an embedder in one of two ways:\n'
+    '  1. download 20180402-114759-vggface2.pt (facenet-pytorch GitHub release v2.2.9, '
+    'https://github.com/timesler/facenet-pytorch/releases/tag/v2.2.9) and convert it:\n'
+    '       python -m ipsr_jax.tools.convert_facenet --pt=20180402-114759-vggface2.pt '
+    '--out=DIR\n'
+    '  2. pretrain one on your identity folders:\n'
+    '       python -m ipsr_jax.main --mode=pretrain_embedder --config=... --workdir=...\n'
+    'then point config.embedder.checkpoint (or Embedder.from_checkpoint) at DIR.')
+
+
+class EmbedderNotFoundError(FileNotFoundError):
+  """No embedder checkpoint at the given directory."""
+
+
+def _module_fields() -> set[str]:
+  return {f.name for f in dataclasses.fields(InceptionResnetV1)} - {'parent', 'name'}
+
+
+def _json_kwargs(module_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  unknown = set(module_kwargs) - _module_fields()
+  if unknown:
+    raise ValueError(f'unknown InceptionResnetV1 arguments {sorted(unknown)}')
+  out = dict(module_kwargs)
+  for field in _DTYPE_FIELDS:
+    if field in out:
+      out[field] = jnp.dtype(out[field]).name
+  return out
+
+
+def _module_kwargs_from_json(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  out = {k: v for k, v in kwargs.items() if k in _module_fields()}
+  for field in _DTYPE_FIELDS:
+    if field in out:
+      out[field] = jnp.dtype(out[field])
+  return out
+
+
+def module_kwargs_of(module: InceptionResnetV1) -> dict[str, Any]:
+  """The constructor arguments of `module`, JSON-ready (for `save_embedder`)."""
+  return _json_kwargs({f: getattr(module, f) for f in _module_fields()})
+
+
+def save_embedder(directory: str | epath.PathLike, variables: Mapping[str, Any], *,
+                  module_kwargs: Mapping[str, Any], source: str) -> epath.Path:
+  """Writes `variables` ('params' and 'batch_stats') and `embedder.json` under `directory`.
+
+  Replaces an embedder already saved there. Every process calls it (Orbax coordinates the
+  write); only process 0 writes the JSON.
+  """
+  directory = epath.Path(directory)
+  kwargs = _json_kwargs(module_kwargs)
+  tree = {c: variables[c] for c in ('params', 'batch_stats') if c in variables}
+  if 'params' not in tree:
+    raise ValueError('variables must hold a "params" collection')
+  # Check the tree fits the module now, not when someone tries to load it.
+  _check_tree(tree, abstract_variables(InceptionResnetV1(**_module_kwargs_from_json(kwargs))),
+              directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / VARIABLES_DIR, tree, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    info = dict(format_version=FORMAT_VERSION, module_kwargs=kwargs, source=source)
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + '\n')
+  return directory
+
+
+def _check_tree(tree, abstract, directory) -> None:
+  expected = {c: abstract[c] for c in ('params', 'batch_stats') if c in abstract}
+  got = jax.tree_util.tree_flatten_with_path(tree)[0]
+  want = jax.tree_util.tree_flatten_with_path(expected)[0]
+  got_shapes = {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in got}
+  want_shapes = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in want}
+  problems = [f'missing {k}' for k in want_shapes.keys() - got_shapes.keys()]
+  problems += [f'unexpected {k}' for k in got_shapes.keys() - want_shapes.keys()]
+  problems += [f'{k}: {got_shapes[k]} != {want_shapes[k]}'
+               for k in want_shapes.keys() & got_shapes.keys() if got_shapes[k] != want_shapes[k]]
+  if problems:
+    raise ValueError(f'embedder variables at {directory} do not fit the module:\n  '
+                     + '\n  '.join(sorted(problems)[:50]))
+
+
+def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
+                  ) -> tuple[InceptionResnetV1, dict[str, Any], dict[str, Any]]:
+  """(module, variables as host numpy arrays, info from embedder.json) saved by `save_embedder`.
+
+  `module_overrides` replace saved constructor arguments that do not change the variables,
+  e.g. `dtype=jnp.bfloat16` for mixed-precision inference.
+  """
+  directory = epath.Path(directory)
+  info_path = directory / INFO_FILE
+  if not directory.exists() or not info_path.exists():
+    raise EmbedderNotFoundError(f'No embedder checkpoint at {directory} (no {INFO_FILE}).\n'
+                                + HOW_TO_GET_WEIGHTS)
+  info = json.loads(info_path.read_text())
+  kwargs = _module_kwargs_from_json(info['module_kwargs'])
+  kwargs.update(module_overrides)
+  module = InceptionResnetV1(**kwargs)
+  abstract = abstract_variables(module)
+  target = {c: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract[c])
+            for c in ('params', 'batch_stats') if c in abstract}
+  variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
+  # Orbax does not check shapes against a numpy target: do it here.
+  _check_tree(variables, abstract, directory)
+  return module, dict(variables), info
