@@ -71,7 +71,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   for name in cfg.evals:
     out = os.path.join(workdir, 'report', name)
-    results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.step)
+    results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'])
     with open(os.path.join(out, 'report.md'), encoding='utf-8') as f:
       print(f.read(), flush=True)
   logging.info('Demo finished in %.0f s; reports in %s', time.time() - started, os.path.join(workdir, 'report'))

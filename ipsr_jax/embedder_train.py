@@ -146,11 +146,11 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   def init() -> EmbedderState:
     rng = jax.random.PRNGKey(config.seed)
     size = config.embedder.input_size
-    variables = embedder.init(jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)), train=False,
+    variables = embedder.init(train_lib.init_key(config.seed), jnp.zeros((1, size, size, 3)), train=False,
                               classify=head is None)
     params = {'embedder': variables['params']}
     if head is not None:
-      params['head'] = head.init(jax.random.fold_in(rng, 3), jnp.zeros((1, config.embedder.embedding_size)),
+      params['head'] = head.init(train_lib.init_key(config.seed + 1), jnp.zeros((1, config.embedder.embedding_size)),
                                  jnp.zeros((1,), jnp.int32))['params']
     return EmbedderState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
                          opt_state=tx.init(params), rng=jax.random.fold_in(rng, 2),
@@ -169,7 +169,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   if ckpt.latest_step() is not None:
     _, state = ckpt.restore(checkpointing.abstract_like(abstract, state_sharding), consumed)
   else:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = sharding.put_global(jax.jit(init)(), state_sharding)
   step = int(jax.device_get(state.step))
   logging.info('Pretraining the embedder (%s head, %d identities, width %s) for %d steps from %d.',
                config.pretrain.head, num_classes, config.embedder.width, num_steps, step)

@@ -89,6 +89,12 @@ def param_sharding(tree, mesh: Mesh, fsdp_min_size: int = 2**14):
   return jax.tree.map(spec, tree)
 
 
+def put_global(tree, shardings):
+  """Host values (the same on every process) -> global arrays laid out by `shardings`."""
+  host = jax.tree.map(np.asarray, jax.device_get(tree))
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), host, shardings)
+
+
 def to_global(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax arrays sharded over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)

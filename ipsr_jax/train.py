@@ -79,10 +79,17 @@ def make_optimizer(train_config, num_steps: int) -> optax.GradientTransformation
   return opt
 
 
+def init_key(seed: int) -> jax.Array:
+  """Key for parameter init. RBG: XLA:CPU compiles one threefry hash per kernel very slowly (a
+  tiny UNet's init took 229 s to compile under load, 15 s with RBG). Init runs on one device, so
+  RBG's sharding-dependence does not matter."""
+  return jax.random.key(seed, impl='rbg')
+
+
 def init_state(config, generator: unet_lib.UNet, tx: optax.GradientTransformation) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   size = config.model.image_size
-  variables = generator.init(jax.random.fold_in(rng, 1), jnp.zeros((1, size, size, 3)), train=False)
+  variables = generator.init(init_key(config.seed), jnp.zeros((1, size, size, 3)), train=False)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                     batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
                     rng=jax.random.fold_in(rng, 2), nonfinite_step=jnp.full((), -1, jnp.int32))
@@ -174,7 +181,7 @@ class Trainer:
 
   def initial_state(self) -> TrainState:
     init = functools.partial(init_state, self.config, self.generator, self.tx)
-    return jax.jit(init, out_shardings=self.state_sharding)()
+    return sharding.put_global(jax.jit(init)(), self.state_sharding)
 
   def image_summary(self, state: TrainState, hr: np.ndarray) -> np.ndarray:
     """Rows: per LR size, the bicubic input, the SR output; last row HR."""
@@ -237,6 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn: Callable[[int, dict], dict] | None = None) -> TrainState:
   """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
   trainer = Trainer(config, workdir)
+  if evaluate_fn is None and config.train.eval_every_steps and config.evals:
+    from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    evaluate_fn = evaluator.make_periodic_evaluator(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:

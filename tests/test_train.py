@@ -29,10 +29,9 @@ EMBEDDER_KWARGS = dict(width=0.125, embedding_size=64)
 
 def make_embedder(directory, seed=0):
   module = inception_resnet_v1.InceptionResnetV1(**EMBEDDER_KWARGS)
-  variables = module.init(jax.random.key(seed), jnp.zeros((1, 80, 80, 3)), train=False)
+  variables = inception_resnet_v1.init_variables(module, seed)
   # Non-trivial BatchNorm statistics, as a trained network has.
   rng = np.random.default_rng(seed)
-  variables = jax.tree.map(np.asarray, variables)
   stats = variables['batch_stats']
   variables['batch_stats'] = jax.tree_util.tree_map_with_path(
       lambda path, a: (rng.uniform(0.5, 1.5, a.shape) if 'var' in jax.tree_util.keystr(path)
@@ -195,3 +194,16 @@ def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, e
   step, variables = checkpointing.Checkpointer(str(tmp_path), read_only=True).restore_model()
   assert step >= 1
   assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(variables))
+
+
+def test_eval_mode_restores_the_checkpoint_and_writes_the_report(straight_run, embedder_dir):
+  subprocess.run(_train_cmd(straight_run, embedder_dir, '--mode=eval'), cwd=REPO, env=_env(1), check=True,
+                 timeout=600)
+  out = straight_run / 'eval' / 'synthetic'
+  doc = json.loads((out / 'report.json').read_text())
+  assert doc['protocol'] == 'generic' and doc['checkpoint_step'] == 6
+  assert set(doc['rank1']) == {'4x4', '8x6'}
+  assert {'hr', 'bicubic', 'sr', 'sr_concat'} <= set(doc['rank1']['8x6'])
+  assert all(0.0 <= v <= 1.0 for v in doc['rank1']['8x6'].values())
+  assert (out / 'report.md').exists() and (out / 'faces.png').exists()
+  assert (out / 'cmc_8x6.png').exists() and (out / 'cmc_4x4.png').exists()

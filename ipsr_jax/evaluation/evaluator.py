@@ -26,7 +26,7 @@ from ipsr_jax.evaluation import report
 
 DEFAULTS = dict(protocol='generic', source='', root='', split='test', trials=-1, resolutions=(),
                 compare={}, judge=False, embedder='', max_rank=100, synthetic_identities=0,
-                synthetic_images_per_identity=0, every_steps=0)
+                synthetic_images_per_identity=0)
 
 
 def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -77,7 +77,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   results = protocols.run_protocol(
       settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
       resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
-      max_rank=settings.max_rank)
+      max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2)
   extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
            'judge': repr(judge_fn.__self__) if judge_fn is not None else None}
   if jax.process_index() == 0:
@@ -99,5 +99,30 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     sr_fns = {'sr': sr}
     for label, run in settings.compare.items():
       sr_fns[label] = inference.SuperResolver.from_checkpoint(run)
-    all_results[name] = run_eval(config, name, sr_fns, os.path.join(workdir, 'eval', name), sr.step)
+    all_results[name] = run_eval(config, name, sr_fns, os.path.join(workdir, 'eval', name), sr.info['step'])
   return all_results
+
+
+def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
+  """The evaluator training calls every `train.eval_every_steps`: all `config.evals` on the live
+  generator variables; returns scalars such as `eval/lfw/16x14/sr` (rank-1) for the writers."""
+  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  generator = unet_lib.from_config(config.model)
+  embedders = {}
+
+  def evaluate(step: int, variables: dict) -> dict:
+    sr = inference.SuperResolver(generator, variables, image_size=config.model.image_size)
+    scalars = {}
+    for name in config.evals:
+      settings = eval_settings(config, name)
+      if name not in embedders:
+        embedders[name] = make_embedder(config, settings)
+      results = run_eval(config, name, {'sr': sr}, os.path.join(workdir, 'eval', name, f'step_{step}'), step,
+                         embedder=embedders[name])
+      for cond, methods in results['rank1'].items():
+        for method, value in methods.items():
+          scalars[f'eval/{name}/{cond}/{method}'] = value
+    return scalars
+
+  return evaluate

@@ -40,7 +40,7 @@ Size = tuple[int, int]
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 SRFn = Callable[[np.ndarray], np.ndarray]
 
-HR_SIZE: Size = (128, 128)
+HR_SIZE: Size = (128, 128)  # the generator's input and output size (the paper's)
 SCFACE_LR_SIZE: Size = (64, 64)  # the paper resizes SCface faces to 64x64, then 128x128
 # SCface's distance codes: 1 far (4.2 m), 2 medium (2.6 m), 3 close (1.0 m). The paper's text
 # and Table 3 say 4.7 m for the far one; the database's own documentation says 4.20 m.
@@ -259,7 +259,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  judge_fn: EmbedFn | None = None, chunk: int = 256, max_rank: int = 100,
                  split_kwargs: Mapping[str, Any] | None = None, num_examples: int = 4,
                  gallery_block: int = 4096, probe_block: int = 1024,
-                 image_quality: bool = True) -> dict[str, Any]:
+                 image_quality: bool = True, hr_size: Size = HR_SIZE) -> dict[str, Any]:
   """Runs protocol `name` on a source's records; returns the results dict `report` writes.
 
   methods: subset of ('hr', 'bicubic', 'sr', 'concat') ('hr' means 'native' for SCface; 'sr'
@@ -268,6 +268,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   (0..n-1) or the seeds themselves, for seeded protocols; default the protocol's (LFW 10).
   judge_fn: an independent embedder (uint8 images); adds 'judge_rank1' / 'judge_cmc'.
   image_quality: PSNR/SSIM of bicubic and SR vs HR (synthetic LR only; costs host time).
+  hr_size: the size gallery and bicubic probes are brought to, the SR model's input size.
 
   Returns {'protocol', 'conditions', 'methods', 'trials', 'rank1', 'rank1_std', 'rank1_trials',
   'cmc', 'psnr', 'ssim', 'num_gallery', 'num_identities', 'num_probes', 'examples', and with a
@@ -350,7 +351,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
     logging.info('%s: images %d-%d of %d', name, start, min(start + chunk, len(todo)), len(todo))
     idx = todo[start:start + chunk]
     raw = [_rgb_uint8(load_image(records[i])) for i in idx]
-    hr = _resize_each(raw, HR_SIZE)
+    hr = _resize_each(raw, hr_size)
     g_pos = [n for n, i in enumerate(idx) if i in gallery_lookup]
     if g_pos:
       embed_all([idx[n] for n in g_pos], hr[g_pos], 'hr', 'hr', gallery=True)
@@ -361,14 +362,14 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
     # chains: condition -> (lr, bicubic 128x128); SCface: one chain ('*') for every distance.
     if spec.natural:
       lr = _resize_each([raw[n] for n in p_pos], SCFACE_LR_SIZE)
-      chains = {'*': (lr, degrade_lib.bicubic_resize(lr, HR_SIZE))}
+      chains = {'*': (lr, degrade_lib.bicubic_resize(lr, hr_size))}
       if 'native' in method_names:
         embed_all(p_idx, p_hr, '*', 'native')
     else:
       chains = {c: (degrade_lib.bicubic_resize(p_hr, lr_sizes[c]),
-                    degrade_lib.degrade(p_hr, lr_sizes[c], HR_SIZE)) for c in conditions}
+                    degrade_lib.degrade(p_hr, lr_sizes[c], hr_size)) for c in conditions}
       if 'hr' in method_names:
-        hr_probe = (degrade_lib.degrade(p_hr, spec.hr_probe_size, HR_SIZE)
+        hr_probe = (degrade_lib.degrade(p_hr, spec.hr_probe_size, hr_size)
                     if spec.hr_probe_size else p_hr)
         embed_all(p_idx, hr_probe, '*', 'hr')
     for c, (lr, bicubic) in chains.items():
