@@ -1,0 +1,183 @@
+r"""Embed a folder of faces (optionally low-resolution probes through a trained SR run).
+
+    python -m ipsr_jax.tools.embed --weights=/ckpt/facenet_vggface2 --input=/data/gallery \
+        --output=gallery.npz
+    python -m ipsr_jax.tools.embed --weights=20180402-114759-vggface2.pt --sr=runs/ipsr \
+        --mode=concat --input=/data/probes --output=probes.parquet
+
+`--weights` is an embedder directory (`ipsr_jax.tools.convert_facenet` or pretraining output) or
+a facenet-pytorch `.pt` file. With `--sr`, each image is bicubic-resized to the run's model size,
+super-resolved and embedded (`api.Pipeline`; `--mode=bicubic|sr|concat`); without it, images are
+embedded as they are (grouped by size, or resized on the host with `--image_size`).
+
+Output: `.npz` with `names` (relative paths, sorted), `embeddings` (float32 [N, D]),
+`unreadable` and `unreadable_reasons`, and `metadata` (a JSON string); or `.parquet` (needs
+pyarrow: `pip install ipsr_jax[parquet]`) with columns `name`, `embedding` and the same metadata
+(with the unreadable files) under the schema key `ipsr_jax`. Unreadable files are listed on stderr
+too; they do not stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+from absl import app
+from absl import flags
+import numpy as np
+
+FORMATS = ('.npz', '.parquet')
+PARQUET_METADATA_KEY = b'ipsr_jax'
+
+
+def check_output(path: str) -> str:
+  """The output format from the extension; fails before any work if it cannot be written."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in FORMATS:
+    raise ValueError(f'--output must end in {" or ".join(FORMATS)}, got {path!r}')
+  if ext == '.parquet':
+    try:
+      import pyarrow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ImportError('writing .parquet needs pyarrow: pip install "ipsr_jax[parquet]" '
+                        '(or write .npz instead)') from e
+  return ext
+
+
+def write_embeddings(path: str, names: list[str], embeddings: np.ndarray,
+                     metadata: Mapping[str, Any]) -> None:
+  ext = check_output(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  embeddings = np.asarray(embeddings, np.float32).reshape(len(names), -1)
+  unreadable = metadata.get('unreadable', [])
+  if ext == '.npz':
+    with open(path, 'wb') as f:  # a file object: np.savez would append .npz to other names
+      np.savez(f, names=np.asarray(names, dtype=str), embeddings=embeddings,
+               unreadable=np.asarray([u['path'] for u in unreadable], dtype=str),
+               unreadable_reasons=np.asarray([u['reason'] for u in unreadable], dtype=str),
+               metadata=np.asarray(json.dumps(metadata, sort_keys=True)))
+    return
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  dim = embeddings.shape[1]
+  column = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim)
+  table = pa.table({'name': pa.array(names, pa.string()), 'embedding': column})
+  table = table.replace_schema_metadata(
+      {PARQUET_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+  pq.write_table(table, path)
+
+
+def read_embeddings(path: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+  """(names, float32 [N, D] embeddings, metadata) from a file `write_embeddings` wrote."""
+  if path.lower().endswith('.npz'):
+    with np.load(path, allow_pickle=False) as z:
+      return [str(n) for n in z['names']], z['embeddings'], json.loads(str(z['metadata']))
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  table = pq.read_table(path)
+  dim = table.schema.field('embedding').type.list_size
+  values = table.column('embedding').combine_chunks().flatten().to_numpy()
+  metadata = json.loads(table.schema.metadata[PARQUET_METADATA_KEY])
+  return (table.column('name').to_pylist(), values.reshape(-1, dim).astype(np.float32),
+          metadata)
+
+
+def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, output_path: str, *,
+                 image_size: int | None = None, batch_size: int = 64, workers: int = 4,
+                 progress: bool = True, metadata: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+  """Embeds every readable image under `input_path` with `embed` and writes `output_path`."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
+
+  check_output(output_path)
+  start = time.perf_counter()
+  folder = ImageFolder(input_path)
+  found: dict[str, np.ndarray] = {}
+  batches = folder.batches(batch_size, image_size=image_size, workers=workers)
+  with tqdm.tqdm(total=len(folder), unit='img', desc='embed', disable=not progress,
+                 file=sys.stderr) as bar:
+    for batch in prefetch(batches):
+      found.update(zip(batch.names, np.asarray(embed(batch.images), np.float32)))
+      bar.update(len(batch.names))
+      bar.set_postfix(unreadable=len(folder.unreadable), refresh=False)
+    bar.update(len(folder) - bar.n)
+  names = [n for n in folder.names if n in found]  # the folder's (natural) order
+  dim = next(iter(found.values())).shape[-1] if found else 0
+  embeddings = np.stack([found[n] for n in names]) if names else np.zeros((0, dim), np.float32)
+  unreadable = [dict(path=u.name, reason=u.reason) for u in folder.unreadable]
+  info = dict(metadata or {}, input=os.path.abspath(input_path), count=len(names),
+              embedding_size=int(dim), unreadable=unreadable,
+              seconds=round(time.perf_counter() - start, 3))
+  write_embeddings(output_path, names, embeddings, info)
+  if unreadable:
+    print(f'{len(unreadable)} unreadable file(s) skipped:', file=sys.stderr)
+    for u in unreadable:
+      print(f"  {u['path']}: {u['reason']}", file=sys.stderr)
+  return dict(info, output=os.path.abspath(output_path), total=len(folder))
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The CLI's flags (defined only when run as a program: importing this module has no effect)."""
+  return dict(
+      weights=flags.DEFINE_string('weights', None, 'Embedder directory or facenet-pytorch .pt.'),
+      sr=flags.DEFINE_string('sr', None, 'Training run: super-resolve each image before '
+                             'embedding (LR probes).'),
+      step=flags.DEFINE_integer('step', None, 'With --sr: checkpoint step (default: newest).'),
+      mode=flags.DEFINE_enum('mode', 'sr', ['sr', 'bicubic', 'concat'],
+                             "With --sr: embed the SR face, the bicubic face, or both "
+                             "concatenated (the paper's SCface setting)."),
+      input=flags.DEFINE_string('input', None, 'Folder of faces (read recursively) or a file.'),
+      output=flags.DEFINE_string('output', None, 'Output file: .npz or .parquet.'),
+      input_size=flags.DEFINE_integer('input_size', None, "The embedder's input side (default: "
+                                      "the --sr run's config.embedder.input_size, else 160)."),
+      image_size=flags.DEFINE_integer('image_size', None, 'Without --sr: resize every image '
+                                      'to this square on the host first (one compiled shape).'),
+      batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
+      workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
+      progress=flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.'),
+  )
+
+
+def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  v = {k: h.value for k, h in flag_values.items()}
+  check_output(v['output'])  # before loading anything
+  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top  (after flag parsing)
+
+  input_size = v['input_size']
+  if input_size is None and v['sr']:  # what the run's identity loss used
+    input_size = inference.load_run_config(v['sr']).embedder.input_size
+  embedder = inference.load_embedder(v['weights'], **({'input_size': input_size} if input_size
+                                                      else {}))
+  metadata = dict(weights=v['weights'], embedder=embedder.info, input_size=embedder.input_size)
+  image_size = v['image_size']
+  if v['sr']:
+    sr = inference.SuperResolver.from_checkpoint(v['sr'], v['step'])
+    embed = inference.Pipeline(sr, embedder, mode=v['mode'])
+    image_size = sr.image_size
+    metadata.update(sr=sr.info, mode=v['mode'])
+  else:
+    embed = embedder
+  report = embed_folder(embed, v['input'], v['output'], image_size=image_size,
+                        batch_size=v['batch_size'], workers=v['workers'],
+                        progress=v['progress'], metadata=metadata)
+  print(f"embedded {report['count']}/{report['total']} images "
+        f"(dimension {report['embedding_size']}) in {report['seconds']:.1f} s; "
+        f"unreadable: {len(report['unreadable'])}; wrote {report['output']}")
+
+
+def run() -> None:
+  """Console entry point."""
+  holders = define_flags()
+  flags.mark_flags_as_required(['weights', 'input', 'output'])
+  app.run(lambda argv: main(argv, holders))
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,138 @@
+r"""Export a trained run's SR generator (and SR + embedder) as one portable `jax.export` file.
+
+    python -m ipsr_jax.tools.export --workdir=runs/ipsr --out=ipsr_sr.jaxexport
+    python -m ipsr_jax.tools.export --workdir=runs/ipsr --embedder=/ckpt/facenet_vggface2 \
+        --mode=concat --lr_size=16x16 --out=ipsr_probe.jaxexport
+
+The file holds the function 'sr' (LR -> SR pixels) and, with `--embedder`, 'sr_embed'
+(LR -> {'sr', 'embedding'}), both batch-polymorphic StableHLO for `--platforms`, with the
+weights and a JSON header; `ipsr_jax.export.load(FILE)` runs them without any model code. Inputs
+are [N, S, S, 3] (S = the model size; bicubic-upsample first) or, with `--lr_size=HxW`, LR faces
+of that size (the bicubic resize is then inside the function). After writing, the file is
+reloaded and must reproduce the API's outputs on random inputs, or the tool exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+  """'16x12' (height x width) or '16' -> (16, 12) / (16, 16); '' or None -> None."""
+  if not text:
+    return None
+  parts = text.lower().split('x')
+  try:
+    size = tuple(int(p) for p in parts)
+  except ValueError:
+    size = ()
+  if len(size) == 1:
+    size = size * 2
+  if len(size) != 2 or min(size) < 1:
+    raise ValueError(f'expected a size like 16x12 (height x width), got {text!r}')
+  return size
+
+
+def export_run(workdir: str, out: str, *, step: int | None = None, embedder: str | None = None,
+               embedder_input_size: int | None = None, mode: str = 'sr',
+               lr_size: Sequence[int] | None = None,
+               input_dtype: str = 'float32', platforms: Sequence[str] = ('cpu', 'cuda', 'tpu'),
+               verify_batch: int = 3, seed: int = 0) -> dict[str, Any]:
+  """Exports, writes, reloads and verifies; returns a summary (header + max differences)."""
+  from ipsr_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+
+  sr = inference.SuperResolver.from_checkpoint(workdir, step)
+  functions = {'sr': export_lib.export_super_resolver(
+      sr, lr_size=lr_size, input_dtype=input_dtype, platforms=platforms)}
+  pipeline = None
+  metadata = dict(workdir=os.fspath(workdir), step=sr.info['step'], image_size=sr.image_size,
+                  lr_size=list(lr_size) if lr_size else None)
+  if embedder:
+    # Default: the input side the run's identity loss used.
+    input_size = embedder_input_size or inference.load_run_config(workdir).embedder.input_size
+    emb = inference.load_embedder(embedder, input_size=input_size)
+    pipeline = inference.Pipeline(sr, emb, mode=mode)
+    functions['sr_embed'] = export_lib.export_pipeline(
+        pipeline, lr_size=lr_size, input_dtype=input_dtype, platforms=platforms)
+    metadata.update(embedder=os.fspath(embedder), embedder_info=emb.info, mode=mode)
+  header = export_lib.save(out, functions, default='sr_embed' if embedder else 'sr',
+                           metadata=metadata, buckets=sr.buckets)
+
+  # Reload and compare with the API on random inputs of the exported shape.
+  h, w = lr_size or (sr.image_size, sr.image_size)
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (verify_batch, h, w, 3)).astype(input_dtype)
+  diffs = {}
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() in [p if p != 'cuda' else 'gpu' for p in platforms]:
+    got = export_lib.load(out, 'sr')(images)
+    diffs['sr'] = float(np.max(np.abs(got.astype(np.float32) - sr(images).astype(np.float32))))
+    if pipeline is not None:
+      got = export_lib.load(out, 'sr_embed')(images)
+      diffs['sr_embed.embedding'] = float(np.max(np.abs(got['embedding'] - pipeline(images))))
+  return dict(out=os.path.abspath(out), bytes=os.path.getsize(out), header=header,
+              max_abs_diff=diffs)
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  return dict(
+      workdir=flags.DEFINE_string('workdir', None, 'Training run (local or gs://).'),
+      step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).'),
+      embedder=flags.DEFINE_string('embedder', None, 'Embedder directory or facenet-pytorch .pt: '
+                                   "also export 'sr_embed'."),
+      embedder_input_size=flags.DEFINE_integer(
+          'embedder_input_size', None, "The embedder's input side (default: the run's "
+          'config.embedder.input_size).'),
+      mode=flags.DEFINE_enum('mode', 'sr', ['sr', 'bicubic', 'concat'],
+                             "What 'sr_embed' embeds: the SR face, the bicubic face, or both "
+                             '(concat, the paper\'s SCface setting).'),
+      lr_size=flags.DEFINE_string('lr_size', None, 'HxW of the LR inputs, resized inside the '
+                                  'function (default: inputs are already at the model size).'),
+      input_dtype=flags.DEFINE_enum('input_dtype', 'float32', ['float32', 'uint8'],
+                                    'uint8: rounded bicubic and uint8 SR, as the API on uint8.'),
+      platforms=flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Lower for these.'),
+      out=flags.DEFINE_string('out', None, 'Output file.'),
+      tolerance=flags.DEFINE_float('tolerance', 1e-4, 'Largest allowed difference from the API '
+                                   '(pixels in 0..255; embeddings) in the check after writing.'),
+  )
+
+
+def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  v = {k: h.value for k, h in flag_values.items()}
+  summary = export_run(v['workdir'], v['out'], step=v['step'], embedder=v['embedder'],
+                       embedder_input_size=v['embedder_input_size'], mode=v['mode'],
+                       lr_size=parse_size(v['lr_size']),
+                       input_dtype=v['input_dtype'], platforms=v['platforms'])
+  header = summary['header']
+  for name, info in header['functions'].items():
+    print(f"{name}: {info['input']['dtype']} {info['input']['shape']} -> {info['output']}  "
+          f"[{', '.join(info['platforms'])}]")
+    print(f"  {info['computes']}")
+  print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB, step "
+        f"{header['metadata']['step']})")
+  if not summary['max_abs_diff']:
+    print('not verified: this backend is not among the exported platforms')
+    return
+  print(f"reloaded; max |export - api|: {summary['max_abs_diff']}")
+  bad = {k: d for k, d in summary['max_abs_diff'].items() if not d <= v['tolerance']}
+  if bad:
+    raise SystemExit(f'export does not reproduce the API: {bad} > {v["tolerance"]}')
+
+
+def run() -> None:
+  """Console entry point."""
+  holders = define_flags()
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(lambda argv: main(argv, holders))
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,123 @@
+r"""Super-resolve a folder of low-resolution faces with a trained run.
+
+    python -m ipsr_jax.tools.super_resolve --workdir=runs/ipsr --input=/data/probes \
+        --output=/data/probes_sr [--step=50000] [--batch_size=64]
+
+Reads `--input` recursively (or one image file) and writes each SR face as PNG under `--output`
+at the same relative path (`a/b.jpg` -> `a/b.png`; when two inputs would share a name, the
+original extension is kept: `a/b.jpg.png`). Inputs of any size are bicubic-resized on the host to
+the model's size first (PIL-exact uint8, as the training data), so one compiled program serves a
+folder of mixed sizes. Unreadable files are listed on stderr and in `<output>/report.json`;
+they do not stop the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+
+REPORT_FILE = 'report.json'
+
+
+def output_names(names: list[str]) -> dict[str, str]:
+  """Relative input path -> relative PNG path, unique even when `a.jpg` and `a.png` both exist."""
+  stems = collections.Counter(os.path.splitext(n)[0] for n in names)
+  return {n: (os.path.splitext(n)[0] + '.png' if stems[os.path.splitext(n)[0]] == 1
+              else n + '.png') for n in names}
+
+
+def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_size: int = 64,
+                         workers: int = 4, progress: bool = True) -> dict[str, Any]:
+  """Writes SR PNGs of every readable image under `input_path`; returns (and writes) the report."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  folder = ImageFolder(input_path)
+  names = output_names(folder.names)
+  os.makedirs(output_dir, exist_ok=True)
+  written = 0
+  batches = folder.batches(batch_size, image_size=sr.image_size, workers=workers)
+  with tqdm.tqdm(total=len(folder), unit='img', desc='super-resolve', disable=not progress,
+                 file=sys.stderr) as bar:
+    for batch in prefetch(batches):
+      faces = sr(batch.images)
+      for name, face in zip(batch.names, faces):
+        path = os.path.join(output_dir, *names[name].split('/'))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(face).save(path)
+        written += 1
+      bar.update(len(batch.names))
+      bar.set_postfix(unreadable=len(folder.unreadable), refresh=False)
+    bar.update(len(folder) - bar.n)
+  report = dict(
+      input=os.path.abspath(input_path), output=os.path.abspath(output_dir), total=len(folder),
+      written=written, image_size=sr.image_size, source=sr.info,
+      unreadable=[dict(path=u.name, reason=u.reason) for u in folder.unreadable],
+      outputs={n: names[n] for n in folder.names if n not in {u.name for u in folder.unreadable}},
+      seconds=round(time.perf_counter() - start, 3))
+  with open(os.path.join(output_dir, REPORT_FILE), 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=1, sort_keys=True)
+  report_unreadable(report['unreadable'])
+  return report
+
+
+def report_unreadable(unreadable: list[dict[str, str]]) -> None:
+  if unreadable:
+    print(f'{len(unreadable)} unreadable file(s) skipped:', file=sys.stderr)
+    for u in unreadable:
+      print(f"  {u['path']}: {u['reason']}", file=sys.stderr)
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The CLI's flags (defined only when run as a program: importing this module has no effect)."""
+  return dict(
+      workdir=flags.DEFINE_string('workdir', None, 'Training run (local or gs://): config.json '
+                                  'and checkpoints/.'),
+      step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).'),
+      input=flags.DEFINE_string('input', None, 'Folder of LR faces (read recursively) or a file.'),
+      output=flags.DEFINE_string('output', None, 'Output folder (created); mirrors the input.'),
+      batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
+      workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
+      bfloat16=flags.DEFINE_bool('bfloat16', False, 'Compute in bfloat16 (faster on TPU/GPU).'),
+      progress=flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.'),
+  )
+
+
+def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (after flag parsing)
+
+  from ipsr_jax.inference import SuperResolver  # pylint: disable=g-import-not-at-top
+
+  v = {k: h.value for k, h in flag_values.items()}
+  sr = SuperResolver.from_checkpoint(v['workdir'], v['step'],
+                                     dtype=jnp.bfloat16 if v['bfloat16'] else jnp.float32)
+  report = super_resolve_folder(sr, v['input'], v['output'], batch_size=v['batch_size'],
+                                workers=v['workers'], progress=v['progress'])
+  print(f"super-resolved {report['written']}/{report['total']} images to "
+        f"{report['image_size']}x{report['image_size']} in {report['seconds']:.1f} s "
+        f"(step {sr.info['step']}); unreadable: {len(report['unreadable'])}; "
+        f"report: {os.path.join(v['output'], REPORT_FILE)}")
+
+
+def run() -> None:
+  """Console entry point."""
+  holders = define_flags()
+  flags.mark_flags_as_required(['workdir', 'input', 'output'])
+  app.run(lambda argv: main(argv, holders))
+
+
+if __name__ == '__main__':
+  run()
