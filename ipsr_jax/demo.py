@@ -44,6 +44,20 @@ def _complete(workdir: str, num_steps: int) -> bool:
   return checkpointing.Checkpointer(workdir, read_only=True).latest_step() == num_steps
 
 
+def _aligned(config: ml_collections.ConfigDict, out: str) -> ml_collections.ConfigDict:
+  """Stage 0 for real photos: MTCNN-align `data.root` into `out` once; the config then reads `out`."""
+  from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(out, 'report.json')):
+    logging.info('=== Demo stage 0/4: aligning %s into %s with MTCNN ===', config.data.root, out)
+    summary = align.align_tree(folders.find_lfw_images(config.data.root) if config.data.source == 'lfw'
+                               else config.data.root, out, size=config.data.image_size, progress=True)
+    logging.info('Aligned: %s', {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.root = out
+  return config
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
   started = time.time()
@@ -53,7 +67,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def banner(i, text):
     logging.info('=== Demo stage %d/4: %s (%.0f s so far) ===', i, text, time.time() - started)
 
-  banner(1, 'pretraining the embedder on synthetic training identities')
+  if config.demo.align:
+    config = _aligned(config, os.path.join(workdir, 'aligned'))
+  banner(1, f'pretraining the embedder on the training identities of {config.data.source}')
   embedder_dir = embedder_train.train_embedder(stage_config(config, 'embedder'), dirs['embedder'])
   for i, stage in enumerate(stages[1:], start=2):
     cfg = stage_config(config, stage)

@@ -8,8 +8,6 @@ frozen embedder (`config.embedder.checkpoint`).
 
 import logging
 import os
-from typing import Any
-
 import flax
 import flax.linen as nn
 import jax
@@ -48,16 +46,6 @@ class ArcFaceHead(nn.Module):
 
 
 @flax.struct.dataclass
-class EmbedderState:
-  step: jax.Array
-  params: Any          # {'embedder': ..., 'head': ...}
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  nonfinite_step: jax.Array
-
-
-@flax.struct.dataclass
 class EmbedderMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output('loss')
   accuracy: clu_metrics.Average.from_output('accuracy')
@@ -78,7 +66,7 @@ def _augment(hr: jax.Array, rng: jax.Array, config) -> jax.Array:
 def make_step(config, embedder, head, tx):
   input_size = config.embedder.input_size
 
-  def step(state: EmbedderState, batch: dict) -> tuple[EmbedderState, EmbedderMetrics]:
+  def step(state: train_lib.TrainState, batch: dict) -> tuple[train_lib.TrainState, EmbedderMetrics]:
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, drop_rng = jax.random.split(rng)
     pixels = _augment(batch['hr'].astype(jnp.float32), aug_rng, config)
@@ -100,15 +88,7 @@ def make_step(config, embedder, head, tx):
       return loss, (accuracy, updates['batch_stats'])
 
     (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              batch_stats=keep(batch_stats, state.batch_stats),
-                              opt_state=keep(opt_state, state.opt_state),
-                              nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss),
-                                                       state.step, state.nonfinite_step))
+    new_state = train_lib.apply_if_finite(state, loss, grads, batch_stats, tx)
     return new_state, EmbedderMetrics.single_from_model_output(loss=loss, accuracy=accuracy)
 
   return step
@@ -143,7 +123,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
           if config.pretrain.head == 'arcface' else None)
   tx = train_lib.make_optimizer(config.train, num_steps)
 
-  def init() -> EmbedderState:
+  def init() -> train_lib.TrainState:
     rng = jax.random.PRNGKey(config.seed)
     size = config.embedder.input_size
     variables = embedder.init(train_lib.init_key(config.seed), jnp.zeros((1, size, size, 3)), train=False,
@@ -152,7 +132,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
     if head is not None:
       params['head'] = head.init(train_lib.init_key(config.seed + 1), jnp.zeros((1, config.embedder.embedding_size)),
                                  jnp.zeros((1,), jnp.int32))['params']
-    return EmbedderState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
                          opt_state=tx.init(params), rng=jax.random.fold_in(rng, 2),
                          nonfinite_step=jnp.full((), -1, jnp.int32))
 

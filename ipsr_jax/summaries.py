@@ -102,6 +102,8 @@ def read_metrics(workdir: str) -> list[dict]:
   rows: dict[tuple, dict] = {}
   with open(path, encoding='utf-8') as f:
     for line in f:
+      if not line.endswith('\n'):
+        break  # a line still being written
       if line.strip():
         row = json.loads(line)
         rows[(row['step'], tuple(sorted(row)))] = row

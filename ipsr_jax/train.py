@@ -121,20 +121,25 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, ge
     return loss, (terms, updates['batch_stats'])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A non-finite loss freezes the state at the last good values; the host notices at its next check.
-  ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step,
-                               state.nonfinite_step))
+  new_state = apply_if_finite(state, loss, grads, batch_stats, tx)
   terms = dict(terms, grad_norm=optax.global_norm(grads))
   terms.setdefault('identity', jnp.zeros(()))
   terms.setdefault('cosine_similarity', jnp.zeros(()))
   return new_state, TrainMetrics.single_from_model_output(**terms)
+
+
+def apply_if_finite(state: TrainState, loss: jax.Array, grads: Any, batch_stats: Any,
+                    tx: optax.GradientTransformation) -> TrainState:
+  """The optimiser update, unless this loss (or an earlier one) was not finite: then the state
+  stays at its last good values and `nonfinite_step` records the step for the host's next check."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return state.replace(
+      step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step))
 
 
 def sr_apply(generator, variables, lr: jax.Array) -> jax.Array:

@@ -203,8 +203,10 @@ def test_make_source_dispatch(tmp_path):
   assert test.identities == ['c']
   casia = make_source(_data_config(root=str(tmp_path / 'casia')))
   assert casia.identities == ['0000045']
-  lfw = make_source(_data_config(source='lfw', root=str(tmp_path / 'lfw')))
+  lfw = make_source(_data_config(source='lfw', root=str(tmp_path / 'lfw')), split='test')
   assert lfw.identities == ['Ann_Lee', 'Bo_Li'] and len(lfw) == 5
+  # LFW's training split: only people outside the protocol population (< 4 images).
+  assert make_source(_data_config(source='lfw', root=str(tmp_path / 'lfw'))).identities == ['Ann_Lee']
   assert len(make_source(_data_config(source='orl', root=str(tmp_path / 'vgg' / 'train')))) == 4
   assert make_source(_data_config(source='ar', root=str(tmp_path / 'ar'))).identities == ['m-001']
   assert len(make_source(_data_config(source='scface', root=str(tmp_path / 'sc')))) == 1
@@ -248,6 +250,7 @@ def test_lfw_real_population():
   assert folders.LFW(root).num_identities == 5749
   protocol = folders.LFW(root, min_images_per_identity=4)
   assert protocol.num_identities == 610
+  assert folders.LFW(root, max_images_per_identity=3).num_identities == 5749 - 610
   assert protocol[0]['image'].shape == (250, 250, 3)
 
 

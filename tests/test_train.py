@@ -138,7 +138,9 @@ def test_run_writes_metrics_events_images_config(straight_run):
 
 
 def test_eight_devices_match_one(tmp_path, straight_run, embedder_dir):
-  subprocess.run(_train_cmd(tmp_path, embedder_dir), cwd=REPO, env=_env(8), check=True, timeout=600)
+  # A 4 (data) x 2 (fsdp) mesh: the batch over all 8 devices, large parameters split in two.
+  subprocess.run(_train_cmd(tmp_path, embedder_dir, '--config.mesh.fsdp=2'), cwd=REPO, env=_env(8), check=True,
+                 timeout=600)
   one, eight = _losses(straight_run), _losses(tmp_path)
   np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-4)
   _, p1 = _final_params(straight_run)
@@ -183,6 +185,21 @@ def test_sigkill_then_resume_is_exact(tmp_path, straight_run, embedder_dir):
   _, a = _final_params(straight_run)
   _, b = _final_params(tmp_path)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, embedder_dir):
+  proc = subprocess.Popen(_train_cmd(tmp_path, embedder_dir, '--config.train.num_train_steps=1000',
+                                     '--config.train.checkpoint_every_steps=1000'),
+                          cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not any(r['step'] >= 2 for r in summaries.read_metrics(str(tmp_path))) and time.time() < deadline:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'SIGTERM received' in err
+  step = checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step()
+  assert 2 <= step < 1000
 
 
 def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, embedder_dir):

@@ -29,8 +29,9 @@ def _identity_folder(data, split: str) -> FaceSource:
 
 
 def _lfw(data, split: str) -> FaceSource:
-  del split  # LFW has one split; protocols pick gallery and probes from its records
   from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
+  if split == 'train':  # people outside the paper's protocol population (fewer than 4 images)
+    return folders.LFW(data.root, max_images_per_identity=3, max_bad_fraction=data.max_bad_fraction)
   return folders.LFW(data.root, max_bad_fraction=data.max_bad_fraction)
 
 

@@ -37,7 +37,7 @@ class IdentityFolders(base.FileFaceSource):
 
   def __init__(self, root: str | os.PathLike, *, split: str | None = None,
                min_images_per_identity: int = 1, identities: Iterable[str] | None = None,
-               max_bad_fraction: float = 0.01, image_size: int | None = None,
+               max_images_per_identity: int | None = None, max_bad_fraction: float = 0.01, image_size: int | None = None,
                name: str | None = None):
     root = base.require_root(root, LAYOUT)
     folder = root if not split else os.path.join(root, split)
@@ -47,6 +47,7 @@ class IdentityFolders(base.FileFaceSource):
                               f'(found {present} in {root!r})')
     self.root, self.split = root, split
     self.min_images_per_identity = int(min_images_per_identity)
+    self.max_images_per_identity = max_images_per_identity
     self.name = name or os.path.basename(os.path.normpath(root)) or 'faces'
 
     names = sorted(d for d in os.listdir(folder)
@@ -59,7 +60,8 @@ class IdentityFolders(base.FileFaceSource):
             f'{len(missing)} requested identities are not in {folder!r}: {missing[:10]}')
       names = sorted(wanted)
     per_identity = {n: _list_images(os.path.join(folder, n)) for n in names}
-    kept = [n for n in names if len(per_identity[n]) >= max(1, self.min_images_per_identity)]
+    most = max_images_per_identity or float('inf')
+    kept = [n for n in names if max(1, self.min_images_per_identity) <= len(per_identity[n]) <= most]
     if not kept:
       raise ValueError(
           f'No identity folder under {folder!r} holds >= {max(1, self.min_images_per_identity)} '
@@ -73,7 +75,7 @@ class IdentityFolders(base.FileFaceSource):
     return (f'IdentityFolders(root={self.root!r}, split={self.split!r}, '
             f'identities={self.num_identities}, images={len(self)}, '
             f'min_images_per_identity={self.min_images_per_identity}, '
-            f'image_size={self.image_size})')
+            f'max_images_per_identity={self.max_images_per_identity}, image_size={self.image_size})')
 
 
 def find_lfw_images(root: str | os.PathLike) -> str:
