@@ -7,7 +7,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
+
+from configs import base  # pylint: disable=g-import-not-at-top
+from ipsr_jax.models import embedder_store  # pylint: disable=g-import-not-at-top
+from ipsr_jax.models import inception_resnet_v1  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -21,3 +26,43 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'real face data not found at {SHARED_DATA}')
   return SHARED_DATA
+
+
+# A tiny training run and a random embedder, shared by the inference and export tests (one run
+# per test session instead of one per module).
+EMBEDDER_KWARGS = dict(width=0.125, embedding_size=64)
+EMBEDDER_INPUT = 80  # the tiny config's embedder.input_size
+
+
+def make_run(workdir):
+  """Two steps of the tiny config (32x32 faces, ngf=4): config.json + an Orbax checkpoint."""
+  from ipsr_jax import train  # pylint: disable=import-outside-toplevel  (TF via clu: import late)
+  config = base.get_config('tiny')
+  config.loss.identity_weight = 0.0       # no embedder needed to train the generator
+  config.train.num_train_steps = 2
+  config.train.image_summary_every_steps = 0
+  train.train_and_evaluate(config, str(workdir))
+  return str(workdir)
+
+
+def make_embedder(directory, seed=0):
+  module = inception_resnet_v1.InceptionResnetV1(**EMBEDDER_KWARGS)
+  variables = inception_resnet_v1.init_variables(module, seed)  # numpy: no slow init compile
+  rng = np.random.default_rng(seed)  # non-trivial BatchNorm statistics, as a trained net has
+  variables['batch_stats'] = jax.tree_util.tree_map_with_path(
+      lambda path, a: (rng.uniform(0.5, 1.5, a.shape) if 'var' in jax.tree_util.keystr(path)
+                       else rng.normal(0.0, 0.1, a.shape)).astype(a.dtype),
+      variables['batch_stats'])
+  embedder_store.save_embedder(directory, variables, module_kwargs=EMBEDDER_KWARGS,
+                               source='random test init')
+  return str(directory)
+
+
+@pytest.fixture(scope='session')
+def run_dir(tmp_path_factory):
+  return make_run(tmp_path_factory.mktemp('run') / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def embedder_dir(tmp_path_factory):
+  return make_embedder(tmp_path_factory.mktemp('embedder') / 'e')

@@ -13,17 +13,7 @@ from ipsr_jax import api
 from ipsr_jax import export as export_lib
 from ipsr_jax.tools import export as export_tool
 from tests.conftest import REPO
-from tests.test_inference import EMBEDDER_INPUT, make_embedder, make_run
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  return make_run(tmp_path_factory.mktemp('run') / 'tiny')
-
-
-@pytest.fixture(scope='module')
-def embedder_dir(tmp_path_factory):
-  return make_embedder(tmp_path_factory.mktemp('embedder') / 'e')
+from tests.conftest import EMBEDDER_INPUT
 
 
 @pytest.fixture(scope='module')

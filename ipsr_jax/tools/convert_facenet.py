@@ -22,11 +22,15 @@ import numpy as np
 from ipsr_jax.models import convert, embedder_store, pt_reader
 from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, embed_images
 
-_PT = flags.DEFINE_string('pt', None, 'facenet-pytorch state dict (.pt) to convert.')
-_OUT = flags.DEFINE_string('out', None, 'Directory (local or gs://) for the Orbax embedder.')
-_KEEP_LOGITS = flags.DEFINE_bool('keep_logits', False,
-                                 'Keep the classification head (8631 classes for VGGFace2).')
-_VERIFY_BATCH = flags.DEFINE_integer('verify_batch', 4, 'Random images embedded to verify.')
+
+
+def define_flags() -> None:
+  # Defined only when run as a program: importing convert_file must not claim global flag names.
+  flags.DEFINE_string('pt', None, 'facenet-pytorch state dict (.pt) to convert.')
+  flags.DEFINE_string('out', None, 'Directory (local or gs://) for the Orbax embedder.')
+  flags.DEFINE_bool('keep_logits', False, 'Keep the classification head (8631 classes for VGGFace2).')
+  flags.DEFINE_integer('verify_batch', 4, 'Random images embedded to verify.')
+  flags.mark_flags_as_required(['pt', 'out'])
 
 
 def _count(tree: Any) -> int:
@@ -65,8 +69,8 @@ def convert_file(pt: str | os.PathLike, out: str | os.PathLike, *, keep_logits: 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  summary = convert_file(_PT.value, _OUT.value, keep_logits=_KEEP_LOGITS.value,
-                         verify_batch=_VERIFY_BATCH.value)
+  f = flags.FLAGS
+  summary = convert_file(f.pt, f.out, keep_logits=f.keep_logits, verify_batch=f.verify_batch)
   ignored = summary.pop('ignored_keys')
   modules = summary.pop('modules')
   for k, v in summary.items():
@@ -83,5 +87,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['pt', 'out'])
+  define_flags()
   app.run(main)
