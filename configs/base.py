@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bn_epsilon=1e-3,
       init_stddev=0.02,           # N(0, .02) kernel init
       image_size=128,
+      residual=False,             # True: output = tanh(atanh(input) + UNet(input)); not the paper's
   ))
 
   # Frozen Inception-ResNet-v1 (facenet-pytorch), converted with `ipsr_jax.tools.convert_facenet`.
@@ -103,6 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       head='arcface',             # 'arcface' (additive angular margin) or 'softmax' (facenet logits)
       arcface_scale=30.0,
       arcface_margin=0.3,
+      blur_probability=0.0,       # share of faces sent through a bicubic down-up round trip
+      blur_sizes=((32, 32), (48, 48)),  # ... to one of these sizes (off at probability 0)
   ))
 
   # Device mesh: data-parallel axis over every device of every host; 'fsdp' shards params too.

@@ -12,6 +12,8 @@ import ml_collections
 from configs import base
 
 DEMO_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 16), (21, 15), (32, 32))
+# The paper's training sizes at 64x64: 112x96 (7/8 of 128) becomes 56x48.
+DEMO_TRAIN_LR_SIZES = base.PAPER_LR_SIZES[:-1] + ((56, 48),)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,6 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.synthetic_identities = 500
   config.data.synthetic_images_per_identity = 16
   config.data.read_threads = 2
+  # 64x64 faces: XLA:CPU convolutions at 128x128 with few channels run ~4x slower per image, and a
+  # 16x16 probe holds the same pixels whichever HR size it came from.
+  config.data.image_size = config.model.image_size = 64
+  config.model.num_downs = 6
+  config.model.residual = True
+  config.data.lr_sizes = DEMO_TRAIN_LR_SIZES
+  config.train.image_summary_lr_sizes = ((7, 6), (16, 16), (32, 32))
   config.model.ngf = 8
   config.embedder.width = 0.25
   config.embedder.input_size = 80
@@ -33,10 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Per-stage overrides of the config above, merged into it by ipsr_jax.demo.stage_config.
   config.demo = ml_collections.ConfigDict(dict(
       embedder=dict(
-          mode='pretrain_embedder', pretrain=dict(head='softmax'), data=dict(degrade_on_device=True),
+          mode='pretrain_embedder', data=dict(degrade_on_device=True),
+          pretrain=dict(head='softmax', blur_probability=0.5, blur_sizes=((28, 28), (32, 32), (40, 40), (48, 48))),
           train=dict(batch_size=64, num_train_steps=600, learning_rate=3e-3, b1=0.9, schedule='warmup_cosine',
                      warmup_steps=50, image_summary_every_steps=0, checkpoint_every_steps=400)),
-      ipsr=dict(train=dict(num_train_steps=500)),
+      ipsr=dict(train=dict(num_train_steps=800), loss=dict(identity_weight=32.0)),
       pixel_only=dict(train=dict(num_train_steps=500), loss=dict(identity_weight=0.0)),
       align=False,  # stage 0: MTCNN-align data.root into <workdir>/aligned first (real photos)
   ))
@@ -62,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.image_summary_every_steps = 2
     config.demo.embedder.train.update(dict(num_train_steps=2, batch_size=8, warmup_steps=1,
                                           checkpoint_every_steps=2))
+    config.demo.embedder.pretrain.blur_sizes = ((14, 14), (24, 24))
     config.demo.ipsr.train.num_train_steps = 2
     config.demo.pixel_only.train.num_train_steps = 2
     config.evals.synthetic.update(dict(resolutions=((7, 6), (16, 16)), synthetic_identities=4,
@@ -72,9 +83,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # paper's protocol (fewer than 4 images), the report is the paper's LFW protocol (Table 2).
     config.data.source = 'lfw'
     config.demo.align = True
+    # The paper's 128x128 faces: its LFW protocol probes HR at 112x96 and LR up to 18x16.
+    config.data.image_size = config.model.image_size = 128
+    config.model.num_downs = 7
+    config.data.lr_sizes = base.PAPER_LR_SIZES
     config.evals = ml_collections.ConfigDict()
     config.evals.lfw = ml_collections.ConfigDict(dict(protocol='lfw', source='lfw', split='test', trials=10,
                                                       judge=True, max_rank=100))
+    # The demo's blur round trip, at the same fractions of a 128x128 face.
+    config.demo.embedder.pretrain.blur_sizes = ((56, 56), (64, 64), (80, 80), (96, 96))
   elif arg:
     raise ValueError(f'configs/demo.py: unknown variant {arg!r} (known: tiny, lfw)')
   return config

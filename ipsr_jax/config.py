@@ -86,6 +86,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'data must be -1 or >= 1 and fsdp >= 1')
   _need(config.pretrain.head in ('arcface', 'softmax'), 'pretrain.head', config.pretrain.head,
         "must be 'arcface' or 'softmax'")
+  _need(0.0 <= config.pretrain.blur_probability <= 1.0, 'pretrain.blur_probability',
+        config.pretrain.blur_probability, 'must be in [0, 1]')
+  if config.pretrain.blur_probability:
+    validate_lr_sizes(config.pretrain.blur_sizes, 'pretrain.blur_sizes', d.image_size)
   for name, ev in config.get('evals', {}).items():
     _need('protocol' in ev, f'evals.{name}', ev.to_dict() if hasattr(ev, 'to_dict') else ev,
           'needs a protocol (ar, lfw, scface_p1, scface_p2, generic)')

@@ -22,6 +22,7 @@ from ipsr_jax import config as config_lib
 from ipsr_jax import sharding
 from ipsr_jax import summaries
 from ipsr_jax import train as train_lib
+from ipsr_jax.data import degrade
 from ipsr_jax.data import pipeline
 from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
@@ -57,19 +58,37 @@ def module_kwargs(config, num_classes: int) -> dict:
               bn_epsilon=e.bn_epsilon, num_classes=num_classes if config.pretrain.head == 'softmax' else None)
 
 
-def _augment(hr: jax.Array, rng: jax.Array, config) -> jax.Array:
-  """Random horizontal flip: faces are left-right symmetric, identities are not."""
+def _augment(hr: jax.Array, rng: jax.Array, config,
+             blur: degrade.DeviceDegrader | None = None) -> jax.Array:
+  """Random horizontal flip (faces are left-right symmetric, identities are not) and, with `blur`,
+  a bicubic down-and-up round trip through one of `pretrain.blur_sizes` with probability
+  `pretrain.blur_probability`: a recognizer that tolerates mild blur, as real ones do."""
   flip = jax.random.bernoulli(rng, 0.5, (hr.shape[0], 1, 1, 1))
-  return jnp.where(flip, hr[:, :, ::-1], hr)
+  hr = jnp.where(flip, hr[:, :, ::-1], hr)
+  if blur is None:
+    return hr
+  pick_rng, use_rng = jax.random.split(jax.random.fold_in(rng, 1))
+  index = jax.random.randint(pick_rng, (hr.shape[0],), 0, len(blur.lr_sizes))
+  use = jax.random.bernoulli(use_rng, config.pretrain.blur_probability, (hr.shape[0], 1, 1, 1))
+  return jnp.where(use, blur(hr, index), hr)
+
+
+def blur_degrader(config) -> degrade.DeviceDegrader | None:
+  """The degradation `_augment` applies, or None when `pretrain.blur_probability` is 0."""
+  p = config.pretrain
+  if not p.blur_probability:
+    return None
+  return degrade.DeviceDegrader(p.blur_sizes, (config.data.image_size,) * 2, round_lr=config.data.round_lr)
 
 
 def make_step(config, embedder, head, tx):
   input_size = config.embedder.input_size
+  blur = blur_degrader(config)
 
   def step(state: train_lib.TrainState, batch: dict) -> tuple[train_lib.TrainState, EmbedderMetrics]:
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, drop_rng = jax.random.split(rng)
-    pixels = _augment(batch['hr'].astype(jnp.float32), aug_rng, config)
+    pixels = _augment(batch['hr'].astype(jnp.float32), aug_rng, config, blur)
     x = inception_resnet_v1.standardize(_resize_to(pixels, input_size))
     labels = batch['label']
 

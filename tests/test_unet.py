@@ -83,3 +83,20 @@ def test_bad_size_is_a_clear_error():
   model = unet_lib.UNet(ngf=4)
   with pytest.raises(ValueError, match='divisible by 128'):
     model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)), train=False)
+
+
+def test_residual_generator_starts_at_its_input():
+  model = unet_lib.UNet(ngf=4, num_downs=5, residual=True)
+  x, variables = _init(model, size=32)
+  x = x * 0.9  # inside the clip of atanh
+  zero_out = jax.tree.map(jnp.zeros_like, variables['params']['out_conv'])
+  variables = {**variables, 'params': {**variables['params'], 'out_conv': zero_out}}
+  np.testing.assert_allclose(model.apply(variables, x, train=False), x, atol=1e-5)
+  # Off (the paper's generator), the same zero output layer gives tanh(0) = 0.
+  plain = unet_lib.UNet(ngf=4, num_downs=5)
+  np.testing.assert_allclose(plain.apply(variables, x, train=False), 0.0, atol=1e-6)
+  # The config field reaches the module.
+  config = base.get_config().model
+  assert unet_lib.from_config(config).residual is False
+  config.residual = True
+  assert unet_lib.from_config(config).residual is True

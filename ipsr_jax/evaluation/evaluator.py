@@ -25,7 +25,7 @@ from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation import report
 
 DEFAULTS = dict(protocol='generic', source='', root='', split='test', trials=-1, resolutions=(),
-                compare={}, judge=False, embedder='', max_rank=100, synthetic_identities=0,
+                compare={}, judge=False, judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
                 synthetic_images_per_identity=0)
 
 
@@ -63,23 +63,28 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   settings = eval_settings(config, name)
   source = eval_source(config, settings)
   embedder = embedder or make_embedder(config, settings)
-  judge_fn = None
+  judge_fn = judge_model = None
   if settings.judge:
     from ipsr_jax.evaluation import judge  # pylint: disable=g-import-not-at-top
     if judge.DlibJudge.available():
-      judge_fn = judge.DlibJudge().embed
+      judge_model = judge.DlibJudge(num_workers=settings.judge_workers)  # 0: one process per core
+      judge_fn = judge_model.embed
     else:
       logging.warning('config.evals.%s.judge: dlib or its models are not installed; no judge column.', name)
   spec = protocols.get_protocol(settings.protocol)
   trials = None if settings.trials < 0 else settings.trials
   load = lambda record: source.load_image(record)
   records = source.records
-  results = protocols.run_protocol(
-      settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
-      resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
-      max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2)
+  try:
+    results = protocols.run_protocol(
+        settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
+        resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
+        max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2)
+  finally:
+    if judge_model is not None:
+      judge_model.close()
   extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
-           'judge': repr(judge_fn.__self__) if judge_fn is not None else None}
+           'judge': repr(judge_model) if judge_model is not None else None}
   if jax.process_index() == 0:
     report.write_report(out_dir, spec.name, results, step, extra=extra)
     logging.info('Wrote the %s report to %s', name, out_dir)

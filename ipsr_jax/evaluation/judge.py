@@ -16,7 +16,9 @@ margin lifts rank-1 from 80% to 96%). The 5-point shape predictor places the lan
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
+import multiprocessing
 import os
 
 import numpy as np
@@ -40,9 +42,14 @@ class DlibJudge:
   """`judge(images uint8 [N, H, W, 3]) -> float32 [N, 128]` unit vectors (cosine-ready)."""
 
   def __init__(self, box_margin: float = 0.1, input_size: tuple[int, int] | None = None,
-               model_dir: str | None = None):
+               model_dir: str | None = None, num_workers: int = 1):
+    """num_workers > 1: that many spawned processes share each call (dlib runs one face per core);
+    0 means one per CPU core. Spawned workers re-import the main module, so a script that uses
+    them needs the usual `if __name__ == '__main__':` guard."""
     if not 0.0 <= box_margin < 0.5:
       raise ValueError(f'box_margin must be in [0, 0.5), got {box_margin}')
+    if num_workers < 0:
+      raise ValueError(f'num_workers must be >= 0, got {num_workers}')
     import dlib  # pylint: disable=import-outside-toplevel
     model_dir = model_dir or models_dir()
     if model_dir is None:
@@ -53,6 +60,9 @@ class DlibJudge:
     self._resnet = dlib.face_recognition_model_v1(os.path.join(model_dir, RESNET_FILE))
     self.box_margin = float(box_margin)
     self.input_size = None if input_size is None else tuple(int(s) for s in input_size)
+    self.model_dir = model_dir
+    self.num_workers = int(num_workers or os.cpu_count() or 1)
+    self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
   @staticmethod
   def available() -> bool:
@@ -63,12 +73,20 @@ class DlibJudge:
     return d is not None and all(os.path.isfile(os.path.join(d, f))
                                  for f in (RESNET_FILE, SHAPE_FILE))
 
-  def _descriptor(self, image: np.ndarray) -> np.ndarray:
+  def _landmarks(self, image: np.ndarray):
     h, w = image.shape[:2]
     mh, mw = int(round(self.box_margin * h)), int(round(self.box_margin * w))
     box = self._dlib.rectangle(mw, mh, w - 1 - mw, h - 1 - mh)
-    shape = self._shape(image, box)
-    return np.asarray(self._resnet.compute_face_descriptor(image, shape), np.float32)
+    return self._dlib.full_object_detections([self._shape(image, box)])
+
+  def _descriptors(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Unnormalised descriptors; dlib's batched call (~25% faster than one face at a time)."""
+    out = []
+    for start in range(0, len(images), batch):
+      chunk = [np.ascontiguousarray(im) for im in images[start:start + batch]]
+      per_image = self._resnet.compute_face_descriptor(chunk, [self._landmarks(im) for im in chunk])
+      out.extend(np.asarray(d[0], np.float32) for d in per_image)
+    return np.stack(out)
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
@@ -83,11 +101,41 @@ class DlibJudge:
       images = resize.resize_np(images, self.input_size)
     if len(images) == 0:
       return np.zeros((0, 128), np.float32)
-    out = np.stack([self._descriptor(np.ascontiguousarray(im)) for im in images])
+    if self.num_workers > 1 and len(images) > 1:
+      parts = np.array_split(images, min(len(images), 4 * self.num_workers))
+      out = np.concatenate(list(self._workers().map(_worker_descriptors, parts)))
+    else:
+      out = self._descriptors(images)
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
   __call__ = embed
 
+  def _workers(self) -> concurrent.futures.ProcessPoolExecutor:
+    if self._pool is None:
+      # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit locked.
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          self.num_workers, mp_context=multiprocessing.get_context('spawn'),
+          initializer=_worker_init, initargs=(self.box_margin, self.model_dir))
+    return self._pool
+
+  def close(self) -> None:
+    """Stops the worker processes (a later call starts them again)."""
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+
   def __repr__(self) -> str:
     return (f'DlibJudge(dlib_face_recognition_resnet_model_v1, box_margin={self.box_margin}, '
             f'input_size={self.input_size})')
+
+
+_WORKER_JUDGE: DlibJudge | None = None
+
+
+def _worker_init(box_margin: float, model_dir: str | None) -> None:
+  global _WORKER_JUDGE  # pylint: disable=global-statement
+  _WORKER_JUDGE = DlibJudge(box_margin=box_margin, model_dir=model_dir)
+
+
+def _worker_descriptors(images: np.ndarray) -> np.ndarray:
+  return _WORKER_JUDGE._descriptors(images)  # pylint: disable=protected-access

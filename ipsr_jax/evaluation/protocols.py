@@ -338,10 +338,16 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                          f'{len(idx)} {method} images ({cond})')
       stores[e][0 if gallery else 1].put((cond, method), idx, vecs)
 
+  shown: dict[str, set[str]] = collections.defaultdict(set)  # cond -> identities in the figure
+
   def keep_examples(cond: str, idx: list[int], panels: Mapping[str, np.ndarray]) -> None:
     ex = examples.setdefault(cond, {})
-    take = [n for n, i in enumerate(idx) if not spec.natural or group_of[i] == cond]
-    take = take[:max(0, num_examples - len(ex.get('lr', [])))]
+    take, room = [], num_examples - len(ex.get('lr', []))
+    for n, i in enumerate(idx):  # one face per person, so the figure shows several people
+      if len(take) < room and (not spec.natural or group_of[i] == cond) \
+          and records[i].identity not in shown[cond]:
+        shown[cond].add(records[i].identity)
+        take.append(n)
     for k, v in panels.items():
       ex.setdefault(k, []).extend(_as_uint8(v[take]))
 

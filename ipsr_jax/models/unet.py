@@ -5,6 +5,10 @@ stride-2 Conv (+ BatchNorm except the first and the innermost) + LeakyReLU, `num
 blocks of a 4x4 stride-2 ConvTranspose + BatchNorm (+ Dropout on the first few) + ReLU, each joined
 to the matching encoder output by concatenation, and an output ConvTranspose to 3 channels + tanh.
 The paper's "7 upsampling blocks" counts that output layer.
+
+`residual=True` (not in the paper; off in `configs/base.py`) adds the bicubic input to the output
+conv before the tanh, so an untrained generator already returns the bicubic face: a narrow
+generator (the CPU demo) otherwise spends most of a short run learning to copy its input.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class UNet(nn.Module):
   bn_epsilon: float = 1e-3
   init_stddev: float = 0.02
   out_channels: int = 3
+  residual: bool = False
   dtype: Dtype = jnp.float32          # compute dtype (bfloat16 for mixed precision)
   param_dtype: Dtype = jnp.float32
 
@@ -47,6 +52,7 @@ class UNet(nn.Module):
     norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
+    lr_up = x
     x = x.astype(self.dtype)
 
     skips: list[jax.Array] = []
@@ -72,7 +78,11 @@ class UNet(nn.Module):
 
     x = nn.ConvTranspose(self.out_channels, (4, 4), strides=(2, 2), padding='SAME', kernel_init=init,
                          dtype=self.dtype, param_dtype=self.param_dtype, name='out_conv')(x)
-    return jnp.tanh(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    if self.residual:
+      # tanh(atanh(input) + delta): the input itself at delta = 0, and the output stays in (-1, 1).
+      x = x + jnp.arctanh(jnp.clip(lr_up.astype(jnp.float32), -0.999, 0.999))
+    return jnp.tanh(x)
 
 
 def from_config(model_config, dtype: Dtype = jnp.float32) -> UNet:
@@ -81,5 +91,6 @@ def from_config(model_config, dtype: Dtype = jnp.float32) -> UNet:
               max_width_multiplier=model_config.max_width_multiplier,
               num_dropout_blocks=model_config.num_dropout_blocks, dropout_rate=model_config.dropout_rate,
               leaky_relu_slope=model_config.leaky_relu_slope, bn_momentum=model_config.bn_momentum,
-              bn_epsilon=model_config.bn_epsilon, init_stddev=model_config.init_stddev, dtype=dtype)
+              bn_epsilon=model_config.bn_epsilon, init_stddev=model_config.init_stddev,
+              residual=model_config.get('residual', False), dtype=dtype)
 
