@@ -4,7 +4,8 @@
 its own sub-directory and each resumed (or skipped when complete) if the command runs again:
 
   1. embedder/    pretrain a small Inception-ResNet-v1 on the training identities (the frozen
-                  recognizer of the identity loss)
+                  recognizer of the identity loss); skipped when config.embedder.checkpoint names
+                  one (e.g. FaceNet weights converted with ipsr_jax.tools.convert_facenet)
   2. ipsr/        identity-preserving SR: L = MSE(E(SR), E(HR)) + beta * MSE(SR, HR)
   3. pixel_only/  the ablation without the identity term
   4. report/      identification on held-out identities (never seen in training): HR, bicubic,
@@ -69,8 +70,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if config.demo.align:
     config = _aligned(config, os.path.join(workdir, 'aligned'))
-  banner(1, f'pretraining the embedder on the training identities of {config.data.source}')
-  embedder_dir = embedder_train.train_embedder(stage_config(config, 'embedder'), dirs['embedder'])
+  embedder_dir = config.embedder.checkpoint
+  if embedder_dir:  # e.g. converted FaceNet weights: no stage 1; the reports name this embedder
+    logging.info('=== Demo stage 1/4: skipped, the embedder is config.embedder.checkpoint=%s ===', embedder_dir)
+  else:
+    banner(1, f'pretraining the embedder on the training identities of {config.data.source}')
+    embedder_dir = embedder_train.train_embedder(stage_config(config, 'embedder'), dirs['embedder'])
   for i, stage in enumerate(stages[1:], start=2):
     cfg = stage_config(config, stage)
     cfg.embedder.checkpoint = embedder_dir

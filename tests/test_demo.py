@@ -8,14 +8,14 @@ import sys
 from tests.conftest import REPO
 
 
-def _run(workdir):
+def _run(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   return subprocess.run([sys.executable, '-m', 'ipsr_jax.main', '--config=configs/demo.py:tiny',
-                         f'--workdir={workdir}'], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=1200)
+                         f'--workdir={workdir}', *flags], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1200)
 
 
-def test_demo_pipeline_writes_reports_and_resumes(tmp_path):
+def test_demo_pipeline_writes_reports_and_resumes(tmp_path, embedder_dir):
   first = _run(tmp_path)
   assert first.returncode == 0, first.stderr[-4000:]
   for stage in ('Demo stage 1/4', 'Demo stage 2/4', 'Demo stage 3/4', 'Demo stage 4/4'):
@@ -39,3 +39,10 @@ def test_demo_pipeline_writes_reports_and_resumes(tmp_path):
   assert 'Embedder already trained' in second.stderr
   assert second.stderr.count('already complete') == 2
   assert 'Training 2 steps from step 0' not in second.stderr
+
+  # A given embedder (e.g. converted FaceNet weights) replaces stage 1, and the report names it.
+  third = _run(tmp_path, f'--config.embedder.checkpoint={embedder_dir}')
+  assert third.returncode == 0, third.stderr[-4000:]
+  assert 'skipped, the embedder is config.embedder.checkpoint' in third.stderr
+  assert 'Embedder already trained' not in third.stderr
+  assert json.loads((report / 'report.json').read_text())['embedder'] == 'random test init'

@@ -77,13 +77,17 @@ def test_orl_rank1_full(judge, orl):
 @pytest.mark.skipif(not os.environ.get('IPSR_LFW_ALIGNED'),
                     reason='set IPSR_LFW_ALIGNED=<LFW aligned by `python -m ipsr_jax.tools.align`>; '
                            'dlib embeds ~34k faces (about 1 h on 2 cores)')
-def test_lfw_protocol_hr_and_bicubic_rows_with_the_judge(judge, tmp_path):
+def test_lfw_protocol_hr_and_bicubic_rows_with_the_judge(tmp_path):
   """The paper's LFW protocol (Table 2) on the real aligned LFW, scored by the judge."""
   from ipsr_jax.evaluation import protocols  # pylint: disable=import-outside-toplevel
   from ipsr_jax.evaluation import report  # pylint: disable=import-outside-toplevel
   source = folders.LFW(os.environ['IPSR_LFW_ALIGNED'])
-  res = protocols.run_protocol('lfw', source.records, source.load_image, embed_fn=judge.embed,
-                               methods=('hr', 'bicubic'), image_quality=False)
+  judge = judge_lib.DlibJudge(num_workers=0)  # one process per core
+  try:
+    res = protocols.run_protocol('lfw', source.records, source.load_image, embed_fn=judge.embed,
+                                 methods=('hr', 'bicubic'), image_quality=False, chunk=512)
+  finally:
+    judge.close()
   paths = report.write_report(tmp_path, 'lfw', res, None,
                               extra={'embedder': repr(judge), 'source': repr(source)})
   assert all(os.path.isfile(p) for p in paths.values()) and 'cmc_18x16' in paths
