@@ -6,7 +6,7 @@ blocks of a 4x4 stride-2 ConvTranspose + BatchNorm (+ Dropout on the first few) 
 to the matching encoder output by concatenation, and an output ConvTranspose to 3 channels + tanh.
 The paper's "7 upsampling blocks" counts that output layer.
 
-`residual=True` (not in the paper; off in `configs/base.py`) adds the bicubic input to the output
+`residual=True` (not in the paper; off in `configs/base.py`) adds atanh(bicubic input) to the output
 conv before the tanh, so an untrained generator already returns the bicubic face: a narrow
 generator (the CPU demo) otherwise spends most of a short run learning to copy its input.
 """
