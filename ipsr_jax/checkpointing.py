@@ -54,9 +54,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True, best_metric: str | None = None,
                read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, enable_async_checkpointing=use_async,
+        max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode='max', read_only=read_only)
+        best_mode='max', read_only=read_only, save_interval_steps=0 if read_only else 1)
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain_python.PyGrainCheckpointHandler()}
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 

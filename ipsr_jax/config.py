@@ -65,6 +65,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'and loss.pixel_weight are both 0: nothing to train')
   _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')
   _need(d.lr_per in ('example', 'batch'), 'data.lr_per', d.lr_per, "must be 'example' or 'batch'")
+  on_device = d.degrade_on_device
+  _need(on_device is None or isinstance(on_device, bool) or on_device == 'auto', 'data.degrade_on_device',
+        on_device, "must be True, False, None or 'auto' (auto: on for GPU/TPU, off on CPU)")
   validate_lr_sizes(d.lr_sizes, 'data.lr_sizes', d.image_size)
   validate_lr_sizes(t.image_summary_lr_sizes, 'train.image_summary_lr_sizes', d.image_size)
   _need(0.0 <= d.max_bad_fraction < 1.0, 'data.max_bad_fraction', d.max_bad_fraction, 'must be in [0, 1)')

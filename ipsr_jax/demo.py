@@ -12,13 +12,13 @@ its own sub-directory and each resumed (or skipped when complete) if the command
                   SR, pixel-only and the concatenated embeddings, per LR size
 """
 
-import logging
 import os
 import time
 
 import ml_collections
 
 from ipsr_jax import checkpointing
+from ipsr_jax import console
 from ipsr_jax import embedder_train
 from ipsr_jax import train
 from ipsr_jax.evaluation import evaluator
@@ -50,10 +50,10 @@ def _aligned(config: ml_collections.ConfigDict, out: str) -> ml_collections.Conf
   from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
   if not os.path.exists(os.path.join(out, 'report.json')):
-    logging.info('=== Demo stage 0/4: aligning %s into %s with MTCNN ===', config.data.root, out)
+    console.header(f'Demo stage 0/4: aligning {config.data.root} into {out} with MTCNN')
     summary = align.align_tree(folders.find_lfw_images(config.data.root) if config.data.source == 'lfw'
                                else config.data.root, out, size=config.data.image_size, progress=True)
-    logging.info('Aligned: %s', {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    console.say(f"Aligned {summary['aligned']}/{summary['total']} images; failures listed in {out}/report.json")
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.root = out
   return config
@@ -66,13 +66,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dirs = {s: os.path.join(workdir, s) for s in stages}
 
   def banner(i, text):
-    logging.info('=== Demo stage %d/4: %s (%.0f s so far) ===', i, text, time.time() - started)
+    console.header(f'Demo stage {i}/4: {text} ({console.duration(time.time() - started)} so far)')
 
   if config.demo.align:
     config = _aligned(config, os.path.join(workdir, 'aligned'))
   embedder_dir = config.embedder.checkpoint
   if embedder_dir:  # e.g. converted FaceNet weights: no stage 1; the reports name this embedder
-    logging.info('=== Demo stage 1/4: skipped, the embedder is config.embedder.checkpoint=%s ===', embedder_dir)
+    console.header(f'Demo stage 1/4: skipped, the embedder is config.embedder.checkpoint={embedder_dir}')
   else:
     banner(1, f'pretraining the embedder on the training identities of {config.data.source}')
     embedder_dir = embedder_train.train_embedder(stage_config(config, 'embedder'), dirs['embedder'])
@@ -80,7 +80,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = stage_config(config, stage)
     cfg.embedder.checkpoint = embedder_dir
     if _complete(dirs[stage], cfg.train.num_train_steps):
-      logging.info('Stage %s already complete in %s', stage, dirs[stage])
+      console.say(f'Demo stage {i}/4: {stage} already complete in {dirs[stage]}')
       continue
     banner(i, 'training identity-preserving SR' if stage == 'ipsr' else 'training the pixel-only ablation')
     train.train_and_evaluate(cfg, dirs[stage])
@@ -93,7 +93,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in cfg.evals:
     out = os.path.join(workdir, 'report', name)
     results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'])
-    with open(os.path.join(out, 'report.md'), encoding='utf-8') as f:
-      print(f.read(), flush=True)
-  logging.info('Demo finished in %.0f s; reports in %s', time.time() - started, os.path.join(workdir, 'report'))
+    evaluator.announce(results[name], out)
+  console.say(f'Demo finished in {console.duration(time.time() - started)}.')
   return results

@@ -6,7 +6,6 @@ additive angular margin head on an identity-labelled source. The result is saved
 frozen embedder (`config.embedder.checkpoint`).
 """
 
-import logging
 import os
 import flax
 import flax.linen as nn
@@ -19,6 +18,7 @@ from clu import metrics as clu_metrics
 
 from ipsr_jax import checkpointing
 from ipsr_jax import config as config_lib
+from ipsr_jax import console
 from ipsr_jax import sharding
 from ipsr_jax import summaries
 from ipsr_jax import train as train_lib
@@ -89,7 +89,7 @@ def make_step(config, embedder, head, tx):
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, drop_rng = jax.random.split(rng)
     pixels = _augment(batch['hr'].astype(jnp.float32), aug_rng, config, blur)
-    x = inception_resnet_v1.standardize(_resize_to(pixels, input_size))
+    x = inception_resnet_v1.standardize(_resize_to(pixels, input_size), embedder.standardization)
     labels = batch['label']
 
     def loss_fn(params):
@@ -128,7 +128,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   config_lib.validate(config)
   out = export_dir(workdir)
   if os.path.exists(os.path.join(out, 'embedder.json')):
-    logging.info('Embedder already trained: %s', out)
+    console.say(f'Embedder already trained: {out}')
     return out
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
@@ -170,27 +170,32 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   else:
     state = sharding.put_global(jax.jit(init)(), state_sharding)
   step = int(jax.device_get(state.step))
-  logging.info('Pretraining the embedder (%s head, %d identities, width %s) for %d steps from %d.',
-               config.pretrain.head, num_classes, config.embedder.width, num_steps, step)
-  progress = summaries.periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                                       every_steps=config.train.log_every_steps)
+  console.say(f'Pretraining the embedder ({config.pretrain.head} head, {num_classes} identities, width '
+              f'{config.embedder.width}) for {num_steps} steps' + (f' from step {step}' if step else '') + '.')
+  report = summaries.periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                     every_steps=config.train.log_every_steps)
+  progress = console.TrainProgress(num_steps, 'step', start=step)
   metrics = None
   try:
-    with mesh:
+    with mesh, progress:
       while step < num_steps:
         batch = sharding.to_global(next(iterator), mesh)
         state, m = step_fn(state, batch)
         consumed.state = iterator.get_state()
         step += 1
         metrics = m if metrics is None else metrics.merge(m)
-        progress(step)
+        report(step)
+        logged = None
         if step % config.train.log_every_steps == 0 or step == num_steps:
-          train_lib.check_finite(state, step)
-          writer.write_scalars(step, {f'embedder/{k}': v for k, v in metrics.compute().items()})
+          train_lib.check_finite(state, ckpt)
+          logged = {f'embedder/{k}': v for k, v in metrics.compute().items()}
+          writer.write_scalars(step, logged)
           metrics = None
-        if step % config.train.checkpoint_every_steps == 0 or step == num_steps:
-          train_lib.check_finite(state, step)
+        saved = step % config.train.checkpoint_every_steps == 0 or step == num_steps
+        if saved:
+          train_lib.check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
+        progress.step(step, logged, checkpoint=saved)
   finally:
     ckpt.close()
     writer.close()
@@ -199,5 +204,5 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   embedder_store.save_embedder(out, variables, module_kwargs=kwargs,
                                source=f'pretrained by ipsr_jax on {source!r} ({config.pretrain.head} head, '
                                       f'{num_steps} steps)')
-  logging.info('Wrote the embedder to %s', out)
+  console.say(f'Wrote the embedder to {out}')
   return out

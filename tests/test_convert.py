@@ -136,6 +136,16 @@ def test_converter_accepts_torch_tensors_and_data_parallel_prefix(torch_peer):
                                 torch_peer['state_dict']['logits.weight'].T)
 
 
+def test_flax_to_torch_state_round_trips(torch_peer):
+  sd = torch_peer['state_dict']
+  back = convert.flax_to_torch_state(convert.torch_state_to_flax(sd, num_classes=NUM_CLASSES))
+  assert sorted(back) == sorted(sd)  # every key, the logits head and BN counters included
+  for key, value in sd.items():
+    assert back[key].shape == value.shape and back[key].dtype == value.dtype, key
+    if not key.endswith('num_batches_tracked'):
+      np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
 def test_cli_converts_saves_and_verifies(torch_peer, tmp_path):
   out = tmp_path / 'embedder'
   summary = convert_facenet.convert_file(torch_peer['path'], out, verify_batch=2)

@@ -94,6 +94,102 @@ def test_degrade_batch_groups_by_size():
     np.testing.assert_array_equal(out[b], degrade.degrade(faces[b], PAPER_LR_SIZES[k]))
 
 
+def _degrade_each_size_group(hr, lr_index, lr_sizes, round_lr=True):
+  """The pipeline's host degradation before issue 15: `degrade` (numpy einsum) per size group."""
+  out = np.empty_like(hr)
+  for k in np.unique(lr_index):
+    rows = np.flatnonzero(lr_index == k)
+    out[rows] = degrade.degrade(hr[rows], lr_sizes[k], hr.shape[1:3], round_lr=round_lr)
+  return out
+
+
+def _degrade_each_face(hr, lr_index, lr_sizes, round_lr=True):
+  return np.stack([degrade.degrade(h, lr_sizes[k], hr.shape[1:3], round_lr=round_lr)
+                   for h, k in zip(hr, lr_index)])
+
+
+def test_degrade_batch_is_bit_identical_to_degrade_on_each_face():
+  # White noise puts the most float32 sums near a .5 boundary: any change in the matmuls (their
+  # shapes, operand order or summation) shows up here as +-1 levels somewhere.
+  rng = np.random.default_rng(5)
+  odd_sizes = ((128, 64), (64, 128), (128, 128), (1, 1), (127, 5), (7, 6))  # passes skipped, tiny
+  cases = [(64, PAPER_LR_SIZES), (13, PAPER_LR_SIZES), (1, PAPER_LR_SIZES), (12, odd_sizes)]
+  for n, sizes in cases:
+    hr = rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8)
+    lr_index = rng.integers(0, len(sizes), n)
+    fast = degrade.degrade_batch(hr, lr_index, sizes)
+    assert fast.dtype == np.uint8 and fast.shape == hr.shape
+    np.testing.assert_array_equal(fast, _degrade_each_face(hr, lr_index, sizes))
+  # A whole batch at one size (data.lr_per='batch'), every paper size, and a non-square image.
+  faces = rng.integers(0, 256, (16, 128, 128, 3), dtype=np.uint8)
+  for k in range(len(PAPER_LR_SIZES)):
+    same = np.full(16, k)
+    np.testing.assert_array_equal(degrade.degrade_batch(faces, same, PAPER_LR_SIZES),
+                                  _degrade_each_face(faces, same, PAPER_LR_SIZES))
+  wide = rng.integers(0, 256, (6, 40, 36, 3), dtype=np.uint8)
+  small = ((4, 4), (8, 6), (16, 16))
+  np.testing.assert_array_equal(degrade.degrade_batch(wide, np.arange(6) % 3, small),
+                                _degrade_each_face(wide, np.arange(6) % 3, small))
+  # Float input and round_lr=False keep the general path.
+  as_float = faces[:4].astype(np.float32)
+  np.testing.assert_array_equal(
+      degrade.degrade_batch(as_float, np.array([0, 9, 3, 0]), PAPER_LR_SIZES, round_lr=False),
+      _degrade_each_size_group(as_float, np.array([0, 9, 3, 0]), PAPER_LR_SIZES, round_lr=False))
+
+
+def test_a_face_degrades_the_same_whatever_shares_its_batch():
+  # Process-count invariance at the pixel: one process sees a 64-face group of a size where two
+  # see 32 each. Whole-group BLAS calls (the path before issue 15) rounded a few sums
+  # differently by the face's place in the group (on this noise, numpy 2.4 + OpenBLAS 0.3.31:
+  # 542 of 50M values over 16 batches); one BLAS call per face cannot.
+  rng = np.random.default_rng(11)
+  hr = rng.integers(0, 256, (64, 128, 128, 3), dtype=np.uint8)
+  for k in (0, 2, 7):
+    one = degrade.degrade_batch(hr, np.full(64, k), PAPER_LR_SIZES)
+    halves = [degrade.degrade_batch(hr[i:i + 32], np.full(32, k), PAPER_LR_SIZES) for i in (0, 32)]
+    np.testing.assert_array_equal(one, np.concatenate(halves))
+    np.testing.assert_array_equal(one[[5, 63]], degrade.degrade_batch(hr[[5, 63]], np.full(2, k),
+                                                                      PAPER_LR_SIZES))
+
+
+def test_degrade_batch_against_the_pipeline_path_before_issue_15():
+  # Where the old whole-group BLAS calls rounded a sum differently from the same face alone, the
+  # new path keeps the face-alone value: +-1 level on a few values in a million (211 of 47M on
+  # 960 LFW faces, benchmarks/NOTES.md), never more.
+  rng = np.random.default_rng(3)
+  for hr in (_faces_like(64, seed=7), rng.integers(0, 256, (64, 128, 128, 3), dtype=np.uint8)):
+    lr_index = rng.integers(0, len(PAPER_LR_SIZES), 64)
+    diff = np.abs(degrade.degrade_batch(hr, lr_index, PAPER_LR_SIZES).astype(int)
+                  - _degrade_each_size_group(hr, lr_index, PAPER_LR_SIZES))
+    assert diff.max() <= 1 and diff.mean() < 1e-4
+
+
+def test_host_degradation_runs_on_one_blas_thread(monkeypatch):
+  import threadpoolctl  # pylint: disable=import-outside-toplevel
+  blas = threadpoolctl.ThreadpoolController().select(user_api='blas')
+  if not blas.lib_controllers:
+    pytest.skip('numpy is not linked to a BLAS threadpoolctl can control')
+  get = lambda: blas.lib_controllers[0].num_threads
+  blas.lib_controllers[0].set_num_threads(2)  # whatever the machine: a pool the limit must shrink and give back
+  seen = []
+  matmul = np.matmul
+
+  def spy(*args, **kwargs):
+    seen.append(get())
+    return matmul(*args, **kwargs)
+
+  monkeypatch.setattr(degrade.np, 'matmul', spy)
+  hr = np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
+  degrade.degrade_batch(hr, np.arange(8) % 3, PAPER_LR_SIZES)
+  assert len(seen) == 12 and set(seen) == {1}  # 3 sizes x 4 passes, every one single-threaded
+  assert get() == 2
+  with degrade.one_blas_thread():
+    with degrade.one_blas_thread():
+      assert get() == 1
+    assert get() == 1  # the inner user leaving does not lift the outer one's limit
+  assert get() == 2
+
+
 @pytest.mark.parametrize('round_lr', [True, False])
 def test_device_degrader_agrees_with_host(round_lr):
   faces = _faces_like(10, seed=4)

@@ -46,10 +46,11 @@ def test_round_trip_in_a_fresh_process(run_dir, embedder_dir, sr, tmp_path):
   # 1. The CLI: SR + SR->embedder (concat), inputs at the model size, for three platforms.
   cli_file = tmp_path / 'probe.jaxexport'
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  rel = lambda p: os.path.relpath(p, tmp_path)  # relative paths, as README writes them
   result = subprocess.run(
-      [sys.executable, '-m', 'ipsr_jax.tools.export', f'--workdir={run_dir}',
-       f'--embedder={embedder_dir}', '--mode=concat', f'--out={cli_file}'],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+      [sys.executable, '-m', 'ipsr_jax.tools.export', f'--workdir={rel(run_dir)}',
+       f'--embedder={rel(embedder_dir)}', '--mode=concat', f'--out={cli_file.name}'],
+      env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'reloaded; max |export - api|' in result.stdout
   header = export_lib.read_header(cli_file)

@@ -179,3 +179,28 @@ def test_embed_images_resizes_standardises_and_passes_gradients(small):
   grad = np.asarray(grad)
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0  # the frozen embedder passes gradient
   assert np.abs(grad[1]).max() == 0  # ...only to the image whose embedding was differentiated
+
+
+def test_standardization_is_a_property_of_the_module(small):
+  """embed_images standardises the module's way: 'per_image' prewhitens each face."""
+  module, variables, _ = small
+  per_image = module.clone(standardization='per_image')
+  assert module.standardization == 'fixed' and per_image != module
+  rng = np.random.default_rng(1)
+  images = rng.uniform(0, 255, (2, SMALL, SMALL, 3)).astype(np.float32)
+  # A brighter, lower-contrast copy of face 0: prewhitening undoes exactly that change.
+  images[1] = 0.5 * images[0] + 100.0
+
+  @jax.jit
+  def run(images):
+    emb = irv1.embed_images(per_image, variables, images, input_size=SMALL)
+    manual = module.apply(variables, irv1.standardize(images, 'per_image'))
+    fixed = irv1.embed_images(module, variables, images, input_size=SMALL)
+    return emb, manual, fixed
+
+  emb, manual, fixed = run(images)
+  np.testing.assert_allclose(emb, manual, atol=1e-6)
+  assert np.abs(emb[0] - emb[1]).max() < 1e-4      # per image: the same input twice
+  assert np.abs(fixed[0] - fixed[1]).max() > 1e-3  # fixed: two different inputs
+  with pytest.raises(ValueError, match='standardization'):
+    irv1.InceptionResnetV1(standardization='imagenet')

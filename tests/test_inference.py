@@ -1,7 +1,9 @@
 """SuperResolver / Pipeline on a real (tiny) training run, and the folder CLIs built on them."""
 
+import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -61,6 +63,27 @@ def pil_bicubic(images, size):
 
 def test_api_reexports():
   assert api.SuperResolver is inference.SuperResolver and api.Pipeline is inference.Pipeline
+  assert api.Embedder is inference.Embedder and api.load_embedder is inference.load_embedder
+
+
+def test_one_batched_base_and_a_one_way_dependency(sr, embedder, pipe):
+  # inference never imports api (api re-exports inference): no import cycle.
+  tree = ast.parse(pathlib.Path(inference.__file__).read_text())
+  imported = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      imported |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      imported |= {f'{node.module}.{a.name}' for a in node.names} | {node.module}
+  assert 'ipsr_jax.api' not in imported and 'ipsr_jax.inference' in {
+      n.module for n in ast.walk(ast.parse(pathlib.Path(api.__file__).read_text()))
+      if isinstance(n, ast.ImportFrom)}
+  for model in (sr, embedder, pipe):
+    assert isinstance(model, inference.BatchedModel)
+  assert pipe.buckets == (4, 8) and sr.buckets == (8, 64, 256)
+  assert embedder.buckets == inference.EMBEDDER_CPU_BUCKETS == (8,)  # this CPU
+  assert pipe.mesh is sr.mesh  # one device here: None
+  assert sr.mesh is None and jax.local_device_count() == 1
 
 
 def test_sr_equals_direct_apply(sr, direct):
@@ -283,14 +306,15 @@ def test_clis(run_dir, embedder_dir, sr, tmp_path):
   probes = tmp_path / 'probes'
   write_probe_folder(probes)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  rel = lambda p: os.path.relpath(p, tmp_path)  # relative paths, as README writes them
   commands = {
       'super_resolve': [sys.executable, '-m', 'ipsr_jax.tools.super_resolve',
-                        f'--workdir={run_dir}', f'--input={probes}', f'--output={tmp_path / "sr"}'],
-      'embed': [sys.executable, '-m', 'ipsr_jax.tools.embed', f'--weights={embedder_dir}',
-                f'--sr={run_dir}', '--mode=sr', f'--input={probes}',
-                f'--output={tmp_path / "emb.parquet"}', '--batch_size=4'],
+                        f'--workdir={rel(run_dir)}', '--input=probes', '--output=sr'],
+      'embed': [sys.executable, '-m', 'ipsr_jax.tools.embed', f'--weights={rel(embedder_dir)}',
+                f'--sr={rel(run_dir)}', '--mode=sr', '--input=probes', '--output=emb.parquet',
+                '--batch_size=4'],
   }
-  procs = {k: subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.PIPE,
+  procs = {k: subprocess.Popen(c, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for k, c in commands.items()}
   results = {k: (p.communicate(timeout=600), p.returncode) for k, p in procs.items()}
   for name, ((stdout, stderr), code) in results.items():

@@ -3,11 +3,13 @@
 import itertools
 
 import grain
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from configs import base as base_config
+from ipsr_jax import config as config_lib
 from ipsr_jax.data import degrade
 from ipsr_jax.data import image_io
 from ipsr_jax.data import pipeline
@@ -70,6 +72,30 @@ def test_degrade_on_device_leaves_lr_out_and_per_batch_sizes(faces):
   assert any(len(set(b['lr_index'].tolist())) > 1 for b in per_example)
 
 
+def test_degrade_on_device_auto_is_the_host_path_on_cpu(faces):
+  # The default (None) and 'auto' resolve from the backend: on CPU the host path is 4x cheaper.
+  assert jax.default_backend() == 'cpu'
+  assert base_config.get_config().data.degrade_on_device is None
+  for setting, has_lr in ((None, True), ('auto', True), (False, True), (True, False)):
+    config = _config(degrade_on_device=setting)
+    config_lib.validate(_with_root(config, faces))
+    assert degrade.resolve_on_device(setting) is (not has_lr)
+    batch = next(pipeline.make_train_iterator(config, faces))
+    assert ('lr' in batch) is has_lr, setting
+  for bad in ('yes', 'True', 1):
+    with pytest.raises(config_lib.ConfigError, match=r'config\.data\.degrade_on_device'):
+      config_lib.validate(_with_root(_config(degrade_on_device=bad), faces))
+    with pytest.raises(ValueError, match='degrade_on_device'):
+      degrade.resolve_on_device(bad)
+
+
+def _with_root(config, faces):
+  """The pipeline test config, made whole for `config.validate` (32 px model, data root)."""
+  config.data.root = str(faces.root)
+  config.model.update(image_size=32, num_downs=5)
+  return config
+
+
 def test_unreadable_images_never_reach_a_batch(faces):
   bad = [r.path for r in faces.records if r.path.endswith('2.jpg')]
   assert len(bad) == 1
@@ -127,6 +153,17 @@ def test_global_batches_do_not_depend_on_the_process_count(faces):
     for key in one[step]:
       joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
       np.testing.assert_array_equal(one[step][key], joined)
+
+
+def test_batches_do_not_depend_on_the_worker_count(faces):
+  # Workers take whole batches (and share data.read_threads); what each batch holds, down to
+  # the degraded pixels, is the one-process, no-worker stream.
+  config = _config(random_flip=True, read_threads=4)
+  plain = _take(pipeline.make_train_iterator(config, faces), 6)
+  config.data.num_workers = 2
+  it = pipeline.make_train_iterator(config, faces)
+  _assert_same(_take(it, 6), plain)
+  it.close()
 
 
 def _assert_same(xs, ys):

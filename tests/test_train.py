@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -121,8 +122,24 @@ def _final_params(workdir):
 def straight_run(tmp_path_factory, embedder_dir):
   """6 steps on one CPU device, checkpoints at 3 and 6: the reference run."""
   workdir = tmp_path_factory.mktemp('straight')
-  subprocess.run(_train_cmd(workdir, embedder_dir), cwd=REPO, env=_env(1), check=True, timeout=600)
+  proc = subprocess.run(_train_cmd(workdir, embedder_dir), cwd=REPO, env=_env(1), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (workdir / 'terminal.txt').write_text(proc.stdout + proc.stderr)
   return workdir
+
+
+def test_terminal_shows_progress_metrics_and_checkpoints_only(straight_run):
+  terminal = (straight_run / 'terminal.txt').read_text().splitlines()
+  # One line per logged step (log_every_steps=1 in :tiny), checkpoints at 3 and 6 on those lines.
+  steps = [l for l in terminal if re.match(r'step \d+/6: loss ', l)]
+  assert len(steps) == 6, terminal
+  assert [l for l in steps if 'checkpoint saved' in l] == [steps[2], steps[5]]
+  assert 'done in' in steps[-1]
+  assert not [l for l in terminal if re.match(r'[IW]\d{4} ', l)], terminal  # no library logs
+  assert len(terminal) <= 12, terminal
+  log = (straight_run / 'log.txt').read_text()
+  assert 'Saving checkpoint at step 6' in log and steps[-1] in log
 
 
 def test_run_writes_metrics_events_images_config(straight_run):
@@ -156,7 +173,10 @@ def test_two_processes_match_one(tmp_path, straight_run, embedder_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-  assert 'process 0 of 2' in outs[0] and 'process 1 of 2' in outs[1]
+  # Library INFO lines go to each process's log file; only process 0 talks to the terminal.
+  assert 'process 0 of 2' in (tmp_path / 'log.txt').read_text()
+  assert 'process 1 of 2' in (tmp_path / 'log.process1.txt').read_text()
+  assert 'step 6/6' in outs[0] and 'step 6/6' not in outs[1]
   one, two = _losses(straight_run), _losses(tmp_path)
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=1e-4)
 
@@ -206,11 +226,22 @@ def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, e
   config = tiny_config(embedder_dir)
   config.train.learning_rate = 1e30  # the first update blows the generator up
   config.train.checkpoint_every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss at step \d+'):
+  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss at step \d+: training stopped. The last '
+                     r'checkpoint \(step \d+, before that step\) is kept and restorable'):
     train.train_and_evaluate(config, str(tmp_path))
   step, variables = checkpointing.Checkpointer(str(tmp_path), read_only=True).restore_model()
   assert step >= 1
   assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(variables))
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, embedder_dir):
+  proc = subprocess.run(_train_cmd(tmp_path, embedder_dir, '--config.train.learning_rate=1e30'), cwd=REPO,
+                        env=_env(1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  assert 'Error: NonFiniteLossError: Non-finite loss at step 2: training stopped. No checkpoint was written ' \
+         'before that step' in proc.stderr, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'Traceback' in (tmp_path / 'log.txt').read_text()
+  assert checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step() is None
 
 
 def test_eval_mode_restores_the_checkpoint_and_writes_the_report(straight_run, embedder_dir):

@@ -1,9 +1,18 @@
 """Multi-scale degradation: HR face -> bicubic down to a random LR size -> bicubic up to 128x128.
 
 Two implementations of the same operation:
-  * host (`degrade`, numpy, in the Grain workers): exactly PIL's `img.resize(lr).resize(out)`;
+  * host (`degrade`, `degrade_batch`, numpy, in the Grain pipeline): PIL's
+    `img.resize(lr).resize(out)` as four rounded float32 matmul passes (to 1 grey level);
   * device (`DeviceDegrader`, inside the jitted step): per-example gathered resize matrices.
 They share `ipsr_jax.ops.resize.resize_weights`, so they agree to float rounding.
+
+`degrade_batch` issues, face by face, the very matmuls `degrade` does on one face (numpy's einsum),
+as one stacked matmul per pass and size, without einsum's copies, and with one BLAS thread:
+OpenBLAS threads spin while idle, and beside decoding threads or other workers that spinning
+cost ten times the work itself (benchmarks/NOTES.md, issue 15). Each face's float32 sums are
+those of `degrade(face)`, bit for bit, whatever else is in the batch: a BLAS call over a whole
+group rounds a few sums differently depending on the group's size (its tail rows), which made
+pixels depend on the batch's composition, hence on the number of processes sharing it.
 
 `LRSampler` picks the LR size from a stateless generator keyed on (seed, key): the choice for a
 given example never depends on what the pipeline produced before, so a restored iterator
@@ -12,11 +21,15 @@ reproduces the exact same degradations.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 from ipsr_jax.ops import resize as resize_lib
 
@@ -66,17 +79,104 @@ def degrade_batch(hr: np.ndarray, lr_index: np.ndarray, lr_sizes: Sequence[Seque
                   round_lr: bool = True) -> np.ndarray:
   """`degrade` of each example of [B, H, W, C] `hr` to `lr_sizes[lr_index[b]]`, back to (H, W).
 
-  Examples sharing a size are resized together (one pair of matmuls per distinct size).
+  Examples sharing a size are resized together (one stacked matmul per pass and distinct size).
+  uint8 with `round_lr` (the pipeline's case) takes the fast path: row b is bit-identical to
+  `degrade(hr[b], ...)`, so it never depends on the other rows.
   """
   hr = np.asarray(hr)
   lr_index = np.asarray(lr_index)
   if hr.ndim != 4 or lr_index.shape != (hr.shape[0],):
     raise ValueError(f'expected hr [B, H, W, C] and lr_index [B], got {hr.shape}, {lr_index.shape}')
   out = np.empty_like(hr)
-  for k in np.unique(lr_index):
-    rows = np.flatnonzero(lr_index == k)
-    out[rows] = degrade(hr[rows], lr_sizes[int(k)], hr.shape[1:3], round_lr=round_lr)
+  fast = hr.dtype == np.uint8 and round_lr
+  with one_blas_thread():
+    for k in np.unique(lr_index):
+      rows = np.flatnonzero(lr_index == k)
+      group = hr if rows.size == hr.shape[0] else hr[rows]
+      if fast:
+        out[rows] = _degrade_uint8(group, _hw(lr_sizes[int(k)]))
+      else:
+        out[rows] = degrade(group, lr_sizes[int(k)], hr.shape[1:3], round_lr=round_lr)
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_t(in_size: int, out_size: int) -> np.ndarray:
+  # Transposed view of a C-ordered float32 matrix: the operand numpy's einsum hands to matmul.
+  return resize_lib.resize_weights(in_size, out_size).astype(np.float32).T
+
+
+def _pass(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+  """One rounded resize pass of [n, H, W, C] `x` along `axis` (1: height, 2: width).
+
+  `resize_np` on one face computes `einsum('oh,nhwc->nowc', w, x)`, which numpy 2 evaluates as
+  rows [W*C, H] @ w.T (rows [H*C, W] for the width). Here: those rows, stacked [n, ., .], and a
+  stacked matmul, which calls BLAS once per face with that same shape: the same float32 sums bit
+  for bit. The copies happen once and rounding is in place.
+  """
+  order = (0, 2, 3, 1) if axis == 1 else (0, 1, 3, 2)
+  rows = np.ascontiguousarray(x.transpose(order), dtype=np.float32)
+  stacked = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+  y = np.matmul(stacked, _weights_t(rows.shape[-1], size))
+  np.rint(y, out=y)
+  np.clip(y, 0.0, 255.0, out=y)
+  y = y.reshape(rows.shape[:-1] + (size,))
+  return y.transpose((0, 3, 1, 2) if axis == 1 else (0, 1, 3, 2))
+
+
+def _degrade_uint8(hr: np.ndarray, lr_hw: Size) -> np.ndarray:
+  """`degrade(hr, lr_hw, hr.shape[1:3])` of uint8 [n, H, W, C] as a float32 view (or `hr`)."""
+  h, w = hr.shape[1:3]
+  x = hr
+  for axis, size in ((2, lr_hw[1]), (1, lr_hw[0]), (2, w), (1, h)):  # PIL: width, then height
+    if x.shape[axis] != size:
+      x = _pass(x, axis, size)
+  return x
+
+
+# --- one BLAS thread while degrading -------------------------------------------------------------
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> threadpoolctl.ThreadpoolController:
+  """The BLAS libraries numpy loaded (OpenBLAS in numpy's wheels), found once."""
+  return threadpoolctl.ThreadpoolController().select(user_api='blas')
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+  """Runs the body with BLAS limited to one thread (restored when the last user leaves).
+
+  Process-wide, so nested and concurrent users (the read threads) are counted.
+  """
+  global _blas_users, _blas_limiter
+  with _blas_lock:
+    if _blas_users == 0:
+      _blas_limiter = _blas().limit(limits=1)
+    _blas_users += 1
+  try:
+    yield
+  finally:
+    with _blas_lock:
+      _blas_users -= 1
+      if _blas_users == 0:
+        _blas_limiter.restore_original_limits()
+        _blas_limiter = None
+
+
+def resolve_on_device(setting) -> bool:
+  """`config.data.degrade_on_device` as a bool: True/False as given; None or 'auto' is on for a
+  GPU/TPU backend and off on CPU, where the host path costs a quarter of the device path's CPU
+  time (benchmarks/NOTES.md, issue 15). Call it in the main process (it starts JAX's backend)."""
+  if setting is None or (isinstance(setting, str) and setting == 'auto'):
+    return jax.default_backend() != 'cpu'
+  if isinstance(setting, (bool, np.bool_)):
+    return bool(setting)
+  raise ValueError(f"data.degrade_on_device must be True, False, None or 'auto', got {setting!r}")
 
 
 class LRSampler:

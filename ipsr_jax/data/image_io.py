@@ -13,6 +13,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.ops import resize as resize_lib
 
 # Extensions that count as images when listing a folder; anything else (.txt, .DS_Store) is ignored.
@@ -59,7 +60,10 @@ def resize_to(image: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarra
   hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   if tuple(image.shape[:2]) == hw:
     return image
-  return resize_lib.resize_np(image, hw)
+  # One BLAS thread: OpenBLAS's idle threads spin, and beside the pipeline's decoding threads a
+  # 250 -> 128 resize cost ~20 ms of CPU instead of ~1 (benchmarks/NOTES.md, issue 15).
+  with degrade_lib.one_blas_thread():
+    return resize_lib.resize_np(image, hw)
 
 
 def encode_png(image: np.ndarray) -> bytes:

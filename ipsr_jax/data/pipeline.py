@@ -13,7 +13,14 @@ the read threads or on what came before. Order of steps:
   unreadable image is logged, counted and replaced by the next readable record), resize to
   data.image_size, flip / pad-crop (keyed on the global index) -> blocks of B/n examples
   -> process p of n takes blocks p, p+n, ... -> [Grain read threads] -> LR size per example or
-  per global batch, bicubic down-then-up (skipped with degrade_on_device) -> [worker processes]
+  per global batch, bicubic down-then-up of the whole block (skipped when degrading on device)
+  -> [worker processes]
+
+Worker processes each take whole blocks (decode, stack, degrade: one batch is one element, so
+the hand-off is one batch's arrays through shared memory, not pickled records) and split
+data.read_threads between them: threads beyond one per core only contend for the GIL.
+`data.degrade_on_device` None or 'auto' means on for a GPU/TPU backend and off on CPU, where the
+host path costs a quarter of the CPU time (benchmarks/NOTES.md, issue 15).
 
 Process p's k-th batch is rows p*B/n..(p+1)*B/n of the k-th global batch of a one-process run,
 so the assembled global batch, row for row, does not depend on how many hosts read it.
@@ -137,11 +144,15 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
   # and together, block by block, the global batches of a one-process run.
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds[shard_options.shard_index::shard_options.shard_count]
-  threads = max(1, int(data.read_threads))
+  # read_threads is per host: with workers, each takes its share (each worker is a process of
+  # its own, so more threads there only fight over its GIL).
+  threads = max(1, int(data.read_threads) // max(1, int(data.num_workers)))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
   sampler = degrade_lib.LRSampler(data.lr_sizes, per=data.lr_per, seed=seed)
+  # Resolved here, in the main process: workers never touch a JAX backend.
+  on_device = degrade_lib.resolve_on_device(data.degrade_on_device)
   ds = ds.map(DegradeBatch(sampler, global_batch_size=int(config.train.batch_size),
-                           round_lr=bool(data.round_lr), on_device=bool(data.degrade_on_device)))
+                           round_lr=bool(data.round_lr), on_device=on_device))
   if data.num_workers > 0:
     _ensure_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -192,7 +203,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, source: FaceSource | 
                         ) -> TrainIterator:
   """Iterator of this process's training batches (B = train.batch_size / process count).
 
-  Batches: hr uint8 [B, S, S, 3], lr uint8 [B, S, S, 3] (absent with data.degrade_on_device),
+  Batches: hr uint8 [B, S, S, 3], lr uint8 [B, S, S, 3] (absent when degrading on device),
   lr_index int32 [B] into data.lr_sizes, label int32 [B]; S = data.image_size. `seed` defaults
   to config.seed; `shard_options` to ShardByJaxProcess. `get_state()` is a JSON-able dict.
   """

@@ -20,11 +20,12 @@ import jax
 import ml_collections
 
 from ipsr_jax import api
+from ipsr_jax import console
 from ipsr_jax.data import sources
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation import report
 
-DEFAULTS = dict(protocol='generic', source='', root='', split='test', trials=-1, resolutions=(),
+DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
                 compare={}, judge=False, judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
                 synthetic_images_per_identity=0)
 
@@ -53,14 +54,18 @@ def eval_source(config: ml_collections.ConfigDict, settings: ml_collections.Conf
 
 
 def make_embedder(config, settings) -> api.Embedder:
-  return api.Embedder.from_checkpoint(settings.embedder or config.embedder.checkpoint,
-                                      input_size=config.embedder.input_size)
+  return api.load_embedder(settings.embedder or config.embedder.checkpoint, input_size=config.embedder.input_size)
 
 
 def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
              step: int | None, embedder: api.Embedder | None = None) -> dict:
   """Runs one `config.evals` entry with the given SR callables and writes its report."""
   settings = eval_settings(config, name)
+  if settings.protocol == 'verification':  # LFW pairs on HR faces: no source, no SR
+    from ipsr_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
+    embedder = embedder or verification.load_embedder(settings.embedder or config.embedder.checkpoint,
+                                                      input_size=config.embedder.input_size)
+    return verification.run_eval_entry(name, settings, out_dir, embedder)
   source = eval_source(config, settings)
   embedder = embedder or make_embedder(config, settings)
   judge_fn = judge_model = None
@@ -104,8 +109,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     sr_fns = {'sr': sr}
     for label, run in settings.compare.items():
       sr_fns[label] = inference.SuperResolver.from_checkpoint(run)
-    all_results[name] = run_eval(config, name, sr_fns, os.path.join(workdir, 'eval', name), sr.info['step'])
+    out = os.path.join(workdir, 'eval', name)
+    all_results[name] = run_eval(config, name, sr_fns, out, sr.info['step'])
+    announce(all_results[name], out)
   return all_results
+
+
+def announce(results: Mapping[str, Any], out_dir: str) -> None:
+  """The rank-1 table and where the full report is, on the terminal."""
+  if 'rank1' in results:
+    console.say(report.summary(results['protocol'], results))
+  console.say(f'Report: {os.path.join(out_dir, "report.md")}')
 
 
 def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):

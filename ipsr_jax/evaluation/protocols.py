@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ipsr_jax import console
 from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.data.sources import ar as ar_lib
 from ipsr_jax.data.sources.base import Record
@@ -326,6 +327,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   stores = {e: (_Store(gallery_set), _Store(probe_set)) for e in embedders}
   quality = collections.defaultdict(lambda: collections.defaultdict(list))  # cond -> method -> [..]
   examples: dict[str, dict[str, list[np.ndarray]]] = {}
+  embedded = [0]  # faces embedded so far (every condition, method and embedder)
 
   def embed_all(idx: list[int], images: np.ndarray, cond: str, method: str,
                 gallery: bool = False) -> None:
@@ -337,6 +339,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                          f'{vecs.shape} {"non-finite " if vecs.ndim == 2 else ""}embeddings for '
                          f'{len(idx)} {method} images ({cond})')
       stores[e][0 if gallery else 1].put((cond, method), idx, vecs)
+      embedded[0] += len(idx)
 
   shown: dict[str, set[str]] = collections.defaultdict(set)  # cond -> identities in the figure
 
@@ -353,8 +356,10 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
 
   todo = sorted(set(gallery_set) | set(probe_set))
   gallery_lookup, probe_lookup = set(gallery_set), set(probe_set)
+  progress = console.Progress(len(todo), f'{name}: evaluating', unit='image')
   for start in range(0, len(todo), chunk):
-    logging.info('%s: images %d-%d of %d', name, start, min(start + chunk, len(todo)), len(todo))
+    if start:
+      progress.update(start, f'{embedded[0]} faces embedded')
     idx = todo[start:start + chunk]
     raw = [_rgb_uint8(load_image(records[i])) for i in idx]
     hr = _resize_each(raw, hr_size)
@@ -395,6 +400,8 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
       panels['native' if spec.natural else 'hr'] = p_hr
       for cond in (conditions if spec.natural else [c]):
         keep_examples(cond, p_idx, panels)
+  progress.update(len(todo), f'{embedded[0]} faces embedded')
+  progress.close()
 
   def probe_emb(e: str, cond: str, method: str, idx: list[int]) -> np.ndarray:
     store = stores[e][1]

@@ -130,6 +130,16 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
   return '\n'.join(lines) + '\n'
 
 
+def summary(protocol: str, results: Mapping[str, Any]) -> str:
+  """The rank-1 table(s) alone, for the terminal (report.md has everything)."""
+  columns = _columns(protocol, results)
+  lines = ['Rank-1 identification (%)'] + _table(['Method'] + columns, _rank1_rows(protocol, results, columns, ''))
+  if results.get('judge_rank1'):
+    lines += ['', 'Independent judge: rank-1 (%)']
+    lines += _table(['Method'] + columns, _rank1_rows(protocol, results, columns, 'judge_'))
+  return '\n'.join(lines)
+
+
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=100)

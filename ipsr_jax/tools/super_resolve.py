@@ -23,6 +23,8 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from ipsr_jax import paths
+
 REPORT_FILE = 'report.json'
 
 
@@ -82,11 +84,11 @@ def report_unreadable(unreadable: list[dict[str, str]]) -> None:
 def define_flags() -> dict[str, flags.FlagHolder]:
   """The CLI's flags (defined only when run as a program: importing this module has no effect)."""
   return dict(
-      workdir=flags.DEFINE_string('workdir', None, 'Training run (local or gs://): config.json '
+      workdir=paths.DEFINE_path('workdir', None, 'Training run (local or gs://): config.json '
                                   'and checkpoints/.'),
       step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).'),
-      input=flags.DEFINE_string('input', None, 'Folder of LR faces (read recursively) or a file.'),
-      output=flags.DEFINE_string('output', None, 'Output folder (created); mirrors the input.'),
+      input=paths.DEFINE_path('input', None, 'Folder of LR faces (read recursively) or a file.'),
+      output=paths.DEFINE_path('output', None, 'Output folder (created); mirrors the input.'),
       batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
       workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
       bfloat16=flags.DEFINE_bool('bfloat16', False, 'Compute in bfloat16 (faster on TPU/GPU).'),

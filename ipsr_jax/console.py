@@ -1,0 +1,200 @@
+"""The terminal a person reads, and the complete log file beside it.
+
+`setup(workdir)` (called by `main`) splits the output in two:
+  - stdout: stage headers, one progress bar per loop (plain periodic lines when stdout is not a
+    terminal), metrics lines, checkpoint lines, the final tables; stderr: warnings (once each)
+    and errors, with their message;
+  - `WORKDIR/log.txt`: all of that plus every library's INFO logs (Orbax, absl, JAX, Grain) and
+    what C++ libraries (TensorFlow, XLA) write to the process's stderr.
+`--log_level=info` shows the libraries' INFO logs on the terminal too.
+
+Without `setup` (library use, tests) the same calls print to stdout and log through `logging`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Mapping
+
+from absl import logging as absl_logging
+
+LOG_FILE = 'log.txt'
+_LOGGER = logging.getLogger('ipsr_jax.console')
+_STATE: dict[str, Any] = dict(primary=True, log_path=None, bar=None)
+
+
+# Library warnings that say nothing wrong (a read-only checkpoint manager is how models are loaded).
+_BENIGN = ('Given directory is read only',)
+# Where launchers put this process's index before jax.distributed starts.
+_PROCESS_ENV = ('JAX_PROCESS_ID', 'SLURM_PROCID', 'TPU_WORKER_ID')
+
+
+class _TerminalFilter(logging.Filter):
+  """Console messages reach the terminal through `say`, so the terminal handler skips them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name.startswith(_LOGGER.name):
+      return False
+    return not (record.levelno < logging.ERROR and str(record.msg).startswith(_BENIGN))
+
+
+def setup(workdir: str, level: str = 'warning', process_index: int | None = None) -> str:
+  """Terminal at `level` for library logs, everything at INFO in the log file; returns its path.
+
+  Call it first thing (before JAX starts its backends, which log); `process_index` defaults to
+  what the launcher put in the environment, `set_process_index` corrects it later.
+  """
+  if process_index is None:
+    process_index = next((int(os.environ[k]) for k in _PROCESS_ENV if os.environ.get(k, '').isdigit()), 0)
+  _STATE['primary'] = process_index == 0
+  local = workdir if '://' not in workdir else os.path.join('/tmp', 'ipsr_jax_logs')
+  os.makedirs(local, exist_ok=True)
+  path = os.path.join(local, LOG_FILE if process_index == 0 else f'log.process{process_index}.txt')
+  _STATE['log_path'] = path
+  verbose = level.lower() in ('info', 'debug')
+  if not verbose:
+    # C++ libraries (TF's import banner, XLA) write straight to fd 2: send fd 2 to the log file and
+    # keep Python's stderr on the terminal.
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), 'w', buffering=1, encoding=sys.stderr.encoding or 'utf-8',
+                         errors='backslashreplace')
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = terminal
+  absl_logging.set_verbosity('debug' if level.lower() == 'debug' else 'info')
+  handler = absl_logging.get_absl_handler()
+  handler.python_handler.stream = sys.stderr
+  handler.setLevel(getattr(logging, level.upper()))
+  handler.addFilter(_TerminalFilter())
+  to_file = logging.FileHandler(path, encoding='utf-8')
+  to_file.setLevel(logging.DEBUG if level.lower() == 'debug' else logging.INFO)
+  to_file.setFormatter(absl_logging.PythonFormatter())
+  logging.getLogger().addHandler(to_file)
+  logging.captureWarnings(True)  # Python warnings: once per place (the default filter), in both
+  return path
+
+
+def set_process_index(process_index: int) -> None:
+  """Only process 0 talks to the terminal (every process keeps its log file)."""
+  _STATE['primary'] = process_index == 0
+
+
+def log_path() -> str | None:
+  return _STATE['log_path']
+
+
+def say(message: str) -> None:
+  """One line (or block) for the person at the terminal; always in the log file too."""
+  _LOGGER.info(message)
+  if not _STATE['primary']:
+    return
+  bar = _STATE['bar']
+  if bar is not None:
+    bar.write(message, file=sys.stdout)
+  else:
+    print(message, file=sys.stdout, flush=True)
+
+
+def header(text: str) -> None:
+  say(f'== {text}')
+
+
+def error(exc: BaseException) -> None:
+  """The message on stderr, the traceback in the log file."""
+  _LOGGER.error('%s', ''.join(traceback.format_exception(exc)))
+  where = f' (traceback in {_STATE["log_path"]})' if _STATE['log_path'] else ''
+  print(f'Error: {type(exc).__name__}: {exc}{where}', file=sys.stderr, flush=True)
+
+
+def duration(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+def format_metrics(metrics: Mapping[str, Any], names: tuple[str, ...] | None = None) -> str:
+  items = [(k, v) for k, v in metrics.items() if names is None or k in names]
+  return ', '.join(f'{k.rsplit("/", 1)[-1]} {float(v):.4g}' for k, v in items)
+
+
+class Progress:
+  """A progress bar on a terminal (tqdm); otherwise a plain line every `plain_every` items.
+
+  `plain_every=0`: no plain lines (the caller prints its own, e.g. metrics lines).
+  """
+
+  def __init__(self, total: int, desc: str, *, start: int = 0, unit: str = 'step', plain_every: int | None = None):
+    self.total, self.desc, self.unit = int(total), desc, unit
+    self.n = self.start = int(start)
+    self.plain_every = (max(1, math.ceil(self.total / 4)) if plain_every is None else int(plain_every))
+    self._t0 = time.perf_counter()
+    self._bar = None
+    if _STATE['primary'] and sys.stdout.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=self.total, initial=self.start, desc=desc, unit=unit, file=sys.stdout,
+                       dynamic_ncols=True, leave=True)
+      _STATE['bar'] = self._bar
+
+  def rate(self) -> float:
+    elapsed = time.perf_counter() - self._t0
+    return (self.n - self.start) / elapsed if elapsed > 0 else 0.0
+
+  def eta(self) -> str:
+    rate = self.rate()
+    return duration((self.total - self.n) / rate) if rate > 0 else '?'
+
+  def status(self) -> str:
+    """'12.5 steps/s, ETA 1m20s' (or the total time when finished)."""
+    rate = self.rate()
+    if self.n >= self.total:
+      return f'{rate:.3g} {self.unit}s/s, done in {duration(time.perf_counter() - self._t0)}'
+    return f'{rate:.3g} {self.unit}s/s, ETA {self.eta()}'
+
+  def update(self, n: int, postfix: str = '') -> None:
+    """Advance to `n` (absolute)."""
+    previous, self.n = self.n, int(n)
+    if self._bar is not None:
+      if postfix:
+        self._bar.set_postfix_str(postfix, refresh=False)
+      self._bar.update(self.n - previous)
+    elif self.plain_every and (self.n // self.plain_every > previous // self.plain_every or self.n >= self.total):
+      pct = 100 * self.n / max(1, self.total)
+      say(f'{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%){", " + postfix if postfix else ""}, '
+          f'{self.status()}')
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      if _STATE['bar'] is self._bar:
+        _STATE['bar'] = None
+      self._bar = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class TrainProgress(Progress):
+  """A training loop's bar plus its metrics and checkpoint lines, one line per logged step."""
+
+  def __init__(self, total: int, desc: str, *, start: int = 0, metric_names: tuple[str, ...] | None = None):
+    super().__init__(total, desc, start=start, unit='step', plain_every=0)
+    self.metric_names = metric_names
+
+  def step(self, step: int, metrics: Mapping[str, Any] | None = None, checkpoint: bool = False) -> None:
+    shown = format_metrics(metrics, self.metric_names) if metrics else ''
+    self.update(step, postfix=shown)
+    parts = ([shown] if shown else []) + (['checkpoint saved'] if checkpoint else [])
+    if parts:
+      say(f'{self.desc} {step}/{self.total}: {"; ".join(parts)}; {self.status()}')
