@@ -10,7 +10,6 @@ import functools
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable
 
 import flax

@@ -1,7 +1,11 @@
 """Shared test setup: CPU only, float32 matmuls at full precision, paths to the shared real data."""
 
+import importlib
+import importlib.machinery
 import os
 import pathlib
+import sys
+import types
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -26,6 +30,25 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'real face data not found at {SHARED_DATA}')
   return SHARED_DATA
+
+
+def facenet_pytorch_root() -> pathlib.Path:
+  """The installed facenet-pytorch package folder (installed --no-deps); skips the test without it."""
+  spec = importlib.machinery.PathFinder.find_spec('facenet_pytorch')  # ignores stub modules
+  if spec is None:
+    pytest.skip('facenet-pytorch is not installed')
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def facenet_pytorch_module(name: str):
+  """`facenet_pytorch.models.<name>` without running the package __init__ (it imports torchvision)."""
+  root = facenet_pytorch_root()
+  for package, path in [('facenet_pytorch', root), ('facenet_pytorch.models', root / 'models'),
+                        ('facenet_pytorch.models.utils', root / 'models' / 'utils')]:
+    module = types.ModuleType(package)
+    module.__path__ = [str(path)]
+    sys.modules.setdefault(package, module)
+  return importlib.import_module(f'facenet_pytorch.models.{name}')
 
 
 # A tiny training run and a random embedder, shared by the inference and export tests (one run

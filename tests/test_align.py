@@ -1,6 +1,5 @@
 """MTCNN in JAX (nets + full detection) against facenet-pytorch, and the alignment tool on real faces."""
 
-import importlib.machinery
 import json
 import os
 import pathlib
@@ -13,6 +12,7 @@ from PIL import Image
 
 from ipsr_jax.data import align
 from ipsr_jax.models import mtcnn
+from tests.conftest import facenet_pytorch_module, facenet_pytorch_root
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 LFW = SHARED_DATA / 'lfw' / 'images_deepfunneled'
@@ -51,9 +51,7 @@ def _facenet_mtcnn_module():
   torch = pytest.importorskip('torch')
   if 'facenet_pytorch.models.mtcnn' in sys.modules:
     return sys.modules['facenet_pytorch.models.mtcnn']
-  spec = importlib.machinery.PathFinder.find_spec('facenet_pytorch')
-  if spec is None:
-    pytest.skip('facenet-pytorch is not installed')
+  facenet_pytorch_root()  # skips without facenet-pytorch
   try:
     import torchvision  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
@@ -65,14 +63,7 @@ def _facenet_mtcnn_module():
       sys.modules[name] = module
     stubs['torchvision.transforms.functional'].to_tensor = lambda a: torch.as_tensor(a)
     stubs['torchvision.ops.boxes'].batched_nms = _torch_batched_nms
-  root = pathlib.Path(list(spec.submodule_search_locations)[0])
-  for name, path in [('facenet_pytorch', root), ('facenet_pytorch.models', root / 'models'),
-                     ('facenet_pytorch.models.utils', root / 'models' / 'utils')]:
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)]
-    sys.modules.setdefault(name, module)
-  import facenet_pytorch.models.mtcnn as fp_mtcnn  # pylint: disable=g-import-not-at-top
-  return fp_mtcnn
+  return facenet_pytorch_module('mtcnn')
 
 
 @pytest.fixture(scope='module')

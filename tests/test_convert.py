@@ -1,14 +1,11 @@
 """facenet-pytorch -> Flax: the torch-free .pt reader, the converter, parity with torch, the CLI."""
 
 import collections
-import importlib.machinery
 import io
 import os
 import pathlib
 import pickle
 import struct
-import sys
-import types
 import zipfile
 
 import jax
@@ -20,27 +17,17 @@ torch = pytest.importorskip('torch')
 from ipsr_jax import api  # noqa: E402
 from ipsr_jax.models import convert, pt_reader  # noqa: E402
 from ipsr_jax.tools import convert_facenet  # noqa: E402
+from tests.conftest import facenet_pytorch_module, facenet_pytorch_root  # noqa: E402
 
 NUM_CLASSES = 10
 
 
 def _facenet_root() -> pathlib.Path:
-  spec = importlib.machinery.PathFinder.find_spec('facenet_pytorch')  # ignores our stub modules
-  if spec is None:
-    pytest.skip('facenet-pytorch not installed')
-  return pathlib.Path(list(spec.submodule_search_locations)[0])
+  return facenet_pytorch_root()
 
 
 def _load_irv1():
-  """facenet-pytorch's InceptionResnetV1 without its package __init__ (it imports torchvision)."""
-  root = _facenet_root()
-  for name, path in [('facenet_pytorch', root), ('facenet_pytorch.models', root / 'models'),
-                     ('facenet_pytorch.models.utils', root / 'models' / 'utils')]:
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)]
-    sys.modules.setdefault(name, module)
-  from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
-  return InceptionResnetV1
+  return facenet_pytorch_module('inception_resnet_v1').InceptionResnetV1
 
 
 @pytest.fixture(scope='module')

