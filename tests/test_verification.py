@@ -3,6 +3,7 @@
 import importlib.machinery
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -287,17 +288,21 @@ def test_evaluator_runs_verification_entry(hand, tmp_path):
     evaluator.run_eval(config, 'lfw_pairs', {}, str(out), step=None, embedder=embed)
 
 
-def test_reframe_pads_then_crops():
-  from ipsr_jax.tools import verify  # pylint: disable=import-outside-toplevel
-  image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
-  assert verify.reframe(1.0, 0.0) is None
-  # 2 px of border on each side -> 12x12, then its central half -> 6x6 = image[1:7, 1:7].
-  np.testing.assert_array_equal(verify.reframe(0.5, 0.25)(image), image[1:7, 1:7])
-  padded = verify.reframe(1.0, 0.25, 'constant')(image)
-  assert padded.shape == (12, 12, 3) and padded[:2].max() == 0
-  np.testing.assert_array_equal(padded[2:10, 2:10], image)
+def test_reframe_grows_and_trims_each_side():
+  image = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
+  assert verification.reframe((0, 0, 0, 0)) is None
+  # 2 rows more on top (reflected), 1 fewer at the bottom, 2 columns fewer on the left, 4 more right.
+  out = verification.reframe((0.2, -0.1, -0.1, 0.2), 'reflect')(image)
+  assert out.shape == (11, 22, 3)
+  np.testing.assert_array_equal(out[2:, :18], image[:9, 2:])
+  np.testing.assert_array_equal(out[:2, :18], image[[2, 1], 2:])  # reflect: rows 2, 1 above row 0
+  np.testing.assert_array_equal(out[2:, 18:], image[:9, [18, 17, 16, 15]])
+  black = verification.reframe((0.1, 0.1, 0, 0), 'constant')(image)
+  assert black.shape == (12, 20, 3) and black[0].max() == 0 and black[-1].max() == 0
   with pytest.raises(ValueError):
-    verify.reframe(0.0)
+    verification.reframe((0, 0, -0.5, -0.5))
+  # The FaceNet frame on a 128 face: 6 rows above, 24 below, 2 and 4 columns trimmed.
+  assert verification.reframe(verification.FACENET_FRAME)(np.zeros((128, 128, 3), np.uint8)).shape == (158, 122, 3)
 
 
 def test_cli_two_standardizations(tmp_path, embedder_dir):
@@ -315,10 +320,10 @@ def test_cli_two_standardizations(tmp_path, embedder_dir):
     Image.fromarray(face.astype(np.uint8)).save(root / name / f'{name}_{num:04d}.png')
   (tmp_path / 'pairs.txt').write_text(HAND_PAIRS)
   out = tmp_path / 'cli'
-  proc = subprocess.run(
-      [sys.executable, '-m', 'ipsr_jax.tools.verify', f'--weights={embedder_dir}', f'--root={root}',
-       f'--pairs={tmp_path / "pairs.txt"}', f'--out={out}', '--standardization=fixed,per_image'],
-      capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(  # relative paths, as README writes them
+      [sys.executable, '-m', 'ipsr_jax.tools.verify', f'--weights={os.path.relpath(embedder_dir, tmp_path)}',
+       '--root=faces', '--pairs=pairs.txt', '--out=cli', '--standardization=fixed,per_image'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   doc = json.loads((out / 'report.json').read_text())
   assert list(doc['methods']) == ['embedder (fixed)', 'embedder (per_image)']

@@ -63,8 +63,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   settings = eval_settings(config, name)
   if settings.protocol == 'verification':  # LFW pairs on HR faces: no source, no SR
     from ipsr_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
-    embedder = embedder or verification.load_embedder(settings.embedder or config.embedder.checkpoint,
-                                                      input_size=config.embedder.input_size)
+    embedder = embedder or make_embedder(config, settings)
     return verification.run_eval_entry(name, settings, out_dir, embedder)
   source = eval_source(config, settings)
   embedder = embedder or make_embedder(config, settings)
