@@ -134,6 +134,8 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
     scalars = {}
     for name in config.evals:
       settings = eval_settings(config, name)
+      if settings.protocol == 'verification':  # HR pairs only: the generator does not change it
+        continue
       if name not in embedders:
         embedders[name] = make_embedder(config, settings)
       results = run_eval(config, name, {'sr': sr}, os.path.join(workdir, 'eval', name, f'step_{step}'), step,
