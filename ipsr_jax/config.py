@@ -7,6 +7,8 @@ from typing import Any
 
 import ml_collections
 
+from ipsr_jax import losses
+
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
 SOURCES = ('identity_folder', 'lfw', 'orl', 'ar', 'scface', 'tfds', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
@@ -59,8 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'must be in [0, 1)')
   _need(0.0 <= m.leaky_relu_slope < 1.0, 'model.leaky_relu_slope', m.leaky_relu_slope, 'must be in [0, 1)')
   _need(0.0 < m.bn_momentum < 1.0, 'model.bn_momentum', m.bn_momentum, 'must be in (0, 1)')
-  _need(loss.identity_distance in ('mse', 'cosine'), 'loss.identity_distance', loss.identity_distance,
-        "must be 'mse' or 'cosine'")
+  _need(loss.identity_distance in losses.IDENTITY_DISTANCES, 'loss.identity_distance', loss.identity_distance,
+        f'must be one of {losses.IDENTITY_DISTANCES}')
+  _need(loss.get('temperature', 0.1) > 0, 'loss.temperature', loss.get('temperature'), 'must be > 0')
   _need(loss.identity_weight > 0 or loss.pixel_weight > 0, 'loss.identity_weight', loss.identity_weight,
         'and loss.pixel_weight are both 0: nothing to train')
   _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')

@@ -10,6 +10,11 @@ its own sub-directory and each resumed (or skipped when complete) if the command
   3. pixel_only/  the ablation without the identity term
   4. report/      identification on held-out identities (never seen in training): HR, bicubic,
                   SR, pixel-only and the concatenated embeddings, per LR size
+  5. (configs/lfw.py) the same reports scored again by the independent dlib judge
+
+Real photos (configs/lfw.py) get a stage 0: MTCNN alignment into <workdir>/aligned (and
+<workdir>/aligned_<eval> for evaluation sets with `align=True`), resumed and reused. The
+evaluation keeps its embeddings in report/<eval>/cache, so stages 4 and 5 resume mid-way.
 """
 
 import os
@@ -45,17 +50,40 @@ def _complete(workdir: str, num_steps: int) -> bool:
   return checkpointing.Checkpointer(workdir, read_only=True).latest_step() == num_steps
 
 
-def _aligned(config: ml_collections.ConfigDict, out: str) -> ml_collections.ConfigDict:
-  """Stage 0 for real photos: MTCNN-align `data.root` into `out` once; the config then reads `out`."""
+def _align_folder(source: str, root: str, out: str, size: int, pad: float) -> None:
+  """MTCNN-align `root` into `out` unless done (report.json); a killed run resumes."""
   from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(out, 'report.json')):
-    console.header(f'Demo stage 0/4: aligning {config.data.root} into {out} with MTCNN')
-    summary = align.align_tree(folders.find_lfw_images(config.data.root) if config.data.source == 'lfw'
-                               else config.data.root, out, size=config.data.image_size, progress=True)
-    console.say(f"Aligned {summary['aligned']}/{summary['total']} images; failures listed in {out}/report.json")
+  if os.path.exists(os.path.join(out, 'report.json')):
+    return
+  console.header(f'Demo stage 0: aligning {root} into {out} with MTCNN')
+  summary = align.align_tree(folders.find_lfw_images(root) if source == 'lfw' else root, out,
+                             size=size, pad=pad, progress=True)
+  console.say(f"Aligned {summary['aligned']}/{summary['total']} images; failures listed in {out}/report.json")
+
+
+def _aligned(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Stage 0 for real photos: the config reading faces aligned under the workdir.
+
+  `data.root` -> <workdir>/aligned; each `config.evals` entry with `align=True` and a root ->
+  <workdir>/aligned_<name> (with its `align_pad`). An entry of another source whose root is empty
+  is dropped with a note (e.g. ORL when --config.evals.orl.root is not given).
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  out = os.path.join(workdir, 'aligned')
+  _align_folder(config.data.source, config.data.root, out, config.data.image_size, 0.0)
   config.data.root = out
+  for name in list(config.evals):
+    entry = config.evals[name]
+    if not entry.get('align') or entry.get('source', config.data.source) == config.data.source:
+      continue
+    if not entry.get('root'):
+      console.say(f'config.evals.{name}.root is empty: the {name} evaluation is skipped.')
+      del config.evals[name]
+      continue
+    out = os.path.join(workdir, f'aligned_{name}')
+    _align_folder(entry.source, entry.root, out, config.data.image_size, entry.get('align_pad', 0.0))
+    entry.root = out
   return config
 
 
@@ -64,15 +92,17 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.time()
   stages = ('embedder', 'ipsr', 'pixel_only')
   dirs = {s: os.path.join(workdir, s) for s in stages}
+  if config.demo.align:
+    config = _aligned(config, workdir)
+  judged = [n for n in config.evals if config.evals[n].get('judge')]
+  total = 5 if judged else 4
 
   def banner(i, text):
-    console.header(f'Demo stage {i}/4: {text} ({console.duration(time.time() - started)} so far)')
+    console.header(f'Demo stage {i}/{total}: {text} ({console.duration(time.time() - started)} so far)')
 
-  if config.demo.align:
-    config = _aligned(config, os.path.join(workdir, 'aligned'))
   embedder_dir = config.embedder.checkpoint
   if embedder_dir:  # e.g. converted FaceNet weights: no stage 1; the reports name this embedder
-    console.header(f'Demo stage 1/4: skipped, the embedder is config.embedder.checkpoint={embedder_dir}')
+    console.header(f'Demo stage 1/{total}: skipped, the embedder is config.embedder.checkpoint={embedder_dir}')
   else:
     banner(1, f'pretraining the embedder on the training identities of {config.data.source}')
     embedder_dir = embedder_train.train_embedder(stage_config(config, 'embedder'), dirs['embedder'])
@@ -80,19 +110,28 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = stage_config(config, stage)
     cfg.embedder.checkpoint = embedder_dir
     if _complete(dirs[stage], cfg.train.num_train_steps):
-      console.say(f'Demo stage {i}/4: {stage} already complete in {dirs[stage]}')
+      console.say(f'Demo stage {i}/{total}: {stage} already complete in {dirs[stage]}')
       continue
     banner(i, 'training identity-preserving SR' if stage == 'ipsr' else 'training the pixel-only ablation')
     train.train_and_evaluate(cfg, dirs[stage])
-  banner(4, 'evaluating on held-out identities')
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.embedder.checkpoint = embedder_dir
   sr = inference.SuperResolver.from_checkpoint(dirs['ipsr'])
   sr_fns = {'sr': sr, 'pixel_only': inference.SuperResolver.from_checkpoint(dirs['pixel_only'])}
+  embedder = None
   results = {}
-  for name in cfg.evals:
-    out = os.path.join(workdir, 'report', name)
-    results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'])
-    evaluator.announce(results[name], out)
+  # Stage 4 scores with the embedder only, so its tables come before the (slow) judge; stage 5
+  # rescores with the judge beside it, the embedder's part read back from the cache.
+  for i, judge in ((4, False), (5, True)):
+    names = judged if judge else list(cfg.evals)
+    if not names:
+      continue
+    banner(i, 'scoring with the independent judge' if judge else 'evaluating on held-out identities')
+    for name in names:
+      out = os.path.join(workdir, 'report', name)
+      embedder = embedder or evaluator.make_embedder(cfg, evaluator.eval_settings(cfg, name))
+      results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'], embedder=embedder,
+                                         judge=judge, cache_dir=os.path.join(out, 'cache'))
+      evaluator.announce(results[name], out)
   console.say(f'Demo finished in {console.duration(time.time() - started)}.')
   return results

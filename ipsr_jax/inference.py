@@ -22,6 +22,8 @@ few fixed batch sizes (`ipsr_jax.ops.batching.PaddedBatcher`): a new N never rec
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -155,6 +157,12 @@ def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     stop.set()
 
 
+def _module_fields(module: Any) -> dict[str, str]:
+  """A Flax module's hyper-parameters (its dataclass fields), as strings."""
+  return {f.name: repr(getattr(module, f.name)) for f in dataclasses.fields(module)
+          if f.name not in ('parent', 'name')}
+
+
 def _inference_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   return {c: variables[c] for c in ('params', 'batch_stats') if c in variables}
 
@@ -199,6 +207,24 @@ class BatchedModel:
   def num_compilations(self) -> int:
     """Programs compiled so far: one per (bucket, H, W, dtype) seen."""
     return self._batcher.compile_count
+
+  def fingerprint_fields(self) -> dict[str, Any]:
+    """What besides the weights decides the outputs (subclasses add their sizes)."""
+    return {'class': type(self).__name__}
+
+  @property
+  def fingerprint(self) -> str:
+    """A short hash of the weights and `fingerprint_fields`: equal fingerprints give equal
+    outputs, so on-disk results (evaluation's embedding cache) can be keyed by it."""
+    if getattr(self, '_fingerprint', None) is None:
+      digest = hashlib.sha256(json.dumps(self.fingerprint_fields(), sort_keys=True).encode())
+      leaves = jax.tree_util.tree_leaves_with_path(self.variables)
+      for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        leaf = np.asarray(jax.device_get(leaf))
+        digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}'.encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+      self._fingerprint = digest.hexdigest()[:16]
+    return self._fingerprint
 
   def __call__(self, images: Any) -> np.ndarray:
     """[N, H, W, 3] (or one [H, W, 3]) uint8 or float images in 0..255 -> [N, ...]."""
@@ -272,6 +298,10 @@ class Embedder(BatchedModel):
   def embedding_size(self) -> int:
     return self.module.embedding_size
 
+  def fingerprint_fields(self) -> dict[str, Any]:
+    return {**super().fingerprint_fields(), 'input_size': self.input_size,
+            'module': _module_fields(self.module)}
+
   @property
   def standardization(self) -> str:
     return self.module.standardization
@@ -310,6 +340,10 @@ class SuperResolver(BatchedModel):
     step, variables = Checkpointer(workdir, read_only=True).restore_model(step=step)
     info = dict(workdir=workdir, step=int(step), model=config.model.to_dict())
     return cls(generator, variables, image_size=config.model.image_size, info=info, **kwargs)
+
+  def fingerprint_fields(self) -> dict[str, Any]:
+    return {**super().fingerprint_fields(), 'image_size': self.image_size,
+            'module': _module_fields(self.generator)}
 
 
 class Pipeline(BatchedModel):

@@ -331,3 +331,17 @@ def test_clis(run_dir, embedder_dir, sr, tmp_path):
   pipe = api.Pipeline(sr, api.Embedder.from_checkpoint(embedder_dir, input_size=EMBEDDER_INPUT))
   want = pipe(np.stack([image_io.resize_to(image_io.decode_image(probes / n), 32) for n in names]))
   np.testing.assert_allclose(vectors, want, atol=2e-5)
+
+
+def test_fingerprint_follows_the_weights_and_sizes(run_dir, sr, embedder, embedder_dir):
+  again = api.SuperResolver.from_checkpoint(run_dir)
+  assert again.fingerprint == sr.fingerprint and len(sr.fingerprint) == 16
+  nudged = jax.tree_util.tree_map(lambda x: x, jax.device_get(sr.variables))
+  leaf = nudged['params'][sorted(nudged['params'])[0]]
+  first = sorted(leaf)[0]
+  leaf[first] = np.asarray(leaf[first]) + 1e-6
+  changed = api.SuperResolver(sr.generator, nudged, image_size=sr.image_size)
+  assert changed.fingerprint != sr.fingerprint
+  other_size = api.Embedder.from_checkpoint(embedder_dir, input_size=EMBEDDER_INPUT + 16)
+  assert other_size.fingerprint != embedder.fingerprint
+  assert api.Embedder.from_checkpoint(embedder_dir, input_size=EMBEDDER_INPUT).fingerprint == embedder.fingerprint

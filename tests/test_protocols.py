@@ -299,3 +299,93 @@ def test_run_protocol_rejects_bad_arguments():
   with pytest.raises(ValueError, match='non-finite'):  # a constant SR face has no direction
     protocols.run_protocol('generic', records, load, embed_fn=_toy_embed([]),
                            sr_fns={'sr': lambda x: np.full_like(x, 7)}, resolutions=((8, 8),))
+
+
+# ----------------------------------------------------------------------------- on-disk cache
+
+
+def _same_results(a, b):
+  for key in ('rank1', 'rank1_std', 'cmc', 'psnr', 'ssim', 'judge_rank1', 'judge_rank1_trials'):
+    assert a[key] == b[key], key
+  for cond, panels in a['examples'].items():
+    for k, v in panels.items():
+      np.testing.assert_array_equal(v, b['examples'][cond][k])
+
+
+def test_run_protocol_cache_resumes_and_reuses(tmp_path):
+  records, load = _toy_dataset(num_ids=10, per_id=3, noise=20.0)
+  sr_calls, emb_calls, judge_calls = [], [], []
+
+  def sr(x):
+    sr_calls.append(len(x))
+    return np.clip(np.asarray(x, np.float32) * 0.9 + 10, 0, 255)
+
+  def run(embed_calls, judge=None, sr_tag='a', fail_after=None):
+    embed = _toy_embed(embed_calls)
+
+    def embed_fn(images):  # a run killed half-way: the embedder dies on call `fail_after`
+      if fail_after is not None and len(embed_calls) >= fail_after:
+        raise KeyboardInterrupt
+      return embed(images)
+    return protocols.run_protocol(
+        'generic', records, load, embed_fn=embed_fn, sr_fns={'sr': sr}, trials=3, chunk=8,
+        resolutions=((7, 6), (16, 16)), judge_fn=judge, num_examples=2, cache_dir=tmp_path,
+        cache_tags={'emb': 'toy', 'judge': 'toyjudge', 'sr': sr_tag})
+
+  reference = protocols.run_protocol(
+      'generic', records, load, embed_fn=_toy_embed([]), sr_fns={'sr': sr}, trials=3, chunk=8,
+      resolutions=((7, 6), (16, 16)), num_examples=2)
+  killed_calls = []
+  with pytest.raises(KeyboardInterrupt):
+    run(killed_calls, fail_after=5)
+  assert len(killed_calls) == 5
+  partial = sorted(tmp_path.rglob('*.npz'))
+  assert partial and not list(tmp_path.rglob('*.partial*'))
+  resumed_calls = []
+  resumed = run(resumed_calls)
+  full_calls = []
+  protocols.run_protocol('generic', records, load, embed_fn=_toy_embed(full_calls),
+                         sr_fns={'sr': sr}, trials=3, chunk=8, resolutions=((7, 6), (16, 16)))
+  # What the killed run embedded is reused: the resumed run embeds only the rest.
+  assert sum(resumed_calls) == sum(full_calls) - sum(killed_calls)
+  _same_results({**resumed, 'judge_rank1': None, 'judge_rank1_trials': None},
+                {**reference, 'judge_rank1': None, 'judge_rank1_trials': None})
+
+  # Everything cached: nothing embedded, no SR run (the figure's faces come from the first chunks).
+  again_calls, sr_calls[:] = [], []
+  again = run(again_calls)
+  assert again_calls == [] and sum(sr_calls) <= 2 * 8
+  _same_results({**again, 'judge_rank1': None, 'judge_rank1_trials': None},
+                {**resumed, 'judge_rank1': None, 'judge_rank1_trials': None})
+
+  # A judge next to the cached embedder: only the judge embeds.
+  judged_calls = []
+  judged = run(again_calls, judge=_toy_embed(judge_calls))
+  assert again_calls == [] and sum(judge_calls) == sum(full_calls)
+  assert judged['rank1'] == resumed['rank1'] and judged['judge_rank1'] == judged['rank1']
+  del judged_calls
+
+  # A new generator (another tag): only its SR rows are embedded again.
+  new_calls = []
+  run(new_calls, sr_tag='b')
+  probes = {r.path for seed in range(3) for r in protocols.generic_identity_split(records, seed).all_probes()}
+  assert sum(new_calls) == 2 * len(probes)  # two LR sizes x every image that is a probe in a trial
+
+  # A damaged file is recomputed, not trusted.
+  victim = sorted(tmp_path.rglob('*.npz'))[0]
+  victim.write_bytes(b'not an npz')
+  fixed_calls = []
+  fixed = run(fixed_calls)
+  assert 0 < sum(fixed_calls) <= 8
+  assert fixed['rank1'] == resumed['rank1']
+
+
+def test_embedding_cache_keys():
+  cache = protocols.EmbeddingCache('/c', {'emb': 'E1', 'sr': 'G1'})
+  a = cache.path('emb', '7x6', 'sr', ['x.png', 'y.png'])
+  assert a.startswith('/c/emb-E1/7x6/sr-G1/')
+  assert cache.path('emb', '7x6', 'sr', ['y.png', 'x.png']) != a  # another image list
+  assert cache.path('emb', '*', 'hr', ['x.png']).startswith('/c/emb-E1/any/hr/')
+  assert cache.path('judge', '7x6', 'bicubic', ['x.png']) is None  # no tag: never cached
+  assert cache.path('emb', '7x6', 'pixel_only', ['x.png']) is None
+  assert cache.path('emb', '7x6', 'bicubic', ['x.png'], 'lfw') != cache.path('emb', '7x6', 'bicubic', ['x.png'], 'generic')

@@ -481,6 +481,9 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
 
   Writes PNG (or JPEG q=95) faces and `<output_root>/report.json` with the counts, the failures
   (relative path + reason: 'no face' or 'unreadable: ...') and the wall time; returns the report.
+  Resumable: faces already in output_root are kept, not aligned again (each face is written to a
+  temporary name and renamed, so a killed run leaves no half-written face); they count as
+  aligned, with `resumed` saying how many.
   """
   image_format = image_format.lower()
   if image_format not in ('png', 'jpg', 'jpeg'):
@@ -498,7 +501,10 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
   files = list_images(input_root)
   output_root.mkdir(parents=True, exist_ok=True)
 
-  def one(rel: pathlib.Path) -> tuple[str, str, float]:
+  def one(rel: pathlib.Path) -> tuple[str, str, float | None]:
+    out = output_root / rel.with_suffix(suffix)
+    if out.exists():
+      return str(rel), '', None
     try:
       image = read_image(input_root / rel)
     except Exception as e:  # pylint: disable=broad-except
@@ -506,16 +512,14 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
     result = aligner(image)
     if result.face is None:
       return str(rel), result.reason, 0.0
-    out = output_root / rel.with_suffix(suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pil = Image.fromarray(result.face)
-    if suffix == '.png':
-      pil.save(out)
-    else:
-      pil.save(out, quality=95)
+    partial = out.with_name(f'.{out.name}.partial')
+    Image.fromarray(result.face).save(partial, format='PNG' if suffix == '.png' else 'JPEG',
+                                      **({} if suffix == '.png' else {'quality': 95}))
+    os.replace(partial, out)
     return str(rel), '', result.score
 
-  failures, scores = [], []
+  failures, scores, resumed = [], [], 0
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     results = pool.map(one, files)
     if progress:
@@ -525,6 +529,8 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
       if reason:
         failures.append({'path': rel, 'reason': reason})
         logging.info('align: %s: %s', rel, reason)
+      elif score is None:
+        resumed += 1
       else:
         scores.append(score)
   seconds = time.perf_counter() - start
@@ -533,11 +539,12 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
       'input_root': str(input_root), 'output_root': str(output_root), 'size': size, 'pad': pad,
       'format': suffix[1:], 'template': 'arcface_112x112 * size/112',
       'template_points': template(size).round(3).tolist(),
-      'total': len(files), 'aligned': len(scores), 'failed': len(failures),
+      'total': len(files), 'aligned': len(scores) + resumed, 'resumed': resumed,
+      'failed': len(failures),
       'no_face': sum(f['reason'] == 'no face' for f in failures),
       'unreadable': sum(f['reason'].startswith('unreadable') for f in failures),
-      'success_rate': len(scores) / len(files) if files else 0.0,
-      'mean_score': float(np.mean(scores)) if scores else 0.0,
+      'success_rate': (len(scores) + resumed) / len(files) if files else 0.0,
+      'mean_score': float(np.mean(scores)) if scores else 0.0,  # of the faces aligned by this run
       'seconds': round(seconds, 2), 'workers': workers,
       'images_per_second': round(len(files) / seconds, 2) if seconds > 0 else 0.0,
       'failures': failures,

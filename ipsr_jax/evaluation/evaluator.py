@@ -27,7 +27,8 @@ from ipsr_jax.evaluation import report
 
 DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
                 compare={}, judge=False, judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
-                synthetic_images_per_identity=0)
+                synthetic_images_per_identity=0,
+                align=False, align_pad=0.0)  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/demo.py)
 
 
 def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -58,9 +59,17 @@ def make_embedder(config, settings) -> api.Embedder:
 
 
 def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
-             step: int | None, embedder: api.Embedder | None = None) -> dict:
-  """Runs one `config.evals` entry with the given SR callables and writes its report."""
+             step: int | None, embedder: api.Embedder | None = None, *, judge: bool | None = None,
+             cache_dir: str | None = None) -> dict:
+  """Runs one `config.evals` entry with the given SR callables and writes its report.
+
+  judge: overrides the entry's `judge`. cache_dir: keep the embeddings there (keyed by the
+  fingerprints of the embedder, the judge and each generator), so an interrupted evaluation
+  resumes and a rerun with the judge reuses the embedder's part.
+  """
   settings = eval_settings(config, name)
+  if judge is not None:
+    settings.judge = judge
   if settings.protocol == 'verification':  # LFW pairs on HR faces: no source, no SR
     from ipsr_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
     embedder = embedder or make_embedder(config, settings)
@@ -79,11 +88,18 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   trials = None if settings.trials < 0 else settings.trials
   load = lambda record: source.load_image(record)
   records = source.records
+  tags = {}
+  if cache_dir:
+    tags = {k: fn.fingerprint for k, fn in sr_fns.items() if hasattr(fn, 'fingerprint')}
+    tags['emb'] = embedder.fingerprint
+    if judge_model is not None:
+      tags['judge'] = judge_model.fingerprint
   try:
     results = protocols.run_protocol(
         settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
         resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
-        max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2)
+        max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
+        cache_dir=cache_dir or None, cache_tags=tags)
   finally:
     if judge_model is not None:
       judge_model.close()

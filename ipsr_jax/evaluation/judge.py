@@ -17,6 +17,7 @@ margin lifts rank-1 from 80% to 96%). The 5-point shape predictor places the lan
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import importlib.util
 import multiprocessing
 import os
@@ -123,6 +124,17 @@ class DlibJudge:
     if self._pool is not None:
       self._pool.shutdown()
       self._pool = None
+
+  @property
+  def fingerprint(self) -> str:
+    """A short hash of the model files and the settings (keys the evaluation's embedding cache)."""
+    if getattr(self, '_fingerprint', None) is None:
+      digest = hashlib.sha256(repr(self).encode())
+      for name in (SHAPE_FILE, RESNET_FILE):
+        with open(os.path.join(self.model_dir, name), 'rb') as f:
+          digest.update(hashlib.sha256(f.read()).digest())
+      self._fingerprint = digest.hexdigest()[:16]
+    return self._fingerprint
 
   def __repr__(self) -> str:
     return (f'DlibJudge(dlib_face_recognition_resnet_model_v1, box_margin={self.box_margin}, '

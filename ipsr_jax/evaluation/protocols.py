@@ -18,14 +18,19 @@ rank-1 (mean and std over trials), the CMC and, where an HR reference exists, PS
 The gallery is always embedded at HR (128x128).
 
 Embeddings depend only on the image, not the split, so each image is embedded once per
-condition and method and the seeded trials (LFW's 10) only re-index them.
+condition and method and the seeded trials (LFW's 10) only re-index them. With `cache_dir` they
+are also kept on disk (`EmbeddingCache`), one file per chunk of images, condition, method, model
+and scorer, so a killed evaluation resumes where it stopped and a second scorer (the judge) or a
+new generator reuses everything that did not change.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
+import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -249,6 +254,68 @@ class _Store:
     return self.data[key][[self.rows[int(i)] for i in idx]]
 
 
+class EmbeddingCache:
+  """Per-chunk results on disk: `<root>/<scorer>/<condition>/<method>/<images>.npz`.
+
+  Each key part is a fingerprint of what decides the values: the scorer's weights and input size,
+  the generator's weights (for SR methods; bicubic and HR need none), the image list and the
+  gallery size. `tags` maps a scorer ('emb', 'judge') or an SR method name to its fingerprint; a
+  scorer or method without one is never cached. Files are written whole (rename), so a killed
+  run leaves none half-written.
+  """
+
+  def __init__(self, root: str | os.PathLike, tags: Mapping[str, str]):
+    self.root = os.fspath(root)
+    self.tags = dict(tags)
+    self.hits = self.misses = 0
+
+  def path(self, scorer: str, cond: str, method: str, names: Sequence[str], extra: str = '') -> str | None:
+    if scorer not in self.tags:
+      return None
+    if method not in ('hr', 'native', 'bicubic'):
+      if method not in self.tags:
+        return None
+      method = f'{method}-{self.tags[method]}'
+    digest = hashlib.sha256('\n'.join([extra, *names]).encode()).hexdigest()[:20]
+    return os.path.join(self.root, f'{scorer}-{self.tags[scorer]}', cond.replace('*', 'any'), method,
+                        f'{digest}.npz')
+
+  def load(self, path: str | None) -> dict[str, np.ndarray] | None:
+    if path is None or not os.path.exists(path):
+      self.misses += path is not None
+      return None
+    try:
+      with np.load(path) as f:
+        out = {k: f[k] for k in f.files}
+    except Exception as e:  # pylint: disable=broad-except  (a damaged file is recomputed)
+      logging.warning('embedding cache: ignoring unreadable %s (%s)', path, e)
+      self.misses += 1
+      return None
+    self.hits += 1
+    return out
+
+  @staticmethod
+  def save(path: str | None, **arrays: np.ndarray) -> None:
+    if path is None:
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f'{path}.partial.npz'
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+
+
+class _Lazy:
+  """A value computed on first use (SR images are only made when something needs them)."""
+
+  def __init__(self, fn: Callable[[], np.ndarray]):
+    self._fn, self._value = fn, None
+
+  def __call__(self) -> np.ndarray:
+    if self._value is None:
+      self._value = self._fn()
+    return self._value
+
+
 # ----------------------------------------------------------------------------- runner
 
 
@@ -260,16 +327,21 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  judge_fn: EmbedFn | None = None, chunk: int = 256, max_rank: int = 100,
                  split_kwargs: Mapping[str, Any] | None = None, num_examples: int = 4,
                  gallery_block: int = 4096, probe_block: int = 1024,
-                 image_quality: bool = True, hr_size: Size = HR_SIZE) -> dict[str, Any]:
+                 image_quality: bool = True, hr_size: Size = HR_SIZE,
+                 cache_dir: str | os.PathLike | None = None,
+                 cache_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Runs protocol `name` on a source's records; returns the results dict `report` writes.
 
   methods: subset of ('hr', 'bicubic', 'sr', 'concat') ('hr' means 'native' for SCface; 'sr'
   and 'concat' expand to every sr_fns entry); default all. resolutions: override the
   protocol's synthetic LR sizes (ignored by natural-LR protocols). trials: number of seeds
   (0..n-1) or the seeds themselves, for seeded protocols; default the protocol's (LFW 10).
-  judge_fn: an independent embedder (uint8 images); adds 'judge_rank1' / 'judge_cmc'.
+  judge_fn: an independent embedder (uint8 images); adds 'judge_rank1', 'judge_rank1_std',
+  'judge_rank1_trials' and 'judge_cmc'.
   image_quality: PSNR/SSIM of bicubic and SR vs HR (synthetic LR only; costs host time).
   hr_size: the size gallery and bicubic probes are brought to, the SR model's input size.
+  cache_dir, cache_tags: keep embeddings (and PSNR/SSIM) on disk, see `EmbeddingCache`; tags map
+  'emb', 'judge' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
 
   Returns {'protocol', 'conditions', 'methods', 'trials', 'rank1', 'rank1_std', 'rank1_trials',
   'cmc', 'psnr', 'ssim', 'num_gallery', 'num_identities', 'num_probes', 'examples', and with a
@@ -329,19 +401,46 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   examples: dict[str, dict[str, list[np.ndarray]]] = {}
   embedded = [0]  # faces embedded so far (every condition, method and embedder)
 
-  def embed_all(idx: list[int], images: np.ndarray, cond: str, method: str,
+  cache = (EmbeddingCache(cache_dir, {'quality': 'psnr-ssim-v1', **dict(cache_tags or {})})
+           if cache_dir is not None else None)
+  # What changes every image of a condition: the protocol (LFW's HR probe is 112x96) and sizes.
+  cache_extra = f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}'
+
+  def cache_path(scorer: str, cond: str, method: str, idx: Sequence[int]) -> str | None:
+    if cache is None:
+      return None
+    return cache.path(scorer, cond, method, [records[i].path for i in idx], cache_extra)
+
+  def embed_all(idx: list[int], images: _Lazy, cond: str, method: str,
                 gallery: bool = False) -> None:
     for e, fn in embedders.items():
-      imgs = images if e == 'emb' else _as_uint8(images)  # dlib-like judges take uint8 only
-      vecs = _batched(fn, imgs, chunk)
-      if vecs.ndim != 2 or len(vecs) != len(idx) or not np.isfinite(vecs).all():
-        raise ValueError(f'{"judge_fn" if e == "judge" else "embed_fn"} returned '
-                         f'{vecs.shape} {"non-finite " if vecs.ndim == 2 else ""}embeddings for '
-                         f'{len(idx)} {method} images ({cond})')
+      path = cache_path(e, cond, method, idx)
+      hit = cache.load(path) if cache is not None else None
+      if hit is not None and hit['emb'].shape[0] == len(idx):
+        vecs = hit['emb']
+      else:
+        imgs = images() if e == 'emb' else _as_uint8(images())  # dlib-like judges take uint8 only
+        vecs = _batched(fn, imgs, chunk)
+        if vecs.ndim != 2 or len(vecs) != len(idx) or not np.isfinite(vecs).all():
+          raise ValueError(f'{"judge_fn" if e == "judge" else "embed_fn"} returned '
+                           f'{vecs.shape} {"non-finite " if vecs.ndim == 2 else ""}embeddings for '
+                           f'{len(idx)} {method} images ({cond})')
+        EmbeddingCache.save(path, emb=np.asarray(vecs, np.float32))
+        embedded[0] += len(idx)
       stores[e][0 if gallery else 1].put((cond, method), idx, vecs)
-      embedded[0] += len(idx)
+
+  def measure_quality(idx: list[int], images: _Lazy, hr: _Lazy, cond: str, method: str) -> None:
+    path = cache_path('quality', cond, method, idx)
+    hit = cache.load(path) if cache is not None else None
+    if hit is None:
+      hit = {'psnr': metrics.psnr(images(), hr()), 'ssim': metrics.ssim(images(), hr())}
+      EmbeddingCache.save(path, **hit)
+    quality[cond][method].append((hit['psnr'], hit['ssim']))
 
   shown: dict[str, set[str]] = collections.defaultdict(set)  # cond -> identities in the figure
+
+  def wants_examples(conds: Sequence[str]) -> bool:
+    return any(len(examples.get(c, {}).get('lr', [])) < num_examples for c in conds)
 
   def keep_examples(cond: str, idx: list[int], panels: Mapping[str, np.ndarray]) -> None:
     ex = examples.setdefault(cond, {})
@@ -354,54 +453,70 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
     for k, v in panels.items():
       ex.setdefault(k, []).extend(_as_uint8(v[take]))
 
+  def sr_of(k: str, bicubic: _Lazy) -> _Lazy:
+    def run():
+      sr = _batched(sr_fns[k], bicubic(), chunk)
+      if sr.shape != bicubic().shape:
+        raise ValueError(f'sr_fns[{k!r}] returned {sr.shape} for input {bicubic().shape}')
+      return sr
+    return _Lazy(run)
+
   todo = sorted(set(gallery_set) | set(probe_set))
   gallery_lookup, probe_lookup = set(gallery_set), set(probe_set)
   progress = console.Progress(len(todo), f'{name}: evaluating', unit='image')
+
+  def progress_note() -> str:
+    cached = f', {cache.hits} chunks from the cache' if cache is not None and cache.hits else ''
+    return f'{embedded[0]} faces embedded{cached}'
+
   for start in range(0, len(todo), chunk):
     if start:
-      progress.update(start, f'{embedded[0]} faces embedded')
+      progress.update(start, progress_note())
     idx = todo[start:start + chunk]
-    raw = [_rgb_uint8(load_image(records[i])) for i in idx]
-    hr = _resize_each(raw, hr_size)
+    # Decoding and resizing are lazy too: a chunk whose results are all cached reads nothing.
+    raw = _Lazy(lambda idx=idx: [_rgb_uint8(load_image(records[i])) for i in idx])
+    hr = _Lazy(lambda raw=raw: _resize_each(raw(), hr_size))
     g_pos = [n for n, i in enumerate(idx) if i in gallery_lookup]
     if g_pos:
-      embed_all([idx[n] for n in g_pos], hr[g_pos], 'hr', 'hr', gallery=True)
+      embed_all([idx[n] for n in g_pos], _Lazy(lambda g_pos=g_pos, hr=hr: hr()[g_pos]), 'hr', 'hr',
+                gallery=True)
     p_pos = [n for n, i in enumerate(idx) if i in probe_lookup]
     if not p_pos:
       continue
-    p_idx, p_hr = [idx[n] for n in p_pos], hr[p_pos]
+    p_idx = [idx[n] for n in p_pos]
+    p_hr = _Lazy(lambda p_pos=p_pos, hr=hr: hr()[p_pos])
     # chains: condition -> (lr, bicubic 128x128); SCface: one chain ('*') for every distance.
     if spec.natural:
-      lr = _resize_each([raw[n] for n in p_pos], SCFACE_LR_SIZE)
-      chains = {'*': (lr, degrade_lib.bicubic_resize(lr, hr_size))}
+      lr = _Lazy(lambda p_pos=p_pos, raw=raw: _resize_each([raw()[n] for n in p_pos], SCFACE_LR_SIZE))
+      chains = {'*': (lr, _Lazy(lambda lr=lr: degrade_lib.bicubic_resize(lr(), hr_size)))}
       if 'native' in method_names:
         embed_all(p_idx, p_hr, '*', 'native')
     else:
-      chains = {c: (degrade_lib.bicubic_resize(p_hr, lr_sizes[c]),
-                    degrade_lib.degrade(p_hr, lr_sizes[c], hr_size)) for c in conditions}
+      chains = {c: (_Lazy(lambda c=c, p_hr=p_hr: degrade_lib.bicubic_resize(p_hr(), lr_sizes[c])),
+                    _Lazy(lambda c=c, p_hr=p_hr: degrade_lib.degrade(p_hr(), lr_sizes[c], hr_size)))
+                for c in conditions}
       if 'hr' in method_names:
-        hr_probe = (degrade_lib.degrade(p_hr, spec.hr_probe_size, hr_size)
+        hr_probe = (_Lazy(lambda p_hr=p_hr: degrade_lib.degrade(p_hr(), spec.hr_probe_size, hr_size))
                     if spec.hr_probe_size else p_hr)
         embed_all(p_idx, hr_probe, '*', 'hr')
     for c, (lr, bicubic) in chains.items():
-      panels = {'lr': lr, 'bicubic': bicubic}
+      made = {'bicubic': bicubic, **{k: sr_of(k, bicubic) for k in need_sr}}
       if 'bicubic' in method_names or any(m.endswith('_concat') for m in method_names):
         embed_all(p_idx, bicubic, c, 'bicubic')
-      if image_quality and not spec.natural:
-        quality[c]['bicubic'].append((metrics.psnr(bicubic, p_hr), metrics.ssim(bicubic, p_hr)))
       for k in need_sr:
-        sr = _batched(sr_fns[k], bicubic, chunk)
-        if sr.shape != bicubic.shape:
-          raise ValueError(f'sr_fns[{k!r}] returned {sr.shape} for input {bicubic.shape}')
-        embed_all(p_idx, sr, c, k)
-        panels[k] = sr
-        if image_quality and not spec.natural:  # natural LR has no HR to compare with
-          quality[c][k].append((metrics.psnr(sr, p_hr), metrics.ssim(sr, p_hr)))
-      panels['native' if spec.natural else 'hr'] = p_hr
-      for cond in (conditions if spec.natural else [c]):
-        keep_examples(cond, p_idx, panels)
-  progress.update(len(todo), f'{embedded[0]} faces embedded')
+        embed_all(p_idx, made[k], c, k)
+      if image_quality and not spec.natural:  # natural LR has no HR to compare with
+        for k, images in made.items():
+          measure_quality(p_idx, images, p_hr, c, k)
+      targets = conditions if spec.natural else [c]
+      if wants_examples(targets):
+        panels = {'lr': lr(), **{k: v() for k, v in made.items()}, ('native' if spec.natural else 'hr'): p_hr()}
+        for cond in targets:
+          keep_examples(cond, p_idx, panels)
+  progress.update(len(todo), progress_note())
   progress.close()
+  if cache is not None:
+    logging.info('%s: %d cached chunks reused, %d computed (%s)', name, cache.hits, cache.misses, cache.root)
 
   def probe_emb(e: str, cond: str, method: str, idx: list[int]) -> np.ndarray:
     store = stores[e][1]
@@ -470,6 +585,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
       'examples': {c: {k: np.stack(v) for k, v in ex.items()} for c, ex in examples.items()},
   }
   if judge_fn is not None:
-    j_mean, j_std, _, j_cmc = summarize('judge')
-    results.update(judge_rank1=j_mean, judge_rank1_std=j_std, judge_cmc=j_cmc)
+    j_mean, j_std, j_trials, j_cmc = summarize('judge')
+    results.update(judge_rank1=j_mean, judge_rank1_std=j_std, judge_rank1_trials=j_trials,
+                   judge_cmc=j_cmc)
   return results

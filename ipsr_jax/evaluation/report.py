@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from ipsr_jax.evaluation import paper_tables
 
 # Keys of report.json that come from the results and may not be overridden by `extra`.
-CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step')
+CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step', 'gains', 'judge_gains')
 # Result keys that are not JSON (images) or repeat the core ones.
 _SKIP = ('examples',)
 PANEL_ORDER = ('lr', 'bicubic', 'native', 'hr')
@@ -85,6 +85,39 @@ def _rank1_rows(protocol: str, results: Mapping[str, Any], columns: list[str], p
   return rows
 
 
+def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, dict[str, float]]]:
+  """Paired differences of rank-1 over the trials, in points: {cond: {'sr - bicubic': {'mean',
+  'std'}}} for every SR method against bicubic, and the first SR method ('sr') against the
+  others (e.g. 'sr - pixel_only': the identity term's own effect). Each trial's difference is
+  taken on the same gallery and probes, so its std is the spread of the effect, not of the split."""
+  per_trial = results.get(f'{prefix}rank1_trials') or {}
+  sr_methods = [m for m in results.get('methods') or [] if m not in ('hr', 'native', 'bicubic')
+                and not m.endswith('_concat')]
+  pairs = [(m, 'bicubic') for m in sr_methods]
+  if 'sr' in sr_methods:
+    pairs += [('sr', m) for m in sr_methods if m != 'sr']
+  out = {}
+  for cond, values in per_trial.items():
+    for a, b in pairs:
+      if a in values and b in values and len(values[a]) == len(values[b]):
+        diff = 100.0 * (np.asarray(values[a]) - np.asarray(values[b]))
+        out.setdefault(cond, {})[f'{a} - {b}'] = {'mean': float(diff.mean()), 'std': float(diff.std())}
+  return out
+
+
+def _gain_lines(results: Mapping[str, Any], columns: list[str], prefix: str, title: str) -> list[str]:
+  table = gains(results, prefix)
+  names = []
+  for per in table.values():
+    names += [k for k in per if k not in names]
+  if not names:
+    return []
+  rows = [[n] + ['-' if n not in table.get(c, {}) else
+                 f"{table[c][n]['mean']:+.2f} ± {table[c][n]['std']:.2f}" for c in columns]
+          for n in names]
+  return ['', f'## {title}', ''] + _table(['Difference (points)'] + columns, rows)
+
+
 def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | None,
              extra: Mapping[str, Any] | None = None) -> str:
   """The report as Markdown: rank-1 (%) rows = methods, columns = conditions, then the paper."""
@@ -113,9 +146,14 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
     lines += ['', f'Ours: mean ± std over {len(results["trials"])} trials (std with ddof=0).']
   if table and table.notes:
     lines += [''] + [f'Note: {n}' for n in table.notes]
+  if len(results.get('trials') or []) > 1:
+    lines += _gain_lines(results, columns, '', 'Gains, paired per trial (mean ± std, rank-1 points)')
   if results.get('judge_rank1'):
     lines += ['', '## Independent judge (rank-1 %, a different recognizer)', '']
+    lines += [f'Judge: {extra["judge"]}', ''] if extra.get('judge') else []
     lines += _table(['Method'] + labels, _rank1_rows(protocol, results, columns, 'judge_'))
+    if len(results.get('trials') or []) > 1:
+      lines += _gain_lines(results, columns, 'judge_', 'Judge gains, paired per trial (mean ± std, rank-1 points)')
   for metric, fmt in (('psnr', '{:.2f}'), ('ssim', '{:.4f}')):
     values = results.get(metric) or {}
     if not values:
@@ -127,6 +165,9 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
                                               for c in cols] for m in methods])
   lines += ['', '## CMC', ''] + [f'![CMC {c}](cmc_{c}.png)' for c in columns if c in
                                  results.get('cmc', {})]
+  lines += [f'![Judge CMC {c}](cmc_judge_{c}.png)' for c in columns if c in results.get('judge_cmc', {})]
+  if results.get('examples'):
+    lines += ['', '## Faces', '', '![faces](faces.png)']
   return '\n'.join(lines) + '\n'
 
 
@@ -134,9 +175,14 @@ def summary(protocol: str, results: Mapping[str, Any]) -> str:
   """The rank-1 table(s) alone, for the terminal (report.md has everything)."""
   columns = _columns(protocol, results)
   lines = ['Rank-1 identification (%)'] + _table(['Method'] + columns, _rank1_rows(protocol, results, columns, ''))
+  multi = len(results.get('trials') or []) > 1
+  if multi:
+    lines += _gain_lines(results, columns, '', 'Gains, paired per trial (points)')[1:]
   if results.get('judge_rank1'):
     lines += ['', 'Independent judge: rank-1 (%)']
     lines += _table(['Method'] + columns, _rank1_rows(protocol, results, columns, 'judge_'))
+    if multi:
+      lines += _gain_lines(results, columns, 'judge_', 'Judge gains, paired per trial (points)')[1:]
   return '\n'.join(lines)
 
 
@@ -223,15 +269,20 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
   for k, v in results.items():
     if k not in doc and k not in _SKIP:
       doc[k] = v
+  doc['gains'] = gains(results)
+  if results.get('judge_rank1_trials'):
+    doc['judge_gains'] = gains(results, 'judge_')
   doc.update(extra)
   paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
   with open(paths['json'], 'w') as f:
     json.dump(_jsonable(doc), f, indent=1)
   with open(paths['md'], 'w') as f:
     f.write(markdown(protocol, results, checkpoint_step, extra))
-  for cond, curves in results.get('cmc', {}).items():
-    paths[f'cmc_{cond}'] = os.path.join(out_dir, f'cmc_{cond}.png')
-    plot_cmc(paths[f'cmc_{cond}'], cond, curves, protocol)
+  for prefix in ('', 'judge_'):
+    for cond, curves in results.get(f'{prefix}cmc', {}).items():
+      key = f'cmc_{prefix}{cond}'
+      paths[key] = os.path.join(out_dir, f'{key}.png')
+      plot_cmc(paths[key], cond, curves, f'{protocol} ({prefix[:-1]})' if prefix else protocol)
   examples = results.get('examples') if examples is None else examples
   if examples:
     paths['faces'] = os.path.join(out_dir, 'faces.png')

