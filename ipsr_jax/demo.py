@@ -132,6 +132,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
       embedder = embedder or evaluator.make_embedder(cfg, evaluator.eval_settings(cfg, name))
       results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'], embedder=embedder,
                                          judge=judge, cache_dir=os.path.join(out, 'cache'))
-      evaluator.announce(results[name], out)
+      evaluator.announce(results[name], out, judge_only=judge)
   console.say(f'Demo finished in {console.duration(time.time() - started)}.')
   return results

@@ -357,3 +357,36 @@ def test_all_of_lfw(tmp_path, detector):
   assert report['total'] == 13233
   assert report['unreadable'] == 0
   assert report['success_rate'] >= 0.98
+
+
+class _CountingAligner:
+  """Stands in for MTCNN: a grey face per image, and a crash after `die_after` faces."""
+
+  def __init__(self, size=16, die_after=None):
+    self.size, self.pad, self.die_after, self.seen = size, 0.0, die_after, []
+
+  def __call__(self, image):
+    if self.die_after is not None and len(self.seen) >= self.die_after:
+      raise KeyboardInterrupt  # the run is killed here
+    self.seen.append(image.shape)
+    face = np.full((self.size, self.size, 3), int(image.mean()), np.uint8)
+    return align.AlignResult(face, None, None, 0.99)
+
+
+def test_align_tree_resumes_a_killed_run(tmp_path):
+  for person in range(3):
+    for n in range(4):
+      path = tmp_path / 'in' / f'p{person}' / f'{n}.jpg'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.full((24, 20, 3), 40 * person + n, np.uint8)).save(path)
+  killed = _CountingAligner(die_after=5)
+  with pytest.raises(KeyboardInterrupt):
+    align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=killed)
+  done = sorted(tmp_path.joinpath('out').rglob('*.png'))
+  assert len(done) == 5 and not list(tmp_path.joinpath('out').rglob('*partial*'))
+  assert not (tmp_path / 'out' / 'report.json').exists()
+  resumed = _CountingAligner()
+  report = align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=resumed)
+  assert len(resumed.seen) == 12 - 5  # only what the killed run had not written
+  assert report['aligned'] == 12 and report['resumed'] == 5 and report['failed'] == 0
+  assert len(list(tmp_path.joinpath('out').rglob('*.png'))) == 12

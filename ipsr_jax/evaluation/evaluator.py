@@ -99,7 +99,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
         settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
         resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
         max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
-        cache_dir=cache_dir or None, cache_tags=tags)
+        cache_dir=cache_dir or None, cache_tags=tags, label=name)
   finally:
     if judge_model is not None:
       judge_model.close()
@@ -125,15 +125,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     for label, run in settings.compare.items():
       sr_fns[label] = inference.SuperResolver.from_checkpoint(run)
     out = os.path.join(workdir, 'eval', name)
-    all_results[name] = run_eval(config, name, sr_fns, out, sr.info['step'])
+    all_results[name] = run_eval(config, name, sr_fns, out, sr.info['step'],
+                                 cache_dir=os.path.join(out, 'cache'))
     announce(all_results[name], out)
   return all_results
 
 
-def announce(results: Mapping[str, Any], out_dir: str) -> None:
+def announce(results: Mapping[str, Any], out_dir: str, *, judge_only: bool = False) -> None:
   """The rank-1 table and where the full report is, on the terminal."""
   if 'rank1' in results:
-    console.say(report.summary(results['protocol'], results))
+    console.say(report.summary(results['protocol'], results, judge_only=judge_only))
   console.say(f'Report: {os.path.join(out_dir, "report.md")}')
 
 

@@ -113,6 +113,9 @@ class DlibJudge:
 
   def _workers(self) -> concurrent.futures.ProcessPoolExecutor:
     if self._pool is None:
+      # Spawned workers re-import the parent's main module (TensorFlow too, via clu) with fd 2 on
+      # the terminal: keep TF's start-up INFO banners off it.
+      os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
       # spawn, not fork: the parent may hold JAX's threads, which a forked child would inherit locked.
       self._pool = concurrent.futures.ProcessPoolExecutor(
           self.num_workers, mp_context=multiprocessing.get_context('spawn'),

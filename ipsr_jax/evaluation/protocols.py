@@ -329,7 +329,8 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  gallery_block: int = 4096, probe_block: int = 1024,
                  image_quality: bool = True, hr_size: Size = HR_SIZE,
                  cache_dir: str | os.PathLike | None = None,
-                 cache_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 cache_tags: Mapping[str, str] | None = None,
+                 label: str | None = None) -> dict[str, Any]:
   """Runs protocol `name` on a source's records; returns the results dict `report` writes.
 
   methods: subset of ('hr', 'bicubic', 'sr', 'concat') ('hr' means 'native' for SCface; 'sr'
@@ -340,6 +341,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   'judge_rank1_trials' and 'judge_cmc'.
   image_quality: PSNR/SSIM of bicubic and SR vs HR (synthetic LR only; costs host time).
   hr_size: the size gallery and bicubic probes are brought to, the SR model's input size.
+  label: what the progress lines call this evaluation (default the protocol's name).
   cache_dir, cache_tags: keep embeddings (and PSNR/SSIM) on disk, see `EmbeddingCache`; tags map
   'emb', 'judge' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
 
@@ -463,7 +465,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
 
   todo = sorted(set(gallery_set) | set(probe_set))
   gallery_lookup, probe_lookup = set(gallery_set), set(probe_set)
-  progress = console.Progress(len(todo), f'{name}: evaluating', unit='image')
+  progress = console.Progress(len(todo), f'{label or name}: evaluating', unit='image')
 
   def progress_note() -> str:
     cached = f', {cache.hits} chunks from the cache' if cache is not None and cache.hits else ''

@@ -171,18 +171,20 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
   return '\n'.join(lines) + '\n'
 
 
-def summary(protocol: str, results: Mapping[str, Any]) -> str:
-  """The rank-1 table(s) alone, for the terminal (report.md has everything)."""
+def summary(protocol: str, results: Mapping[str, Any], *, judge_only: bool = False) -> str:
+  """The rank-1 table(s) and paired gains alone, for the terminal (report.md has everything).
+  judge_only: just the judge's part (its embedder's part was printed before)."""
   columns = _columns(protocol, results)
-  lines = ['Rank-1 identification (%)'] + _table(['Method'] + columns, _rank1_rows(protocol, results, columns, ''))
   multi = len(results.get('trials') or []) > 1
-  if multi:
-    lines += _gain_lines(results, columns, '', 'Gains, paired per trial (points)')[1:]
-  if results.get('judge_rank1'):
-    lines += ['', 'Independent judge: rank-1 (%)']
-    lines += _table(['Method'] + columns, _rank1_rows(protocol, results, columns, 'judge_'))
+  lines = []
+  for prefix, title in (('', 'Rank-1 identification (%)'), ('judge_', 'Independent judge: rank-1 (%)')):
+    if (prefix and not results.get('judge_rank1')) or (judge_only and not prefix):
+      continue
+    lines += ([''] if lines else []) + [title]
+    lines += _table(['Method'] + columns, _rank1_rows(protocol, results, columns, prefix))
     if multi:
-      lines += _gain_lines(results, columns, 'judge_', 'Judge gains, paired per trial (points)')[1:]
+      lines += ['Paired gains over the trials (points, mean ± std):']
+      lines += _gain_lines(results, columns, prefix, '')[3:]
   return '\n'.join(lines)
 
 
