@@ -96,8 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.image_summary_every_steps = 2
     config.demo.ipsr.train.num_train_steps = 2
     config.demo.pixel_only.train.num_train_steps = 2
-    config.evals.lfw.trials = 3
-    config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16))))
+    config.evals.lfw.update(dict(trials=3, judge_workers=1))  # in-process judge: no worker start-up
+    config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16)), judge_workers=1))
   elif arg:
     raise ValueError(f'configs/lfw.py: unknown variant {arg!r} (known: gpu, tiny)')
   return config
