@@ -389,3 +389,42 @@ def test_embedding_cache_keys():
   assert cache.path('judge', '7x6', 'bicubic', ['x.png']) is None  # no tag: never cached
   assert cache.path('emb', '7x6', 'pixel_only', ['x.png']) is None
   assert cache.path('emb', '7x6', 'bicubic', ['x.png'], 'lfw') != cache.path('emb', '7x6', 'bicubic', ['x.png'], 'generic')
+
+
+def test_cache_tells_apart_images_without_paths(tmp_path):
+  # Generated sources have no file paths: their records must still key distinct cache entries
+  # (equal-sized chunks of path-less records once shared one file), and another seed is another set.
+  from ipsr_jax.data import synthetic
+  kwargs = dict(embed_fn=_toy_embed([]), trials=2, chunk=8, resolutions=((7, 6),), methods=('hr', 'bicubic'),
+                image_quality=False, hr_size=(32, 32))
+
+  def run(seed, cache_dir):
+    source = synthetic.SyntheticFaces(8, 4, seed=seed, image_size=32)
+    return protocols.run_protocol('generic', source.records, source.load_image, cache_dir=cache_dir,
+                                  cache_tags={'emb': 'toy'}, image_key=source.image_key, **kwargs)
+
+  for seed in (0, 1):
+    reference = run(seed, None)
+    cached = run(seed, tmp_path)
+    assert cached['rank1'] == reference['rank1'] and cached['cmc'] == reference['cmc'], seed
+  assert run(0, None)['cmc'] != run(1, None)['cmc']  # the two seeds are different face sets
+
+
+def test_image_keys_name_what_is_loaded(tmp_path):
+  from ipsr_jax.data import synthetic
+  from ipsr_jax.data.sources import base
+  for person in ('a', 'b'):
+    _write(str(tmp_path / person / '1.png'))
+  plain, resized = folders.IdentityFolders(tmp_path), folders.IdentityFolders(tmp_path, image_size=4)
+  assert [plain.image_key(r) for r in plain.records] == [r.path for r in plain.records]
+  assert resized.image_key(resized.records[0]) == resized.records[0].path + '@4'  # other pixels
+  with pytest.raises(ValueError, match='image_key'):
+    base.FaceSource([Record(path='', label=0, identity='x')]).image_key(Record('', 0, 'x'))
+  faces = synthetic.SyntheticFaces(2, 2, seed=3, image_size=16)
+  keys = {faces.image_key(r) for r in faces.records}
+  assert len(keys) == 4 and keys.isdisjoint(
+      synthetic.SyntheticFaces(2, 2, seed=4, image_size=16).image_key(r) for r in faces.records)
+  records, load = _toy_dataset(num_ids=2, per_id=2)
+  with pytest.raises(ValueError, match='distinct'):  # two images under one key
+    protocols.run_protocol('generic', records, load, embed_fn=_toy_embed([]), cache_dir=tmp_path / 'c',
+                           cache_tags={'emb': 'toy'}, image_key=lambda r: r.identity)

@@ -797,6 +797,11 @@ class SyntheticFaces(FaceSource):
     return render_face(self.identity_offset + record.label, record.meta['image'], seed=self.seed,
                        size=self.image_size)
 
+  def image_key(self, record: Record) -> str:
+    # No file: the rendering's inputs name the image.
+    return (f'synthetic:seed={self.seed}:size={self.image_size}:'
+            f'{self.identity_offset + record.label}/{record.meta["image"]}')
+
   def __repr__(self) -> str:
     return (f'SyntheticFaces(seed={self.seed}, identity_offset={self.identity_offset}, '
             f'num_identities={self.num_identities}, '

@@ -99,7 +99,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
         settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
         resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
         max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
-        cache_dir=cache_dir or None, cache_tags=tags, label=name)
+        cache_dir=cache_dir or None, cache_tags=tags, image_key=source.image_key, label=name)
   finally:
     if judge_model is not None:
       judge_model.close()

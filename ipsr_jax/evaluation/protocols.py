@@ -330,6 +330,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  image_quality: bool = True, hr_size: Size = HR_SIZE,
                  cache_dir: str | os.PathLike | None = None,
                  cache_tags: Mapping[str, str] | None = None,
+                 image_key: Callable[[Record], str] | None = None,
                  label: str | None = None) -> dict[str, Any]:
   """Runs protocol `name` on a source's records; returns the results dict `report` writes.
 
@@ -344,6 +345,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   label: what the progress lines call this evaluation (default the protocol's name).
   cache_dir, cache_tags: keep embeddings (and PSNR/SSIM) on disk, see `EmbeddingCache`; tags map
   'emb', 'judge' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
+  image_key: names each record's image in the cache (`FaceSource.image_key`); default its path.
 
   Returns {'protocol', 'conditions', 'methods', 'trials', 'rank1', 'rank1_std', 'rank1_trials',
   'cmc', 'psnr', 'ssim', 'num_gallery', 'num_identities', 'num_probes', 'examples', and with a
@@ -408,10 +410,16 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   # What changes every image of a condition: the protocol (LFW's HR probe is 112x96) and sizes.
   cache_extra = f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}'
 
+  keys: list[str] = []
+  if cache is not None:
+    keys = [(image_key or (lambda r: r.path))(r) for r in records]
+    if not all(keys) or len(set(keys)) != len(keys):  # two images under one key would share results
+      raise ValueError('cache_dir needs a distinct non-empty key per record (paths, or image_key)')
+
   def cache_path(scorer: str, cond: str, method: str, idx: Sequence[int]) -> str | None:
     if cache is None:
       return None
-    return cache.path(scorer, cond, method, [records[i].path for i in idx], cache_extra)
+    return cache.path(scorer, cond, method, [keys[i] for i in idx], cache_extra)
 
   def embed_all(idx: list[int], images: _Lazy, cond: str, method: str,
                 gallery: bool = False) -> None:

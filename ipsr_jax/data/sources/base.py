@@ -59,6 +59,13 @@ class FaceSource:
   def load_image(self, record: Record) -> np.ndarray:
     raise NotImplementedError
 
+  def image_key(self, record: Record) -> str:
+    """A string naming what `load_image(record)` returns, unique within the source: the key of
+    cached evaluation results (`protocols.EmbeddingCache`). Default: the record's path."""
+    if not record.path:
+      raise ValueError(f'{self!r}: a record without a path needs the source to define image_key')
+    return record.path
+
   def _too_many_bad(self, count: int) -> bool:
     return count > max(1, self.max_bad_fraction * len(self))
 
@@ -142,3 +149,7 @@ class FileFaceSource(FaceSource):
 
   def load_image(self, record: Record) -> np.ndarray:
     return image_io.decode_image(record.path, self.image_size)
+
+  def image_key(self, record: Record) -> str:
+    key = super().image_key(record)
+    return key if self.image_size is None else f'{key}@{self.image_size}'  # resized on load
