@@ -258,10 +258,10 @@ class EmbeddingCache:
   """Per-chunk results on disk: `<root>/<scorer>/<condition>/<method>/<images>.npz`.
 
   Each key part is a fingerprint of what decides the values: the scorer's weights and input size,
-  the generator's weights (for SR methods; bicubic and HR need none), the image list, and
-  `extra` (the protocol and the HR sizes). `tags` maps a scorer ('emb', 'judge') or an SR method name to its fingerprint; a
-  scorer or method without one is never cached. Files are written whole (rename), so a killed
-  run leaves none half-written.
+  the generator's weights (for SR methods; bicubic and HR need none), the image list (each
+  image's `FaceSource.image_key`), and `extra` (the protocol and the HR sizes). `tags` maps a
+  scorer ('emb', 'judge') or an SR method name to its fingerprint; a scorer or method without one
+  is never cached. Files are written whole (rename), so a killed run leaves none half-written.
   """
 
   def __init__(self, root: str | os.PathLike, tags: Mapping[str, str]):
