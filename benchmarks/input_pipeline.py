@@ -10,13 +10,19 @@ step degrades), then the same decode + host degradation in this thread without G
 
 "Per CPU-second" divides faces by the CPU seconds of this process and its Grain workers (psutil,
 user + system) while timed, so it barely depends on what else runs; faces/s does, so every row
-records the load average. The table goes to stdout (markdown), everything to --out (JSON).
+records the load average, and each configuration runs --repeats times (the row is the median
+run). Besides the configured read threads, 0 workers also runs with `data.read_threads=0` (the
+whole pipeline in the consuming thread: one core), the baseline that worker scaling is measured
+from. The cost of a first-touched memory page is measured too: Grain hands each batch to the
+main process in fresh shared memory, so it is what a worker pays per face beyond the work itself.
+The table goes to stdout (markdown), everything to --out (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 from pathlib import Path
 import platform
@@ -67,15 +73,29 @@ def write_generated_faces(out: Path, count: int) -> str:
   return f'generated faces ({count} images)'
 
 
-def _cpu_seconds(proc: psutil.Process) -> float:
-  total = 0.0
+def _minor_faults(pid: int) -> int | None:
+  """Minor page faults of a process so far (Linux: /proc/PID/stat field 10), else None."""
+  try:
+    return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[7])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def _snapshot(proc: psutil.Process) -> tuple[float, float, int | None]:
+  """CPU seconds (user + system) of `proc` and its children, of `proc` alone, and their minor
+  page faults (None where not readable)."""
+  total = main = 0.0
+  faults = 0
   for p in [proc] + proc.children(recursive=True):
     try:
       t = p.cpu_times()
-      total += t.user + t.system
     except psutil.NoSuchProcess:
-      pass
-  return total
+      continue
+    total += t.user + t.system
+    main = t.user + t.system if p is proc else main
+    f = _minor_faults(p.pid)
+    faults = None if f is None or faults is None else faults + f
+  return total, main, faults
 
 
 def _load() -> list[float]:
@@ -83,9 +103,11 @@ def _load() -> list[float]:
 
 
 def measure(source, workers: int, batch_size: int, batches: int, on_device: bool,
-            read_threads: int = 2, warmup: int | None = None) -> dict:
+            read_threads: int = 2, warmup: int | None = None, retain_freed_memory: bool = True
+            ) -> dict:
   """One pipeline configuration: faces/s and faces per CPU-second of this process + workers."""
   config = base_config.get_config()
+  config.data.retain_freed_memory = retain_freed_memory
   config.train.batch_size = batch_size
   config.data.num_workers = workers
   config.data.degrade_on_device = on_device
@@ -100,11 +122,13 @@ def measure(source, workers: int, batch_size: int, batches: int, on_device: bool
     next(it)
   startup_s = time.perf_counter() - t_start
   proc = psutil.Process()
-  cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+  (cpu0, main0, faults0), t0 = _snapshot(proc), time.perf_counter()
   for _ in range(batches):
     batch = next(it)
   seconds = time.perf_counter() - t0
-  cpu = _cpu_seconds(proc) - cpu0
+  cpu, main_cpu, faults = _snapshot(proc)
+  cpu, main_cpu = cpu - cpu0, main_cpu - main0
+  faults = None if faults is None or faults0 is None else faults - faults0
   # Thread counts show what runs where (a worker that started XLA would hold dozens).
   threads = {'main': proc.num_threads(),
              'children': [p.num_threads() for p in proc.children(recursive=True)]}
@@ -112,10 +136,36 @@ def measure(source, workers: int, batch_size: int, batches: int, on_device: bool
   assert batch['hr'].shape == (batch_size, 128, 128, 3) and ('lr' in batch) == (not on_device)
   faces = batches * batch_size
   return {'workers': workers, 'degrade': 'device' if on_device else 'host',
+          'read_threads': read_threads,
           'faces_per_s': faces / seconds, 'faces_per_cpu_s': faces / max(cpu, 1e-9),
-          'cpu_cores_busy': cpu / seconds, 'seconds': seconds, 'faces': faces,
-          'startup_s': startup_s, 'read_threads_per_process': max(1, read_threads // max(1, workers)),
+          'cpu_cores_busy': cpu / seconds, 'main_process_cores_busy': main_cpu / seconds,
+          'page_faults_per_face': None if faults is None else faults / faces,
+          'seconds': seconds, 'faces': faces, 'startup_s': startup_s,
+          'read_threads_per_process': read_threads // max(1, workers),
           'threads': threads, 'load_avg': load}
+
+
+def measure_median(repeats: int, *args, **kwargs) -> dict:
+  """`measure` `repeats` times; the run with the median faces/s, with every run's faces/s."""
+  runs = sorted((measure(*args, **kwargs) for _ in range(max(1, repeats))),
+                key=lambda r: r['faces_per_s'])
+  row = dict(runs[len(runs) // 2])
+  row['faces_per_s_runs'] = [r['faces_per_s'] for r in runs]
+  return row
+
+
+def fresh_page_us(megabytes: int = 16, repeats: int = 20) -> float:
+  """CPU microseconds to first-touch one 4 KiB page of new memory (the kernel allocates and zeroes
+  it): the unit cost of Grain's per-batch shared memory. ~0.3 us on bare metal; VMs differ."""
+  data = np.ones(megabytes << 20, np.uint8)
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.process_time()
+    fresh = mmap.mmap(-1, data.nbytes)
+    np.frombuffer(fresh, np.uint8)[:] = data
+    best = min(best, time.process_time() - t0)
+    fresh.close()
+  return best / (data.nbytes / 4096) * 1e6
 
 
 def measure_in_process(source, batch_size: int, batches: int, lr_sizes) -> dict:
@@ -143,24 +193,88 @@ def measure_in_process(source, batch_size: int, batches: int, lr_sizes) -> dict:
           'load_avg': load}
 
 
-def table(results: list[dict], in_process: dict | None) -> str:
-  lines = ['| workers | degradation | faces/s | faces per CPU-s | cores busy | load avg 1/5/15 min |',
-           '| --- | --- | --- | --- | --- | --- |']
-  for r in results:
-    lines.append(f"| {r['workers']} | {r['degrade']} | {r['faces_per_s']:.0f} | "
-                 f"{r['faces_per_cpu_s']:.0f} | {r['cpu_cores_busy']:.2f} | "
-                 f"{' / '.join(f'{x:.1f}' for x in r['load_avg'])} |")
-  rows = {(r['workers'], r['degrade']): r for r in results}
+def _workers_label(r: dict) -> str:
+  return f"{r['workers']} (one thread)" if r['workers'] == 0 and r['read_threads'] == 0 else str(
+      r['workers'])
+
+
+def speedups(results: list[dict]) -> dict[str, dict[str, float]]:
+  """2 workers' faces/s over 0 workers', per degradation: against the pipeline with read threads
+  and against the one-thread pipeline (one core)."""
+  out = {}
   for mode in ('host', 'device'):
-    if (0, mode) in rows and (2, mode) in rows:
-      ratio = rows[(2, mode)]['faces_per_s'] / rows[(0, mode)]['faces_per_s']
-      lines.append(f'\n{mode} degradation: 2 workers give {ratio:.2f}x the faces/s of 0 workers')
+    rows = [r for r in results if r['degrade'] == mode]
+    two = [r for r in rows if r['workers'] == 2]
+    threaded = [r for r in rows if r['workers'] == 0 and r['read_threads'] > 0]
+    single = [r for r in rows if r['workers'] == 0 and r['read_threads'] == 0]
+    if two:
+      ratios = {}
+      if threaded:
+        ratios['vs_0_workers'] = two[0]['faces_per_s'] / threaded[0]['faces_per_s']
+      if single:
+        ratios['vs_0_workers_one_thread'] = two[0]['faces_per_s'] / single[0]['faces_per_s']
+      if ratios:
+        out[mode] = ratios
+  return out
+
+
+def measure_degradation_on_cpu(batch_size: int, batches: int, lr_sizes) -> dict:
+  """Where `data.degrade_on_device` should degrade on a CPU backend: `degrade_batch` (host, one
+  BLAS thread) against the step's `DeviceDegrader` jitted on XLA:CPU, same faces and sizes,
+  in faces per CPU-second of this process (XLA's threads included)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  hr = rng.integers(0, 256, (batch_size, 128, 128, 3), dtype=np.uint8)
+  lr_index = degrade.LRSampler(lr_sizes, seed=0).for_batch(np.arange(batch_size))
+  degrader = degrade.DeviceDegrader(lr_sizes, (128, 128))
+  on_device = jax.jit(degrader)
+  hr_device, index_device = jax.device_put(hr), jax.device_put(lr_index)
+
+  def rate(fn) -> float:
+    fn()  # compile / warm
+    t0 = time.process_time()
+    for _ in range(batches):
+      fn()
+    return batches * batch_size / (time.process_time() - t0)
+
+  host = rate(lambda: degrade.degrade_batch(hr, lr_index, lr_sizes))
+  device = rate(lambda: on_device(hr_device, index_device).block_until_ready())
+  return {'backend': jax.default_backend(), 'host_faces_per_cpu_s': host,
+          'device_faces_per_cpu_s': device, 'winner': 'host' if host > device else 'device'}
+
+
+def table(results: list[dict], in_process: dict | None, page_us: float | None = None,
+          placement: dict | None = None) -> str:
+  lines = ['| workers | degradation | faces/s | faces per CPU-s | cores busy | page faults a face '
+           '| load avg 1/5/15 min |', '| --- | --- | --- | --- | --- | --- | --- |']
+  for r in results:
+    faults = r.get('page_faults_per_face')
+    lines.append(f"| {_workers_label(r)} | {r['degrade']} | {r['faces_per_s']:.0f} | "
+                 f"{r['faces_per_cpu_s']:.0f} | {r['cpu_cores_busy']:.2f} | "
+                 f"{'-' if faults is None else f'{faults:.1f}'} | "
+                 f"{' / '.join(f'{x:.1f}' for x in r['load_avg'])} |")
+  for mode, ratios in speedups(results).items():
+    parts = []
+    if 'vs_0_workers' in ratios:
+      parts.append(f"{ratios['vs_0_workers']:.2f}x the faces/s of 0 workers")
+    if 'vs_0_workers_one_thread' in ratios:
+      parts.append(f"{ratios['vs_0_workers_one_thread']:.2f}x of 0 workers in one thread")
+    lines.append(f"\n{mode} degradation: 2 workers give {', '.join(parts)}")
   if in_process:
     lines.append(
         f"\nIn-process (one thread, no Grain): decode {in_process['decode_faces_per_cpu_s']:.0f}, "
         f"host degradation {in_process['degrade_faces_per_cpu_s']:.0f}, decode + LR sizes + "
         f"degradation {in_process['decode_and_degrade_faces_per_cpu_s']:.0f} faces per CPU-s "
         f"(load {' / '.join(f'{x:.1f}' for x in in_process['load_avg'])})")
+  if page_us is not None:
+    lines.append(f'\nA first-touched 4 KiB page costs {page_us:.2f} us of CPU here: '
+                 f'{page_us * 2 * 12:.0f} us a face for the 2 x 48 KiB (hr, lr) of a batch in '
+                 'fresh shared memory, on each side of the hand-off')
+  if placement is not None:
+    lines.append(f"\nDegradation on this {placement['backend'].upper()} backend: host "
+                 f"{placement['host_faces_per_cpu_s']:.0f}, jitted DeviceDegrader "
+                 f"{placement['device_faces_per_cpu_s']:.0f} faces per CPU-s: "
+                 f"the {placement['winner']} path wins")
   return '\n'.join(lines)
 
 
@@ -172,8 +286,13 @@ def main() -> None:
   parser.add_argument('--images', type=int, default=2000,
                       help="dataset size; Grain's shuffle costs ~80 us a record at 400, ~20 at 2000")
   parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--batches', type=int, default=40, help='timed batches per configuration')
+  parser.add_argument('--batches', type=int, default=150, help='timed batches per configuration')
+  parser.add_argument('--repeats', type=int, default=3,
+                      help='runs per configuration; the table shows the median (faces/s)')
   parser.add_argument('--read_threads', type=int, default=2, help='data.read_threads (per host)')
+  parser.add_argument('--retain_freed_memory', choices=('true', 'false'), default='true',
+                      help="data.retain_freed_memory; process-wide once set, so compare the two "
+                           "in separate runs")
   parser.add_argument('--data', choices=('auto', 'lfw', 'generated'), default='auto')
   parser.add_argument('--out', default='', help='write the results as JSON here')
   args = parser.parse_args()
@@ -181,33 +300,46 @@ def main() -> None:
   modes = [m.strip() for m in args.degrade.split(',') if m.strip()]
   if not set(modes) <= {'host', 'device'}:
     parser.error(f'--degrade takes host and/or device, got {args.degrade!r}')
+  workers = [int(w) for w in args.workers.split(',')]
+  # (workers, read threads): 0 workers also in one thread, the baseline of worker scaling.
+  configurations = [(w, t) for w in workers
+                    for t in ((0, args.read_threads) if w == 0 and args.read_threads else
+                              (args.read_threads,))]
   with tempfile.TemporaryDirectory() as tmp:
     use_lfw = args.data == 'lfw' or (args.data == 'auto' and LFW.is_dir())
     data = (write_lfw_faces if use_lfw else write_generated_faces)(Path(tmp), args.images)
     source = folders.IdentityFolders(tmp)
     results = []
-    for workers in (int(w) for w in args.workers.split(',')):
+    for w, threads in configurations:
       for mode in modes:
-        r = measure(source, workers, args.batch_size, args.batches, mode == 'device',
-                    read_threads=args.read_threads)
+        r = measure_median(args.repeats, source, w, args.batch_size, args.batches,
+                           mode == 'device', read_threads=threads,
+                           retain_freed_memory=args.retain_freed_memory == 'true')
         results.append(r)
-        print(f"workers={r['workers']} degrade={r['degrade']:6s} {r['faces_per_s']:6.0f} faces/s "
-              f"{r['faces_per_cpu_s']:6.0f} faces/CPU-s ({r['cpu_cores_busy']:.2f} cores busy, "
-              f"load {r['load_avg'][0]:.1f})", flush=True)
+        print(f"workers={_workers_label(r):14s} degrade={r['degrade']:6s} "
+              f"{r['faces_per_s']:6.0f} faces/s {r['faces_per_cpu_s']:6.0f} faces/CPU-s "
+              f"({r['cpu_cores_busy']:.2f} cores busy, load {r['load_avg'][0]:.1f})", flush=True)
     in_process = None
     if 'host' in modes:
       in_process = measure_in_process(source, args.batch_size, max(4, args.batches // 2),
                                       base_config.PAPER_LR_SIZES)
+  page_us = fresh_page_us()
+  # Last: it starts XLA in this process, whose threads would share the cores with the rows above.
+  placement = (measure_degradation_on_cpu(args.batch_size, max(4, args.batches // 5),
+                                          base_config.PAPER_LR_SIZES) if 'host' in modes else None)
   print()
   print(f'{data}, batch {args.batch_size}, data.read_threads={args.read_threads}, '
-        f'{os.cpu_count()} CPUs')
-  print(table(results, in_process))
+        f'data.retain_freed_memory={args.retain_freed_memory}, {os.cpu_count()} CPUs, '
+        f'median of {args.repeats}')
+  print(table(results, in_process, page_us, placement))
   report = {'benchmark': 'input_pipeline', 'data': data, 'batch_size': args.batch_size,
             'image_size': 128, 'lr_sizes': 'paper (10 sizes, per example)',
-            'read_threads': args.read_threads,
+            'read_threads': args.read_threads, 'repeats': args.repeats,
+            'retain_freed_memory': args.retain_freed_memory == 'true',
             'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
                         'processor': platform.processor() or platform.machine()},
-            'results': results, 'in_process': in_process}
+            'results': results, 'speedups': speedups(results), 'in_process': in_process,
+            'fresh_page_us': page_us, 'degradation_placement': placement}
   if args.out:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f'wrote {args.out}')

@@ -86,7 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
       num_workers=0,              # Grain worker processes per host
       worker_buffer_size=2,
-      read_threads=8,
+      read_threads=8,             # per host, split over the workers; 0: read in the consuming thread
+      # glibc keeps the batch buffers it frees instead of faulting them in again every batch
+      # (mallopt in this process and the workers; ipsr_jax/data/host_memory.py).
+      retain_freed_memory=True,
       shuffle=True,
       max_bad_fraction=0.01,      # more unreadable images than this is an error
       synthetic_identities=2000,  # only for source == 'synthetic'

@@ -45,11 +45,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for f in ('model.ngf', 'model.num_downs', 'model.image_size', 'model.bn_epsilon', 'model.init_stddev',
             'embedder.input_size', 'embedder.embedding_size', 'embedder.width', 'train.batch_size',
             'train.learning_rate', 'train.log_every_steps', 'train.checkpoint_every_steps',
-            'train.keep_checkpoints', 'data.image_size'):
+            'train.keep_checkpoints', 'data.image_size', 'data.worker_buffer_size'):
     _positive(config, f)
   for f in ('loss.beta', 'loss.identity_weight', 'loss.pixel_weight', 'train.warmup_steps',
             'train.grad_clip_norm', 'train.weight_decay', 'train.eval_every_steps', 'train.profile_steps',
-            'train.image_summary_every_steps', 'data.num_workers', 'data.random_crop_padding',
+            'train.image_summary_every_steps', 'data.num_workers', 'data.read_threads',
+            'data.random_crop_padding',
             'model.num_dropout_blocks'):
     _positive(config, f, allow_zero=True)
   _need(m.image_size % (2**m.num_downs) == 0, 'model.num_downs', m.num_downs,

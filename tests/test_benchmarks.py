@@ -267,38 +267,60 @@ def test_profile_summary_counts_one_device_lane(tmp_path):
 def test_input_pipeline_benchmark_reports_rates_cpu_and_load(tmp_path):
   out = tmp_path / 'input_pipeline.json'
   cmd = [sys.executable, str(REPO / 'benchmarks' / 'input_pipeline.py'), '--workers=0,1',
-         '--images=48', '--batch_size=8', '--batches=3', '--data=generated', f'--out={out}']
+         '--images=48', '--batch_size=8', '--batches=3', '--repeats=1', '--data=generated',
+         f'--out={out}']
   proc = subprocess.run(cmd, cwd=REPO, env=_bench_env(tmp_path), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report['data'] == 'generated faces (48 images)' and report['batch_size'] == 8
-  rows = {(r['workers'], r['degrade']): r for r in report['results']}
-  assert set(rows) == {(0, 'host'), (0, 'device'), (1, 'host'), (1, 'device')}
+  rows = {(r['workers'], r['degrade'], r['read_threads']): r for r in report['results']}
+  # 0 workers also runs in one thread (read_threads=0): the baseline of worker scaling.
+  assert set(rows) == {(w, m, t) for m in ('host', 'device') for w, t in ((0, 0), (0, 2), (1, 2))}
   for r in rows.values():
     assert r['faces'] == 24 and r['faces_per_s'] > 0 and r['faces_per_cpu_s'] > 0
     assert r['cpu_cores_busy'] == pytest.approx(r['faces_per_s'] / r['faces_per_cpu_s'])
+    # Read in one snapshot with the total (the window is a few clock ticks here).
+    assert 0 <= r['main_process_cores_busy'] <= r['cpu_cores_busy'] + 1e-9
     assert len(r['load_avg']) == 3 and all(x >= 0 for x in r['load_avg'])
+    assert r['faces_per_s_runs'] == [r['faces_per_s']]
+    assert r['page_faults_per_face'] is None or r['page_faults_per_face'] >= 0
   # A worker process appears with one worker (beside multiprocessing's resource tracker); read
   # threads are per host, split over the workers.
-  children = {w: len(rows[(w, 'host')]['threads']['children']) for w in (0, 1)}
+  children = {w: len(rows[(w, 'host', t)]['threads']['children']) for w, t in ((0, 2), (1, 2))}
   assert children[0] <= 1 and children[1] >= children[0] + 1
-  assert rows[(1, 'host')]['read_threads_per_process'] == 2
+  assert rows[(1, 'host', 2)]['read_threads_per_process'] == 2
+  # In one thread, the pipeline is the calling thread: Grain starts no reader beside it.
+  assert rows[(0, 'host', 0)]['threads']['main'] < rows[(0, 'host', 2)]['threads']['main']
+  assert report['speedups'] == {}  # no 2-worker rows
+  assert report['fresh_page_us'] > 0
+  placement = report['degradation_placement']
+  assert placement['backend'] == 'cpu' and placement['winner'] in ('host', 'device')
+  assert min(placement['host_faces_per_cpu_s'], placement['device_faces_per_cpu_s']) > 0
+  assert 'Degradation on this CPU backend: host' in proc.stdout
   ip = report['in_process']
   # Decode + degradation is one pass over the same faces: slower than either phase alone.
   total = ip['decode_and_degrade_faces_per_cpu_s']
   assert 0 < total < min(ip['decode_faces_per_cpu_s'], ip['degrade_faces_per_cpu_s'])
-  assert '| workers | degradation | faces/s | faces per CPU-s |' in proc.stdout
+  assert '| workers | degradation | faces/s | faces per CPU-s | cores busy | page faults a face' in proc.stdout
+  assert '| 0 (one thread) | host |' in proc.stdout
   assert 'In-process (one thread, no Grain)' in proc.stdout
+  assert 'A first-touched 4 KiB page costs' in proc.stdout
 
 
-def test_input_pipeline_table_gives_the_worker_speedup():
+def test_input_pipeline_table_gives_the_worker_speedups():
   from benchmarks import input_pipeline  # pylint: disable=import-outside-toplevel
-  row = lambda w, mode, fps: {'workers': w, 'degrade': mode, 'faces_per_s': fps,
-                              'faces_per_cpu_s': 2000.0, 'cpu_cores_busy': fps / 2000.0,
-                              'load_avg': [0.5, 0.25, 0.125]}
-  text = input_pipeline.table([row(0, 'host', 1000.0), row(2, 'host', 1700.0),
-                               row(0, 'device', 3000.0)], None)
-  assert '| 2 | host | 1700 | 2000 | 0.85 | 0.5 / 0.2 / 0.1 |' in text
-  assert '2 workers give 1.70x the faces/s of 0 workers' in text
+  row = lambda w, mode, fps, threads=2: {
+      'workers': w, 'degrade': mode, 'faces_per_s': fps, 'read_threads': threads,
+      'faces_per_cpu_s': 2000.0, 'cpu_cores_busy': fps / 2000.0, 'load_avg': [0.5, 0.25, 0.125]}
+  rows = [row(0, 'host', 800.0, threads=0), row(0, 'host', 1000.0), row(2, 'host', 1700.0),
+          row(0, 'device', 3000.0)]
+  text = input_pipeline.table(rows, None, page_us=2.0)
+  assert '| 2 | host | 1700 | 2000 | 0.85 | - | 0.5 / 0.2 / 0.1 |' in text
+  assert '| 0 (one thread) | host | 800 |' in text
+  assert ('host degradation: 2 workers give 1.70x the faces/s of 0 workers, '
+          '2.12x of 0 workers in one thread') in text
   assert 'device degradation: 2 workers' not in text  # no 2-worker device row to compare
+  assert '2.00 us of CPU here: 48 us a face' in text
+  assert input_pipeline.speedups(rows) == {
+      'host': {'vs_0_workers': 1.7, 'vs_0_workers_one_thread': 2.125}}

@@ -155,12 +155,14 @@ def test_global_batches_do_not_depend_on_the_process_count(faces):
       np.testing.assert_array_equal(one[step][key], joined)
 
 
-def test_batches_do_not_depend_on_the_worker_count(faces):
-  # Workers take whole batches (and share data.read_threads); what each batch holds, down to
-  # the degraded pixels, is the one-process, no-worker stream.
+@pytest.mark.parametrize('num_workers, read_threads', [(0, 0), (2, 4), (2, 0)])
+def test_batches_do_not_depend_on_the_worker_or_thread_count(faces, num_workers, read_threads):
+  # Workers take whole batches (and share data.read_threads; 0 reads in the consuming thread,
+  # or in each worker's own); what each batch holds, down to the degraded pixels, is the
+  # one-process stream read by 4 threads.
   config = _config(random_flip=True, read_threads=4)
   plain = _take(pipeline.make_train_iterator(config, faces), 6)
-  config.data.num_workers = 2
+  config.data.update(num_workers=num_workers, read_threads=read_threads)
   it = pipeline.make_train_iterator(config, faces)
   _assert_same(_take(it, 6), plain)
   it.close()

@@ -18,7 +18,12 @@ the read threads or on what came before. Order of steps:
 
 Worker processes each take whole blocks (decode, stack, degrade: one batch is one element, so
 the hand-off is one batch's arrays through shared memory, not pickled records) and split
-data.read_threads between them: threads beyond one per core only contend for the GIL.
+data.read_threads between them: threads beyond one per core only contend for the GIL. A worker
+whose share is 0 reads in its own main thread; with no workers, read_threads=0 runs the whole
+pipeline in the consuming thread (one core: the baseline worker scaling is measured from).
+`data.retain_freed_memory` keeps glibc from handing the batch buffers back to the kernel after
+every batch, in this process and in the workers (`host_memory`: a quarter of the host path's CPU
+went to faulting them in again).
 `data.degrade_on_device` None or 'auto' means on for a GPU/TPU backend and off on CPU, where the
 host path costs a quarter of the CPU time (benchmarks/NOTES.md, issue 15).
 
@@ -42,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from ipsr_jax.data import degrade as degrade_lib
+from ipsr_jax.data import host_memory
 from ipsr_jax.data import image_io
 from ipsr_jax.data.sources import FaceSource, make_source
 
@@ -145,18 +151,22 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds[shard_options.shard_index::shard_options.shard_count]
   # read_threads is per host: with workers, each takes its share (each worker is a process of
-  # its own, so more threads there only fight over its GIL).
-  threads = max(1, int(data.read_threads) // max(1, int(data.num_workers)))
+  # its own, so more threads there only fight over its GIL); 0 reads in the calling thread.
+  threads = int(data.read_threads) // max(1, int(data.num_workers))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
   sampler = degrade_lib.LRSampler(data.lr_sizes, per=data.lr_per, seed=seed)
   # Resolved here, in the main process: workers never touch a JAX backend.
   on_device = degrade_lib.resolve_on_device(data.degrade_on_device)
   ds = ds.map(DegradeBatch(sampler, global_batch_size=int(config.train.batch_size),
                            round_lr=bool(data.round_lr), on_device=on_device))
+  retain = bool(data.retain_freed_memory)
+  if retain:
+    host_memory.retain_freed_memory()
   if data.num_workers > 0:
     _ensure_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data.num_workers), per_worker_buffer_size=int(data.worker_buffer_size)))
+        num_workers=int(data.num_workers), per_worker_buffer_size=int(data.worker_buffer_size)),
+                        worker_init_fn=host_memory.init_worker if retain else None)
   return ds
 
 
