@@ -73,7 +73,7 @@ def write_generated_faces(out: Path, count: int) -> str:
   return f'generated faces ({count} images)'
 
 
-def _minor_faults(pid: int) -> int | None:
+def minor_faults(pid: int) -> int | None:
   """Minor page faults of a process so far (Linux: /proc/PID/stat field 10), else None."""
   try:
     return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[7])
@@ -93,7 +93,7 @@ def _snapshot(proc: psutil.Process) -> tuple[float, float, int | None]:
       continue
     total += t.user + t.system
     main = t.user + t.system if p is proc else main
-    f = _minor_faults(p.pid)
+    f = minor_faults(p.pid)
     faults = None if f is None or faults is None else faults + f
   return total, main, faults
 
@@ -156,7 +156,8 @@ def measure_median(repeats: int, *args, **kwargs) -> dict:
 
 def fresh_page_us(megabytes: int = 16, repeats: int = 20) -> float:
   """CPU microseconds to first-touch one 4 KiB page of new memory (the kernel allocates and zeroes
-  it): the unit cost of Grain's per-batch shared memory. ~0.3 us on bare metal; VMs differ."""
+  it): the unit cost of Grain's per-batch shared memory. 2.5-3.8 us on the 2-core VM of
+  benchmarks/NOTES.md; commonly far less on bare metal (not measured here)."""
   data = np.ones(megabytes << 20, np.uint8)
   best = float('inf')
   for _ in range(repeats):

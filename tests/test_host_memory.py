@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image
+from benchmarks.input_pipeline import minor_faults
 from configs import base
 from ipsr_jax.data import host_memory, pipeline
 from ipsr_jax.data.sources import folders
-
-
-def faults(pid):  # minor faults of a process (/proc/PID/stat field 10)
-  return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[7])
 
 
 if __name__ == '__main__':
@@ -48,10 +45,10 @@ if __name__ == '__main__':
   pid = os.getpid()
   if workers:
     pid = max(psutil.Process().children(recursive=True), key=lambda p: p.cpu_times().user).pid
-  before = faults(pid)
+  before = minor_faults(pid)
   for _ in range(12):
     next(it)
-  print((faults(pid) - before) / (12 * 64), host_memory.retain_freed_memory.cache_info().currsize)
+  print((minor_faults(pid) - before) / (12 * 64), host_memory.retain_freed_memory.cache_info().currsize)
   it.close()
 '''
 
