@@ -13,8 +13,10 @@ user + system) while timed, so it barely depends on what else runs; faces/s does
 records the load average, and each configuration runs --repeats times (the row is the median
 run). Besides the configured read threads, 0 workers also runs with `data.read_threads=0` (the
 whole pipeline in the consuming thread: one core), the baseline that worker scaling is measured
-from. The cost of a first-touched memory page is measured too: Grain hands each batch to the
-main process in fresh shared memory, so it is what a worker pays per face beyond the work itself.
+from, and workers run with each `data.worker_handoff` in --handoffs. The consumer reads every
+byte of each batch once (a copy into a kept buffer), as `jax.device_put` would. The cost of a
+first-touched memory page is measured too: Grain's shared-memory hand-off puts each batch in new
+pages, so it is what a worker pays per face beyond the work itself there.
 The table goes to stdout (markdown), everything to --out (JSON).
 """
 
@@ -102,12 +104,29 @@ def _load() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
+class Consumer:
+  """Reads every byte of a batch once, into buffers it keeps: the host side of `device_put`
+  (which is where a batch in shared memory gets faulted into the consuming process)."""
+
+  def __init__(self):
+    self.buffers = {}
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> None:
+    for key in ('hr', 'lr'):
+      if key in batch:
+        kept = self.buffers.get(key)
+        if kept is None or kept.shape != batch[key].shape:
+          kept = self.buffers[key] = np.empty_like(batch[key])
+        np.copyto(kept, batch[key])
+
+
 def measure(source, workers: int, batch_size: int, batches: int, on_device: bool,
-            read_threads: int = 2, warmup: int | None = None, retain_freed_memory: bool = True
-            ) -> dict:
+            read_threads: int = 2, warmup: int | None = None, retain_freed_memory: bool = True,
+            handoff: str = 'pipe') -> dict:
   """One pipeline configuration: faces/s and faces per CPU-second of this process + workers."""
   config = base_config.get_config()
   config.data.retain_freed_memory = retain_freed_memory
+  config.data.worker_handoff = handoff
   config.train.batch_size = batch_size
   config.data.num_workers = workers
   config.data.degrade_on_device = on_device
@@ -118,13 +137,15 @@ def measure(source, workers: int, batch_size: int, batches: int, on_device: bool
   # Warm-up waits for every worker's first batch (process start, imports) and then drains the
   # batches they buffered meanwhile, so the timed window is steady state.
   warmup = 2 + workers * (config.data.worker_buffer_size + 1) if warmup is None else warmup
+  consume = Consumer()
   for _ in range(warmup):
-    next(it)
+    consume(next(it))
   startup_s = time.perf_counter() - t_start
   proc = psutil.Process()
   (cpu0, main0, faults0), t0 = _snapshot(proc), time.perf_counter()
   for _ in range(batches):
     batch = next(it)
+    consume(batch)
   seconds = time.perf_counter() - t0
   cpu, main_cpu, faults = _snapshot(proc)
   cpu, main_cpu = cpu - cpu0, main_cpu - main0
@@ -136,7 +157,7 @@ def measure(source, workers: int, batch_size: int, batches: int, on_device: bool
   assert batch['hr'].shape == (batch_size, 128, 128, 3) and ('lr' in batch) == (not on_device)
   faces = batches * batch_size
   return {'workers': workers, 'degrade': 'device' if on_device else 'host',
-          'read_threads': read_threads,
+          'read_threads': read_threads, 'handoff': handoff if workers else None,
           'faces_per_s': faces / seconds, 'faces_per_cpu_s': faces / max(cpu, 1e-9),
           'cpu_cores_busy': cpu / seconds, 'main_process_cores_busy': main_cpu / seconds,
           'page_faults_per_face': None if faults is None else faults / faces,
@@ -195,27 +216,31 @@ def measure_in_process(source, batch_size: int, batches: int, lr_sizes) -> dict:
 
 
 def _workers_label(r: dict) -> str:
-  return f"{r['workers']} (one thread)" if r['workers'] == 0 and r['read_threads'] == 0 else str(
+  if r['workers'] == 0:
+    return '0 (one thread)' if r['read_threads'] == 0 else '0'
+  return f"{r['workers']} (shared memory)" if r.get('handoff') == 'shared_memory' else str(
       r['workers'])
 
 
 def speedups(results: list[dict]) -> dict[str, dict[str, float]]:
-  """2 workers' faces/s over 0 workers', per degradation: against the pipeline with read threads
+  """2 workers' faces/s over 0 workers', per degradation ('host', 'device'; through shared
+  memory 'host/shared_memory', 'device/shared_memory'): against the pipeline with read threads
   and against the one-thread pipeline (one core)."""
   out = {}
   for mode in ('host', 'device'):
     rows = [r for r in results if r['degrade'] == mode]
-    two = [r for r in rows if r['workers'] == 2]
     threaded = [r for r in rows if r['workers'] == 0 and r['read_threads'] > 0]
     single = [r for r in rows if r['workers'] == 0 and r['read_threads'] == 0]
-    if two:
-      ratios = {}
-      if threaded:
-        ratios['vs_0_workers'] = two[0]['faces_per_s'] / threaded[0]['faces_per_s']
-      if single:
-        ratios['vs_0_workers_one_thread'] = two[0]['faces_per_s'] / single[0]['faces_per_s']
-      if ratios:
-        out[mode] = ratios
+    for handoff, key in (('pipe', mode), ('shared_memory', f'{mode}/shared_memory')):
+      two = [r for r in rows if r['workers'] == 2 and r.get('handoff', 'pipe') == handoff]
+      if two:
+        ratios = {}
+        if threaded:
+          ratios['vs_0_workers'] = two[0]['faces_per_s'] / threaded[0]['faces_per_s']
+        if single:
+          ratios['vs_0_workers_one_thread'] = two[0]['faces_per_s'] / single[0]['faces_per_s']
+        if ratios:
+          out[key] = ratios
   return out
 
 
@@ -260,7 +285,9 @@ def table(results: list[dict], in_process: dict | None, page_us: float | None = 
       parts.append(f"{ratios['vs_0_workers']:.2f}x the faces/s of 0 workers")
     if 'vs_0_workers_one_thread' in ratios:
       parts.append(f"{ratios['vs_0_workers_one_thread']:.2f}x of 0 workers in one thread")
-    lines.append(f"\n{mode} degradation: 2 workers give {', '.join(parts)}")
+    mode, _, handoff = mode.partition('/')
+    via = ' through shared memory' if handoff else ''
+    lines.append(f"\n{mode} degradation: 2 workers{via} give {', '.join(parts)}")
   if in_process:
     lines.append(
         f"\nIn-process (one thread, no Grain): decode {in_process['decode_faces_per_cpu_s']:.0f}, "
@@ -270,7 +297,7 @@ def table(results: list[dict], in_process: dict | None, page_us: float | None = 
   if page_us is not None:
     lines.append(f'\nA first-touched 4 KiB page costs {page_us:.2f} us of CPU here: '
                  f'{page_us * 2 * 12:.0f} us a face for the 2 x 48 KiB (hr, lr) of a batch in '
-                 'fresh shared memory, on each side of the hand-off')
+                 "fresh shared memory (data.worker_handoff='shared_memory')")
   if placement is not None:
     lines.append(f"\nDegradation on this {placement['backend'].upper()} backend: host "
                  f"{placement['host_faces_per_cpu_s']:.0f}, jitted DeviceDegrader "
@@ -291,6 +318,8 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=3,
                       help='runs per configuration; the table shows the median (faces/s)')
   parser.add_argument('--read_threads', type=int, default=2, help='data.read_threads (per host)')
+  parser.add_argument('--handoffs', default='pipe,shared_memory',
+                      help='data.worker_handoff values to run the worker rows with')
   parser.add_argument('--retain_freed_memory', choices=('true', 'false'), default='true',
                       help="data.retain_freed_memory; process-wide once set, so compare the two "
                            "in separate runs")
@@ -301,23 +330,28 @@ def main() -> None:
   modes = [m.strip() for m in args.degrade.split(',') if m.strip()]
   if not set(modes) <= {'host', 'device'}:
     parser.error(f'--degrade takes host and/or device, got {args.degrade!r}')
+  handoffs = [h.strip() for h in args.handoffs.split(',') if h.strip()]
+  if not handoffs or not set(handoffs) <= {'pipe', 'shared_memory'}:
+    parser.error(f'--handoffs takes pipe and/or shared_memory, got {args.handoffs!r}')
   workers = [int(w) for w in args.workers.split(',')]
-  # (workers, read threads): 0 workers also in one thread, the baseline of worker scaling.
-  configurations = [(w, t) for w in workers
+  # (workers, read threads, hand-off): 0 workers also in one thread, the baseline of worker
+  # scaling; workers with each hand-off.
+  configurations = [(w, t, h) for w in workers
                     for t in ((0, args.read_threads) if w == 0 and args.read_threads else
-                              (args.read_threads,))]
+                              (args.read_threads,))
+                    for h in (handoffs if w else ('pipe',))]
   with tempfile.TemporaryDirectory() as tmp:
     use_lfw = args.data == 'lfw' or (args.data == 'auto' and LFW.is_dir())
     data = (write_lfw_faces if use_lfw else write_generated_faces)(Path(tmp), args.images)
     source = folders.IdentityFolders(tmp)
     results = []
-    for w, threads in configurations:
+    for w, threads, handoff in configurations:
       for mode in modes:
         r = measure_median(args.repeats, source, w, args.batch_size, args.batches,
                            mode == 'device', read_threads=threads,
-                           retain_freed_memory=args.retain_freed_memory == 'true')
+                           retain_freed_memory=args.retain_freed_memory == 'true', handoff=handoff)
         results.append(r)
-        print(f"workers={_workers_label(r):14s} degrade={r['degrade']:6s} "
+        print(f"workers={_workers_label(r):17s} degrade={r['degrade']:6s} "
               f"{r['faces_per_s']:6.0f} faces/s {r['faces_per_cpu_s']:6.0f} faces/CPU-s "
               f"({r['cpu_cores_busy']:.2f} cores busy, load {r['load_avg'][0]:.1f})", flush=True)
     in_process = None
@@ -335,7 +369,7 @@ def main() -> None:
   print(table(results, in_process, page_us, placement))
   report = {'benchmark': 'input_pipeline', 'data': data, 'batch_size': args.batch_size,
             'image_size': 128, 'lr_sizes': 'paper (10 sizes, per example)',
-            'read_threads': args.read_threads, 'repeats': args.repeats,
+            'read_threads': args.read_threads, 'repeats': args.repeats, 'handoffs': handoffs,
             'retain_freed_memory': args.retain_freed_memory == 'true',
             'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
                         'processor': platform.processor() or platform.machine()},

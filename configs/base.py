@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # glibc keeps the batch buffers it frees instead of faulting them in again every batch
       # (mallopt in this process and the workers; ipsr_jax/data/host_memory.py).
       retain_freed_memory=True,
+      # How a worker's batch reaches the training process: 'pipe' pickles it through Grain's
+      # queue; 'shared_memory' (Grain's own default) puts every array of every batch in a new
+      # segment, whose fresh pages cost more than the copies on the VMs measured (NOTES, issue 15).
+      worker_handoff='pipe',
       shuffle=True,
       max_bad_fraction=0.01,      # more unreadable images than this is an error
       synthetic_identities=2000,  # only for source == 'synthetic'

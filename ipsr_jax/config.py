@@ -12,6 +12,7 @@ from ipsr_jax import losses
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
 SOURCES = ('identity_folder', 'lfw', 'orl', 'ar', 'scface', 'tfds', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
+WORKER_HANDOFFS = ('pipe', 'shared_memory')
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'and loss.pixel_weight are both 0: nothing to train')
   _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')
   _need(d.lr_per in ('example', 'batch'), 'data.lr_per', d.lr_per, "must be 'example' or 'batch'")
+  _need(d.worker_handoff in WORKER_HANDOFFS, 'data.worker_handoff', d.worker_handoff,
+        f'must be one of {WORKER_HANDOFFS}')
   on_device = d.degrade_on_device
   _need(on_device is None or isinstance(on_device, bool) or on_device == 'auto', 'data.degrade_on_device',
         on_device, "must be True, False, None or 'auto' (auto: on for GPU/TPU, off on CPU)")

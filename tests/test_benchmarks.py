@@ -274,9 +274,14 @@ def test_input_pipeline_benchmark_reports_rates_cpu_and_load(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report['data'] == 'generated faces (48 images)' and report['batch_size'] == 8
-  rows = {(r['workers'], r['degrade'], r['read_threads']): r for r in report['results']}
-  # 0 workers also runs in one thread (read_threads=0): the baseline of worker scaling.
-  assert set(rows) == {(w, m, t) for m in ('host', 'device') for w, t in ((0, 0), (0, 2), (1, 2))}
+  rows = {(r['workers'], r['degrade'], r['read_threads'], r['handoff']): r
+          for r in report['results']}
+  # 0 workers also runs in one thread (read_threads=0): the baseline of worker scaling; workers
+  # run with each hand-off.
+  assert set(rows) == {(w, m, t, h) for m in ('host', 'device')
+                       for w, t, h in ((0, 0, None), (0, 2, None), (1, 2, 'pipe'),
+                                       (1, 2, 'shared_memory'))}
+  assert report['handoffs'] == ['pipe', 'shared_memory']
   for r in rows.values():
     assert r['faces'] == 24 and r['faces_per_s'] > 0 and r['faces_per_cpu_s'] > 0
     assert r['cpu_cores_busy'] == pytest.approx(r['faces_per_s'] / r['faces_per_cpu_s'])
@@ -287,11 +292,13 @@ def test_input_pipeline_benchmark_reports_rates_cpu_and_load(tmp_path):
     assert r['page_faults_per_face'] is None or r['page_faults_per_face'] >= 0
   # A worker process appears with one worker (beside multiprocessing's resource tracker); read
   # threads are per host, split over the workers.
-  children = {w: len(rows[(w, 'host', t)]['threads']['children']) for w, t in ((0, 2), (1, 2))}
+  children = {w: len(rows[(w, 'host', t, h)]['threads']['children'])
+              for w, t, h in ((0, 2, None), (1, 2, 'pipe'))}
   assert children[0] <= 1 and children[1] >= children[0] + 1
-  assert rows[(1, 'host', 2)]['read_threads_per_process'] == 2
+  assert rows[(1, 'host', 2, 'pipe')]['read_threads_per_process'] == 2
   # In one thread, the pipeline is the calling thread: Grain starts no reader beside it.
-  assert rows[(0, 'host', 0)]['threads']['main'] < rows[(0, 'host', 2)]['threads']['main']
+  assert (rows[(0, 'host', 0, None)]['threads']['main'] <
+          rows[(0, 'host', 2, None)]['threads']['main'])
   assert report['speedups'] == {}  # no 2-worker rows
   assert report['fresh_page_us'] > 0
   placement = report['degradation_placement']
@@ -314,13 +321,17 @@ def test_input_pipeline_table_gives_the_worker_speedups():
       'workers': w, 'degrade': mode, 'faces_per_s': fps, 'read_threads': threads,
       'faces_per_cpu_s': 2000.0, 'cpu_cores_busy': fps / 2000.0, 'load_avg': [0.5, 0.25, 0.125]}
   rows = [row(0, 'host', 800.0, threads=0), row(0, 'host', 1000.0), row(2, 'host', 1700.0),
-          row(0, 'device', 3000.0)]
+          dict(row(2, 'host', 1500.0), handoff='shared_memory'), row(0, 'device', 3000.0)]
   text = input_pipeline.table(rows, None, page_us=2.0)
   assert '| 2 | host | 1700 | 2000 | 0.85 | - | 0.5 / 0.2 / 0.1 |' in text
+  assert '| 2 (shared memory) | host | 1500 |' in text
   assert '| 0 (one thread) | host | 800 |' in text
   assert ('host degradation: 2 workers give 1.70x the faces/s of 0 workers, '
           '2.12x of 0 workers in one thread') in text
+  assert ('host degradation: 2 workers through shared memory give 1.50x the faces/s of 0 '
+          'workers, 1.88x of 0 workers in one thread') in text
   assert 'device degradation: 2 workers' not in text  # no 2-worker device row to compare
   assert '2.00 us of CPU here: 48 us a face' in text
   assert input_pipeline.speedups(rows) == {
-      'host': {'vs_0_workers': 1.7, 'vs_0_workers_one_thread': 2.125}}
+      'host': {'vs_0_workers': 1.7, 'vs_0_workers_one_thread': 2.125},
+      'host/shared_memory': {'vs_0_workers': 1.5, 'vs_0_workers_one_thread': 1.875}}

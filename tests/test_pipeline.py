@@ -155,16 +155,22 @@ def test_global_batches_do_not_depend_on_the_process_count(faces):
       np.testing.assert_array_equal(one[step][key], joined)
 
 
-@pytest.mark.parametrize('num_workers, read_threads', [(0, 0), (2, 4), (2, 0)])
-def test_batches_do_not_depend_on_the_worker_or_thread_count(faces, num_workers, read_threads):
+@pytest.mark.parametrize('num_workers, read_threads, handoff',
+                         [(0, 0, 'pipe'), (2, 4, 'pipe'), (2, 0, 'shared_memory')])
+def test_batches_do_not_depend_on_the_worker_or_thread_count(faces, num_workers, read_threads,
+                                                             handoff):
   # Workers take whole batches (and share data.read_threads; 0 reads in the consuming thread,
   # or in each worker's own); what each batch holds, down to the degraded pixels, is the
-  # one-process stream read by 4 threads.
+  # one-process stream read by 4 threads, whichever way the workers hand it over.
   config = _config(random_flip=True, read_threads=4)
   plain = _take(pipeline.make_train_iterator(config, faces), 6)
-  config.data.update(num_workers=num_workers, read_threads=read_threads)
+  config.data.update(num_workers=num_workers, read_threads=read_threads, worker_handoff=handoff)
   it = pipeline.make_train_iterator(config, faces)
-  _assert_same(_take(it, 6), plain)
+  batches = _take(it, 6)
+  _assert_same(batches, plain)
+  # Grain's shared-memory hand-off yields arrays mapped on its segments; the pipe, plain ones.
+  in_shared_memory = isinstance(batches[0]['hr'], grain.multiprocessing.SharedMemoryArray)
+  assert in_shared_memory == (num_workers > 0 and handoff == 'shared_memory')
   it.close()
 
 
@@ -176,15 +182,20 @@ def _assert_same(xs, ys):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-@pytest.mark.parametrize('num_workers', [0, 2])
-def test_state_round_trip_resumes_exactly(faces, num_workers):
-  # Flip, crop and the LR sizes are all random: a resumed run must redo them identically.
-  config = _config(num_workers=num_workers, random_flip=True, random_crop_padding=2)
+@pytest.mark.parametrize('num_workers, saved_by, restored_by',
+                         [(0, 'pipe', 'pipe'), (2, 'pipe', 'shared_memory'),
+                          (2, 'shared_memory', 'pipe')])
+def test_state_round_trip_resumes_exactly(faces, num_workers, saved_by, restored_by):
+  # Flip, crop and the LR sizes are all random: a resumed run must redo them identically. The
+  # hand-off is not part of the state: a checkpoint resumes under either.
+  config = _config(num_workers=num_workers, random_flip=True, random_crop_padding=2,
+                   worker_handoff=saved_by)
   it = pipeline.make_train_iterator(config, faces)
   _take(it, 3)
   state = it.get_state()
   expected = _take(it, 4)
   it.close()
+  config.data.worker_handoff = restored_by
   restored = pipeline.make_train_iterator(config, faces)
   restored.set_state(state)
   _assert_same(_take(restored, 4), expected)

@@ -17,8 +17,11 @@ the read threads or on what came before. Order of steps:
   -> [worker processes]
 
 Worker processes each take whole blocks (decode, stack, degrade: one batch is one element, so
-the hand-off is one batch's arrays through shared memory, not pickled records) and split
-data.read_threads between them: threads beyond one per core only contend for the GIL. A worker
+the hand-off is one batch's arrays, not pickled records) and split data.read_threads between
+them: threads beyond one per core only contend for the GIL. `data.worker_handoff` says how a
+batch crosses: 'pipe' pickles it through Grain's queue (two copies); 'shared_memory' is Grain's
+default, a new segment per array per batch, whose pages are allocated and faulted in afresh every
+batch. On the VMs measured the copies are cheaper (benchmarks/NOTES.md). A worker
 whose share is 0 reads in its own main thread; with no workers, read_threads=0 runs the whole
 pipeline in the consuming thread (one core: the baseline worker scaling is measured from).
 `data.retain_freed_memory` keeps glibc from handing the batch buffers back to the kernel after
@@ -53,6 +56,8 @@ from ipsr_jax.data.sources import FaceSource, make_source
 
 # Distinct streams of default_rng([seed, index, stream]) per random decision.
 _FLIP_STREAM, _CROP_STREAM = 1, 2
+# data.worker_handoff='pipe': no array is this large, so none goes through shared memory.
+_NEVER_SHARED_MEMORY = 1 << 62
 
 
 def _ensure_flags_parsed() -> None:
@@ -164,6 +169,9 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
     host_memory.retain_freed_memory()
   if data.num_workers > 0:
     _ensure_flags_parsed()
+    if data.worker_handoff == 'pipe':  # Grain pickles arrays below min_shm_size through its queue
+      ds = grain.experimental.WithOptionsIterDataset(
+          ds, grain.experimental.DatasetOptions(min_shm_size=_NEVER_SHARED_MEMORY))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data.num_workers), per_worker_buffer_size=int(data.worker_buffer_size)),
                         worker_init_fn=host_memory.init_worker if retain else None)
