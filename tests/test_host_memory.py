@@ -11,10 +11,11 @@ from ipsr_jax.data import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A 0-worker, one-thread pipeline over 128x128 JPEG faces in batches of 64 (the training shape):
-# minor page faults per face in steady state. A fresh process each, since the setting is global.
+# The pipeline over 128x128 JPEG faces in batches of 64 (the training shape), in one thread or one
+# worker, with a given hand-off: minor page faults per face, in steady state, of the process that
+# decodes and degrades. A fresh process each, since the setting is global.
 PROBE = r'''
-import os, resource, sys, tempfile
+import os, sys, tempfile
 from pathlib import Path
 import numpy as np
 import psutil

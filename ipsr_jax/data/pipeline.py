@@ -21,9 +21,9 @@ the hand-off is one batch's arrays, not pickled records) and split data.read_thr
 them: threads beyond one per core only contend for the GIL. `data.worker_handoff` says how a
 batch crosses: 'pipe' pickles it through Grain's queue (two copies); 'shared_memory' is Grain's
 default, a new segment per array per batch, whose pages are allocated and faulted in afresh every
-batch. On the VMs measured the copies are cheaper (benchmarks/NOTES.md). A worker
-whose share is 0 reads in its own main thread; with no workers, read_threads=0 runs the whole
-pipeline in the consuming thread (one core: the baseline worker scaling is measured from).
+batch. On the VMs measured the copies are cheaper (benchmarks/NOTES.md). A worker whose share
+of the read threads is 0 reads in its own main thread; with no workers, read_threads=0 runs the
+whole pipeline in the consuming thread (one core: the baseline worker scaling is measured from).
 `data.retain_freed_memory` keeps glibc from handing the batch buffers back to the kernel after
 every batch, in this process and in the workers (`host_memory`: a quarter of the host path's CPU
 went to faulting them in again).
