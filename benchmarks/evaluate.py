@@ -40,12 +40,12 @@ import jax.numpy as jnp
 
 from configs import base as base_config
 from ipsr_jax import api
-from ipsr_jax import losses
 from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.ops.batching import PaddedBatcher
+from ipsr_jax.ops import pixels as pixels_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # LFW (deep-funneled) census: images per identity -> number of identities with that many.
@@ -157,8 +157,8 @@ def unet_sr_fn(model_config, precision: str, buckets: Sequence[int]) -> Callable
   variables = _numpy_init(abstract, model_config.init_stddev)
 
   def sr(images, variables):
-    out = generator.apply(variables, losses.from_pixels(images), train=False)
-    return jnp.clip(losses.to_pixels(out.astype(jnp.float32)), 0.0, 255.0)
+    out = generator.apply(variables, pixels_lib.from_pixels(images), train=False)
+    return jnp.clip(pixels_lib.to_pixels(out.astype(jnp.float32)), 0.0, 255.0)
 
   batcher = PaddedBatcher(sr, buckets=buckets)
   variables = batcher.replicate(variables)

@@ -37,11 +37,11 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
-from ipsr_jax import losses
 from ipsr_jax.checkpointing import Checkpointer
 from ipsr_jax.models import convert, embedder_store
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionResnetV1, embed_images
+from ipsr_jax.ops import pixels as pixels_lib
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.ops.batching import PaddedBatcher
 
@@ -84,12 +84,8 @@ def sr_pixels(generator: unet_lib.UNet, variables: Mapping[str, Any], images: ja
   `ipsr_jax.train.sr_apply`; that module is not imported here because it pulls in the training
   stack (clu, TensorFlow summaries).
   """
-  lr = losses.from_pixels(bicubic_pixels(images, image_size))
-  return losses.to_pixels(generator.apply(variables, lr, train=False).astype(jnp.float32))
-
-
-def round_to_uint8(pixels: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round(pixels), 0.0, 255.0).astype(jnp.uint8)
+  lr = pixels_lib.from_pixels(bicubic_pixels(images, image_size))
+  return pixels_lib.to_pixels(generator.apply(variables, lr, train=False).astype(jnp.float32))
 
 
 def unit_concat(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -324,7 +320,7 @@ class SuperResolver(BatchedModel):
 
     def apply(images, variables):
       pixels = sr_pixels(generator, variables, images, size)
-      return round_to_uint8(pixels) if images.dtype == jnp.uint8 else pixels
+      return pixels_lib.round_to_uint8(pixels) if images.dtype == jnp.uint8 else pixels
 
     super().__init__(apply, _inference_variables(variables), buckets=buckets, mesh=mesh,
                      info=info)

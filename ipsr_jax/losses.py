@@ -16,16 +16,6 @@ import jax.numpy as jnp
 IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')
 
 
-def to_pixels(x: jax.Array) -> jax.Array:
-  """[-1, 1] generator range -> 0..255 pixels."""
-  return (x + 1.0) * 127.5
-
-
-def from_pixels(x: jax.Array) -> jax.Array:
-  """0..255 pixels (any int or float dtype) -> float32 [-1, 1]."""
-  return x.astype(jnp.float32) / 127.5 - 1.0
-
-
 def identity_distance(e_sr: jax.Array, e_hr: jax.Array, kind: str = 'mse',
                       temperature: float = 0.1) -> jax.Array:
   """Mean over the batch of the distance between unit embeddings.

@@ -32,6 +32,7 @@ from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
+from ipsr_jax.ops import pixels as pixels_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,8 +99,8 @@ def init_state(config, generator: unet_lib.UNet, tx: optax.GradientTransformatio
 def generator_input(batch: dict, degrader: degrade.DeviceDegrader | None) -> jax.Array:
   """The bicubic-upsampled LR face in [-1, 1], degraded on the host or inside the step."""
   if degrader is None:
-    return losses.from_pixels(batch['lr'])
-  return losses.from_pixels(degrader(batch['hr'].astype(jnp.float32), batch['lr_index']))
+    return pixels_lib.from_pixels(batch['lr'])
+  return pixels_lib.from_pixels(degrader(batch['hr'].astype(jnp.float32), batch['lr_index']))
 
 
 def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int) -> Callable[[jax.Array], jax.Array]:
@@ -110,7 +111,7 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, ge
                degrader) -> tuple[TrainState, TrainMetrics]:
   """One generator update on a global batch; the embedder is frozen (its variables are an input)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  hr = losses.from_pixels(batch['hr'])
+  hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
   embed = make_embed_fn(embedder, embedder_vars, config.embedder.input_size) if embedder is not None else None
 
@@ -195,8 +196,8 @@ class Trainer:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     for lr_hw in self.config.train.image_summary_lr_sizes:
       lr = degrade.degrade(hr, tuple(lr_hw), hr.shape[1:3], round_lr=self.config.data.round_lr)
-      sr = self._sr(variables, losses.from_pixels(jnp.asarray(lr)))
-      rows += [lr, np.asarray(jnp.clip(jnp.round(losses.to_pixels(sr)), 0, 255)).astype(np.uint8)]
+      sr = self._sr(variables, pixels_lib.from_pixels(jnp.asarray(lr)))
+      rows += [lr, np.asarray(pixels_lib.round_to_uint8(pixels_lib.to_pixels(sr)))]
     return summaries.image_grid(rows + [hr])
 
 

@@ -16,12 +16,12 @@ import pytest
 from ipsr_jax import api
 from ipsr_jax import checkpointing
 from ipsr_jax import inference
-from ipsr_jax import losses
 from ipsr_jax.data import image_io
 from ipsr_jax.data.image_folder import ImageFolder
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
+from ipsr_jax.ops import pixels as pixels_lib
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.tools import embed as embed_tool
 from ipsr_jax.tools import super_resolve as sr_tool
@@ -51,8 +51,8 @@ def direct(run_dir):
   config = inference.load_run_config(run_dir)
   generator = unet_lib.from_config(config.model)
   _, variables = checkpointing.Checkpointer(run_dir, read_only=True).restore_model()
-  apply = jax.jit(lambda x: losses.to_pixels(train.sr_apply(generator, variables,
-                                                            losses.from_pixels(x))))
+  apply = jax.jit(lambda x: pixels_lib.to_pixels(train.sr_apply(generator, variables,
+                                                            pixels_lib.from_pixels(x))))
   return lambda pixels: np.asarray(apply(jnp.asarray(pixels, jnp.float32)))
 
 
