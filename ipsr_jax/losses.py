@@ -13,6 +13,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ipsr_jax.ops.pixels import to_pixels
+
 IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')
 
 
