@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import grain
@@ -48,68 +49,228 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, 'checkpoints')
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds any step folder (readable or not), without Orbax."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(checkpoint_dir(workdir))
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be read or written; the message is one line saying what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+  pass
+
+
+UNREADABLE_SUFFIX = '.unreadable'
+# Orbax writes this last, just before the atomic rename; a step folder without it never finished.
+COMMIT_MARKER = 'commit_success.txt'
+
+
+def _reason(exc: BaseException) -> str:
+  """The root cause in one line: Orbax wraps TensorStore's precise message ("... Requested byte
+  range [197331, 227095) is not valid for value of size 100") in generic ones."""
+  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+  while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+    exc = exc.__cause__ or exc.__context__
+  code = getattr(exc, 'errno', None)
+  found = re.search(r"os_error_code='(\d+)'", str(exc))  # TensorStore's way of passing errno on
+  if code is None and found:
+    code = int(found.group(1))
+  if code:
+    return f'{os.strerror(code)} [errno {code}]'
+  return f'{type(exc).__name__}: {console.one_line(str(exc), limit=240)}'
+
+
 class Checkpointer:
-  """A CheckpointManager over `<workdir>/checkpoints` holding the items 'state' and 'data_iter'."""
+  """A CheckpointManager over `<workdir>/checkpoints` holding the items 'state' and 'data_iter'.
+
+  Never dies on its own files:
+    - `restore` (no step given) takes the newest checkpoint that reads back completely, state and
+      iterator state together; each unreadable one is named in one terminal line and, when
+      writable, set aside as `<step>.unreadable` (renamed, never deleted);
+    - a save that fails (full disk, permissions) raises `CheckpointSaveError` naming the step
+      and the intact checkpoint a restart resumes from;
+    - retention is done here, after a save is confirmed complete, so the newest complete
+      checkpoint is never deleted (Orbax's own `max_to_keep` would prune even when the save it
+      follows failed).
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True, best_metric: str | None = None,
                read_only: bool = False):
+    self.keep, self.read_only = keep, read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=use_async,
+        max_to_keep=None, create=not read_only, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode='max', read_only=read_only, save_interval_steps=0 if read_only else 1)
+        best_mode='max', read_only=read_only, save_interval_steps=0 if read_only else 1,
+        cleanup_tmp_directories=not read_only)  # a half-written save's temporary folder
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain_python.PyGrainCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+    self._pending: int | None = None   # step of a save not yet confirmed complete
+    self._failed = False               # a save failed: close quietly, keep what is on disk
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  # Saving.
 
   def save(self, step: int, state: Any, data_iter: ConsumedIteratorState | None = None,
            metrics: dict | None = None, force: bool = False) -> bool:
+    self._confirm_pending()
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
       items[DATA] = grain_python.PyGrainCheckpointSave(data_iter)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
     if saved:
+      self._pending = step
       logging.info('Saving checkpoint at step %d (asynchronously).', step)
     return saved
 
+  def _confirm_pending(self) -> None:
+    """Waits for the save in flight; raises CheckpointSaveError if it failed, else prunes."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if '://' not in self.directory and not os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
+      raise self._save_error(step, OSError(f'{self.directory}/{step} is incomplete after the save'))
+    self._prune()
+
+  def _save_error(self, step: int, exc: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    logging.info('Checkpoint save of step %d failed', step, exc_info=exc)  # the log file only
+    intact = [s for s in self._steps_on_disk() if s != step]
+    kept = (f'the previous checkpoint (step {intact[-1]}) is intact, and running the same command again '
+            f'resumes from it' if intact else 'no earlier checkpoint exists, so a restart begins at step 0')
+    return CheckpointSaveError(
+        f'checkpoint step {step} was not saved ({_reason(exc)}) in {self.directory}; training stopped. '
+        f'Nothing was deleted: {kept} once there is space (or write permission) again.')
+
+  def _steps_on_disk(self) -> list[int]:
+    """Committed step folders, read from the directory (Orbax's list drops a step whose save failed)."""
+    if '://' in self.directory or not os.path.isdir(self.directory):
+      return self.all_steps()
+    return sorted(int(n) for n in os.listdir(self.directory)
+                  if n.isdigit() and os.path.exists(os.path.join(self.directory, n, COMMIT_MARKER)))
+
+  def _prune(self) -> None:
+    if self.read_only or not self.keep:
+      return
+    for step in self.all_steps()[:-self.keep]:
+      self.manager.delete(step)
+
+  # Restoring.
+
+  def _candidates(self, step: int | None) -> list[int]:
+    if step is not None:
+      return [step]
+    return sorted(self.all_steps(), reverse=True)
+
+  def _restore_newest(self, step: int | None, restore_fn) -> tuple[int, Any]:
+    """restore_fn(step) on `step`, or on each step newest first until one reads back."""
+    candidates = self._candidates(step)
+    if not candidates:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    unreadable = []
+    for s in candidates:
+      try:
+        if '://' not in self.directory and not os.path.exists(os.path.join(self.directory, str(s), COMMIT_MARKER)):
+          raise CheckpointError(f'{COMMIT_MARKER} is missing: the save of this step never finished')
+        result = restore_fn(s)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.info('Checkpoint step %d could not be restored', s, exc_info=e)  # the log file only
+        if step is not None:
+          raise CheckpointError(f'checkpoint step {s} in {self.directory} cannot be read ({_reason(e)}); '
+                                f'readable steps: {self._others(s)}') from e
+        unreadable.append(s)
+        self._set_aside(s, e, candidates)
+        continue
+      if unreadable:
+        self.manager.reload()
+      return s, result
+    self.manager.reload()
+    where = 'set aside as <step>' + UNREADABLE_SUFFIX if not self.read_only else 'left in place'
+    raise CheckpointError(f'no readable checkpoint in {self.directory}: steps {sorted(unreadable)} cannot be '
+                          f'read ({where}); use a new --workdir, or put an intact checkpoint back.')
+
+  def _others(self, step: int) -> str:
+    others = [s for s in self.all_steps() if s != step]
+    return ', '.join(map(str, others)) if others else 'none'
+
+  def _set_aside(self, step: int, exc: BaseException, candidates: list[int]) -> None:
+    """One terminal line; a writable run renames the folder so that no later save or prune
+    touches it and the next start does not try it again."""
+    from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+    older = [s for s in candidates if s < step]
+    then = f'trying step {older[0]}' if older else 'no older checkpoint to try'
+    if self.read_only or '://' in self.directory or jax.process_count() > 1:
+      console.warn(f'checkpoint step {step} cannot be read ({_reason(exc)}); {then}.')
+      return
+    src = os.path.join(self.directory, str(step))
+    dst, n = src + UNREADABLE_SUFFIX, 1
+    while os.path.exists(dst):
+      dst, n = f'{src}{UNREADABLE_SUFFIX}.{n}', n + 1
+    os.rename(src, dst)
+    console.warn(f'checkpoint step {step} cannot be read ({_reason(exc)}); set aside as '
+                 f'{os.path.relpath(dst, os.path.dirname(self.directory))}, {then}.')
+
   def restore(self, abstract_state: Any, data_iter: ConsumedIteratorState | None = None,
               step: int | None = None) -> tuple[int, Any]:
-    """Restores `step` (default: the newest complete one) onto `abstract_state`'s shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.manager.directory}')
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items[DATA] = grain_python.PyGrainCheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info('Restored checkpoint step %d from %s', step, self.manager.directory)
-    return step, restored[STATE]
+    """Restores `step` (default: the newest readable one) onto `abstract_state`'s shardings."""
+
+    def restore_step(s):
+      items = {STATE: ocp.args.StandardRestore(abstract_state)}
+      if data_iter is not None:
+        items[DATA] = grain_python.PyGrainCheckpointRestore(data_iter)
+      return self.manager.restore(s, args=ocp.args.Composite(**items))[STATE]
+
+    step, state = self._restore_newest(step, restore_step)
+    logging.info('Restored checkpoint step %d from %s', step, self.directory)
+    return step, state
 
   def restore_model(self, step: int | None = None, sharding: Any = None) -> tuple[int, dict]:
     """For evaluation and serving: {'params', 'batch_stats'} of the generator, without building the
     optimiser. The tree is read from the checkpoint's metadata and placed with `sharding` (default:
-    the first local device)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.manager.directory}')
+    the first local device). Without `step`, the newest checkpoint that reads back."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = self.manager.item_metadata(step)[STATE]
-    tree = getattr(metadata, 'tree', metadata)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
-    state = restored[STATE]
-    return step, {'params': state['params'], 'batch_stats': state['batch_stats']}
+
+    def restore_step(s):
+      metadata = self.manager.item_metadata(s)[STATE]
+      tree = getattr(metadata, 'tree', metadata)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+      state = self.manager.restore(s, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))[STATE]
+      return {'params': state['params'], 'batch_stats': state['batch_stats']}
+
+    return self._restore_newest(step, restore_step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._confirm_pending()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (raising CheckpointSaveError if it failed) and closes."""
+    try:
+      if not self._failed:
+        self._confirm_pending()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+        logging.info('Closing the checkpoint manager after a failed save', exc_info=True)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

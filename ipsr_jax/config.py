@@ -107,3 +107,60 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# What a workdir's checkpoints mean: the state's shapes (model), what it was trained against and
+# how (embedder, loss, optimiser), and the data stream the saved iterator position refers to.
+# A resume must keep these; everything else (steps, logging, checkpoint and eval cadence, data
+# paths, the mesh, workers) may change and is recorded.
+_OPTIMISER = tuple(f'train.{k}' for k in ('batch_size', 'optimizer', 'learning_rate', 'b1', 'b2', 'eps',
+                                          'weight_decay', 'schedule', 'warmup_steps', 'grad_clip_norm'))
+_DATA_STREAM = tuple(f'data.{k}' for k in ('source', 'split', 'image_size', 'lr_sizes', 'lr_per', 'round_lr',
+                                           'shuffle', 'random_flip', 'random_crop_padding', 'tfds_name',
+                                           'synthetic_identities', 'synthetic_images_per_identity'))
+_EMBEDDER_SHAPE = tuple(f'embedder.{k}' for k in ('width', 'embedding_size', 'input_size', 'bn_epsilon',
+                                                  'dropout_rate'))
+RESUME_LOCKED = {
+    'train': ('model', 'loss', 'seed') + _EMBEDDER_SHAPE + _OPTIMISER + _DATA_STREAM,
+    'pretrain_embedder': ('pretrain', 'seed') + _EMBEDDER_SHAPE + _OPTIMISER + _DATA_STREAM,
+}
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _locked(key: str, mode: str) -> bool:
+  return any(key == f or key.startswith(f + '.') for f in RESUME_LOCKED.get(mode, ()))
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict, mode: str,
+                   workdir: str) -> list[tuple[str, Any, Any]]:
+  """Compares a workdir's config.json with the config resuming it.
+
+  Raises ConfigError, listing each differing field that `RESUME_LOCKED[mode]` covers with both
+  values; returns the other differences (field, saved, now) for the caller to record. A field
+  one side lacks (a config written by another version) counts as allowed.
+  """
+  before, now = _flatten(saved), _flatten(json.loads(to_json(config)))
+  missing = object()
+  locked, allowed = [], []
+  for key in sorted(set(before) | set(now)):
+    a, b = before.get(key, missing), now.get(key, missing)
+    if a == b:
+      continue
+    if a is not missing and b is not missing and _locked(key, mode):
+      locked.append((key, a, b))
+    else:
+      allowed.append((key, None if a is missing else a, None if b is missing else b))
+  if locked:
+    fields = '; '.join(f'{k}={a!r} there, {b!r} now' for k, a, b in locked)
+    back = ' '.join(f'--config.{k}={json.dumps(a)}' for k, a, _ in locked)
+    raise ConfigError(f'{workdir} holds a run with other settings: {fields}. Nothing was changed: use a '
+                      f'new --workdir for these settings, or set them back ({back}) to resume the run.')
+  return allowed

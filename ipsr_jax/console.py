@@ -17,15 +17,18 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import logging as absl_logging
 
 LOG_FILE = 'log.txt'
+# Where command-line tools (and runs whose workdir is remote) keep their complete log.
+TOOL_LOG_DIR = os.path.join(tempfile.gettempdir(), 'ipsr_jax_logs')
 _LOGGER = logging.getLogger('ipsr_jax.console')
-_STATE: dict[str, Any] = dict(primary=True, log_path=None, bar=None)
+_STATE: dict[str, Any] = dict(primary=True, log_path=None, bar=None, terminal=None)
 
 
 # Library warnings that say nothing wrong (a read-only checkpoint manager is how models are loaded).
@@ -34,16 +37,28 @@ _BENIGN = ('Given directory is read only',)
 _PROCESS_ENV = ('JAX_PROCESS_ID', 'SLURM_PROCID', 'TPU_WORKER_ID')
 
 
+# Libraries whose records stay in the log file unless --log_level=info: Orbax and TensorStore log
+# a failed restore or save as pages of tracebacks (and asyncio adds "Task exception was never
+# retrieved" / "Event loop is closed" for the tasks they leave behind); the one line that matters
+# is the project's own error, which names the step and what to do.
+_QUIET_LOGGERS = ('asyncio', 'orbax', 'tensorstore', 'grain')
+_QUIET_PATHS = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}', f'{os.sep}asyncio{os.sep}',
+                f'{os.sep}grain{os.sep}')
+
+
 class _TerminalFilter(logging.Filter):
   """Console messages reach the terminal through `say`, so the terminal handler skips them."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name.startswith(_LOGGER.name):
       return False
+    if record.name.startswith(_QUIET_LOGGERS) or any(p in (record.pathname or '') for p in _QUIET_PATHS):
+      return False
     return not (record.levelno < logging.ERROR and str(record.msg).startswith(_BENIGN))
 
 
-def setup(workdir: str, level: str = 'warning', process_index: int | None = None) -> str:
+def setup(workdir: str, level: str = 'warning', process_index: int | None = None,
+          log_name: str = LOG_FILE) -> str:
   """Terminal at `level` for library logs, everything at INFO in the log file; returns its path.
 
   Call it first thing (before JAX starts its backends, which log); `process_index` defaults to
@@ -52,24 +67,29 @@ def setup(workdir: str, level: str = 'warning', process_index: int | None = None
   if process_index is None:
     process_index = next((int(os.environ[k]) for k in _PROCESS_ENV if os.environ.get(k, '').isdigit()), 0)
   _STATE['primary'] = process_index == 0
-  local = workdir if '://' not in workdir else os.path.join('/tmp', 'ipsr_jax_logs')
+  local = workdir if '://' not in workdir else TOOL_LOG_DIR
   os.makedirs(local, exist_ok=True)
-  path = os.path.join(local, LOG_FILE if process_index == 0 else f'log.process{process_index}.txt')
+  stem, ext = os.path.splitext(log_name)
+  path = os.path.join(local, log_name if process_index == 0 else f'{stem}.process{process_index}{ext}')
   _STATE['log_path'] = path
   verbose = level.lower() in ('info', 'debug')
+  screen = sys.stderr
   if not verbose:
-    # C++ libraries (TF's import banner, XLA) write straight to fd 2: send fd 2 to the log file and
-    # keep Python's stderr on the terminal.
+    # C++ libraries (TF's import banner, XLA) write straight to fd 2, and Python libraries print to
+    # sys.stderr (Orbax's worker threads print whole tracebacks there when a save or restore
+    # fails): both go to the log file. The terminal keeps its own handle, used by `warn`, `error`
+    # and the filtered library-log handler.
     sys.stderr.flush()
-    terminal = os.fdopen(os.dup(2), 'w', buffering=1, encoding=sys.stderr.encoding or 'utf-8',
-                         errors='backslashreplace')
+    encoding = sys.stderr.encoding or 'utf-8'
+    screen = os.fdopen(os.dup(2), 'w', buffering=1, encoding=encoding, errors='backslashreplace')
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    sys.stderr = terminal
+    sys.stderr = os.fdopen(2, 'w', buffering=1, encoding=encoding, errors='backslashreplace', closefd=False)
+  _STATE['terminal'] = screen
   absl_logging.set_verbosity('debug' if level.lower() == 'debug' else 'info')
   handler = absl_logging.get_absl_handler()
-  handler.python_handler.stream = sys.stderr
+  handler.python_handler.stream = screen
   handler.setLevel(getattr(logging, level.upper()))
   handler.addFilter(_TerminalFilter())
   to_file = logging.FileHandler(path, encoding='utf-8')
@@ -105,11 +125,67 @@ def header(text: str) -> None:
   say(f'== {text}')
 
 
+def terminal() -> Any:
+  """The stream errors and warnings reach the person on (stderr before `setup`)."""
+  return _STATE['terminal'] or sys.stderr
+
+
+def warn(message: str) -> None:
+  """One line for the person at the terminal (stderr) about something that did not stop the run."""
+  _LOGGER.warning(message)
+  if _STATE['primary']:
+    bar = _STATE['bar']
+    if bar is not None:
+      bar.write(f'Warning: {message}', file=terminal())
+    else:
+      print(f'Warning: {message}', file=terminal(), flush=True)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+  """A library's message as one terminal line: its first line, shortened (the log has it all)."""
+  lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+  first = lines[0] if lines else ''
+  if len(first) > limit:
+    first = first[:limit - 3] + '...'
+  return first + (' [...]' if len(lines) > 1 else '')
+
+
 def error(exc: BaseException) -> None:
-  """The message on stderr, the traceback in the log file."""
+  """The message on stderr in one line, the traceback in the log file."""
   _LOGGER.error('%s', ''.join(traceback.format_exception(exc)))
   where = f' (traceback in {_STATE["log_path"]})' if _STATE['log_path'] else ''
-  print(f'Error: {type(exc).__name__}: {exc}{where}', file=sys.stderr, flush=True)
+  print(f'Error: {type(exc).__name__}: {one_line(str(exc), limit=1000)}{where}', file=terminal(), flush=True)
+
+
+def run_tool(main: Callable[[list[str]], Any], name: str) -> None:
+  """`app.run(main)` for a command-line tool, with the main command's terminal conventions.
+
+  Library logs (Orbax, JAX, absl) go only to `TOOL_LOG_DIR/<name>.txt` unless --log_level=info;
+  progress is plain lines when stdout is not a terminal (`Progress`); an error is one line on
+  stderr naming the log file that holds its traceback, and the exit code is 1.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if 'log_level' not in flags.FLAGS:
+    flags.DEFINE_enum('log_level', 'warning', ['debug', 'info', 'warning', 'error'],
+                      f'Library logs shown on the terminal (all of INFO always goes to {TOOL_LOG_DIR}).')
+
+  def wrapped(argv):
+    level = flags.FLAGS.log_level
+    setup(TOOL_LOG_DIR, level, log_name=f'{name}.txt')
+    try:
+      main(argv)
+    except app.UsageError as e:  # absl would print it to sys.stderr, which is the log file now
+      print(f'Error: {e} (see --helpfull)', file=terminal(), flush=True)
+      sys.exit(1)
+    except Exception as e:  # pylint: disable=broad-except
+      if level in ('debug', 'info'):
+        raise
+      error(e)
+      sys.exit(1)
+
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(wrapped)
 
 
 def duration(seconds: float) -> str:
@@ -129,16 +205,19 @@ def format_metrics(metrics: Mapping[str, Any], names: tuple[str, ...] | None = N
 class Progress:
   """A progress bar on a terminal (tqdm); otherwise a plain line every `plain_every` items.
 
-  `plain_every=0`: no plain lines (the caller prints its own, e.g. metrics lines).
+  `plain_every=0`: no plain lines (the caller prints its own, e.g. metrics lines); `quiet`: neither
+  bar nor lines (a tool's --noprogress).
   """
 
-  def __init__(self, total: int, desc: str, *, start: int = 0, unit: str = 'step', plain_every: int | None = None):
+  def __init__(self, total: int, desc: str, *, start: int = 0, unit: str = 'step', plain_every: int | None = None,
+               quiet: bool = False):
     self.total, self.desc, self.unit = int(total), desc, unit
     self.n = self.start = int(start)
-    self.plain_every = (max(1, math.ceil(self.total / 4)) if plain_every is None else int(plain_every))
+    self.plain_every = (0 if quiet else max(1, math.ceil(self.total / 4)) if plain_every is None
+                        else int(plain_every))
     self._t0 = time.perf_counter()
     self._bar = None
-    if _STATE['primary'] and sys.stdout.isatty():
+    if _STATE['primary'] and sys.stdout.isatty() and not quiet:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=self.total, initial=self.start, desc=desc, unit=unit, file=sys.stdout,
                        dynamic_ncols=True, leave=True)

@@ -161,6 +161,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   step_fn = jax.jit(make_step(config, embedder, head, tx),
                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  train_lib.record_run_config(config, workdir, 'pretrain_embedder')
   writer = summaries.create_writer(workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterator = pipeline.make_train_iterator(config, source, seed=config.seed)

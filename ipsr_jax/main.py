@@ -40,18 +40,18 @@ def main(argv):
 
   config = FLAGS.config
   mode = FLAGS.mode or config.get('mode', 'train')
-  with config.unlocked():
-    config.mode = mode
-  config_lib.validate(config)
-  paths.resolve_config(config)
   workdir = FLAGS.workdir
   log_file = console.setup(workdir, FLAGS.log_level)
-  sharding.initialize_distributed()
-  console.set_process_index(jax.process_index())
-  _hide_gpus_from_tensorflow()
-  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
   try:
+    with config.unlocked():
+      config.mode = mode
+    config_lib.validate(config)
+    paths.resolve_config(config)
+    sharding.initialize_distributed()
+    console.set_process_index(jax.process_index())
+    _hide_gpus_from_tensorflow()
+    logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
+                 jax.local_devices())
     _dispatch(mode, config, workdir)
   except Exception as e:  # pylint: disable=broad-except
     if FLAGS.log_level in ('debug', 'info'):

@@ -7,6 +7,7 @@ would), clu metric writers and periodic actions.
 """
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,9 @@ from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.ops import pixels as pixels_lib
+
+
+RUN_CONFIG = 'config.json'  # what `inference.load_run_config` reads back
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -249,6 +253,29 @@ def check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
         'train.grad_clip_norm, then run again.')
 
 
+def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
+  """Writes `<workdir>/config.json`; resuming, first checks it against the saved one.
+
+  Before any checkpoint is touched: a field that shapes the checkpoints (`config.RESUME_LOCKED`)
+  that differs stops the run with both values (ConfigError); other differences are said on the
+  terminal and in log.txt, and config.json then holds the new values.
+  """
+  path = os.path.join(workdir, RUN_CONFIG)
+  if checkpointing.has_checkpoints(workdir) and os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+    changes = config_lib.resume_changes(saved, config, mode, workdir)
+    if changes:
+      console.say('Resuming with changed settings: ' +
+                  '; '.join(f'{k} {json.dumps(a)} -> {json.dumps(b)}' for k, a, b in changes))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    partial = path + '.partial'  # a kill mid-write must not leave a torn config.json
+    with open(partial, 'w', encoding='utf-8') as f:
+      f.write(config_lib.to_json(config))
+    os.replace(partial, path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn: Callable[[int, dict], dict] | None = None) -> TrainState:
   """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
@@ -256,10 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if evaluate_fn is None and config.train.eval_every_steps and config.evals:
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     evaluate_fn = evaluator.make_periodic_evaluator(config, workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config_lib.to_json(config))
+  record_run_config(config, workdir, 'train')
   writer = summaries.create_writer(workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterator = pipeline.make_train_iterator(config, trainer.source, seed=config.seed)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ipsr_jax import console
 from ipsr_jax.models import mtcnn
 
 # ArcFace / insightface 5-point template for 112x112 crops: left eye, right eye, nose tip, left and
@@ -520,12 +521,11 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
     return str(rel), '', result.score
 
   failures, scores, resumed = [], [], 0
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    results = pool.map(one, files)
-    if progress:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      results = tqdm(results, total=len(files), unit='img', desc=f'align {input_root.name}')
-    for rel, reason, score in results:
+  # A bar on a terminal, plain lines in a file (no carriage-return redraws in a log).
+  bar = console.Progress(len(files), f'align {input_root.name}', unit='img', quiet=not progress)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, bar:
+    for done, (rel, reason, score) in enumerate(pool.map(one, files), 1):
+      bar.update(done)
       if reason:
         failures.append({'path': rel, 'reason': reason})
         logging.info('align: %s: %s', rel, reason)

@@ -16,6 +16,7 @@ import os
 from absl import app
 from absl import flags
 
+from ipsr_jax import console
 from ipsr_jax import paths
 
 _INPUT = paths.DEFINE_path('input', None, 'Root of <identity>/<image> folders to align.')
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  console.run_tool(main, 'align')

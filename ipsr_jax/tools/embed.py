@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -31,6 +30,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from ipsr_jax import console
 from ipsr_jax import paths
 
 FORMATS = ('.npz', '.parquet')
@@ -93,23 +93,20 @@ def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, out
                  progress: bool = True, metadata: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
   """Embeds every readable image under `input_path` with `embed` and writes `output_path`."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-
   from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
   from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.tools.super_resolve import report_unreadable  # pylint: disable=g-import-not-at-top
 
   check_output(output_path)
   start = time.perf_counter()
   folder = ImageFolder(input_path)
   found: dict[str, np.ndarray] = {}
   batches = folder.batches(batch_size, image_size=image_size, workers=workers)
-  with tqdm.tqdm(total=len(folder), unit='img', desc='embed', disable=not progress,
-                 file=sys.stderr) as bar:
+  with console.Progress(len(folder), 'embed', unit='img', quiet=not progress) as bar:
     for batch in prefetch(batches):
       found.update(zip(batch.names, np.asarray(embed(batch.images), np.float32)))
-      bar.update(len(batch.names))
-      bar.set_postfix(unreadable=len(folder.unreadable), refresh=False)
-    bar.update(len(folder) - bar.n)
+      bar.update(len(found), postfix=f'unreadable {len(folder.unreadable)}')
+    bar.update(len(folder))
   names = [n for n in folder.names if n in found]  # the folder's (natural) order
   dim = next(iter(found.values())).shape[-1] if found else 0
   embeddings = np.stack([found[n] for n in names]) if names else np.zeros((0, dim), np.float32)
@@ -118,10 +115,7 @@ def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, out
               embedding_size=int(dim), unreadable=unreadable,
               seconds=round(time.perf_counter() - start, 3))
   write_embeddings(output_path, names, embeddings, info)
-  if unreadable:
-    print(f'{len(unreadable)} unreadable file(s) skipped:', file=sys.stderr)
-    for u in unreadable:
-      print(f"  {u['path']}: {u['reason']}", file=sys.stderr)
+  report_unreadable(unreadable)
   return dict(info, output=os.path.abspath(output_path), total=len(folder))
 
 
@@ -144,7 +138,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
                                       'to this square on the host first (one compiled shape).'),
       batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
       workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
-      progress=flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.'),
+      progress=flags.DEFINE_bool('progress', True, 'Show progress (a bar on a terminal, else plain lines).'),
   )
 
 
@@ -181,7 +175,7 @@ def run() -> None:
   """Console entry point."""
   holders = define_flags()
   flags.mark_flags_as_required(['weights', 'input', 'output'])
-  app.run(lambda argv: main(argv, holders))
+  console.run_tool(lambda argv: main(argv, holders), 'embed')
 
 
 if __name__ == '__main__':

@@ -16,13 +16,13 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 
+from ipsr_jax import console
 from ipsr_jax import paths
 
 REPORT_FILE = 'report.json'
@@ -39,7 +39,6 @@ def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_siz
                          workers: int = 4, progress: bool = True) -> dict[str, Any]:
   """Writes SR PNGs of every readable image under `input_path`; returns (and writes) the report."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
 
   from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
   from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
@@ -50,8 +49,8 @@ def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_siz
   os.makedirs(output_dir, exist_ok=True)
   written = 0
   batches = folder.batches(batch_size, image_size=sr.image_size, workers=workers)
-  with tqdm.tqdm(total=len(folder), unit='img', desc='super-resolve', disable=not progress,
-                 file=sys.stderr) as bar:
+  with console.Progress(len(folder), 'super-resolve', unit='img', quiet=not progress) as bar:
+    done = 0
     for batch in prefetch(batches):
       faces = sr(batch.images)
       for name, face in zip(batch.names, faces):
@@ -59,9 +58,9 @@ def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_siz
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(face).save(path)
         written += 1
-      bar.update(len(batch.names))
-      bar.set_postfix(unreadable=len(folder.unreadable), refresh=False)
-    bar.update(len(folder) - bar.n)
+      done += len(batch.names)
+      bar.update(done, postfix=f'unreadable {len(folder.unreadable)}')
+    bar.update(len(folder))
   report = dict(
       input=os.path.abspath(input_path), output=os.path.abspath(output_dir), total=len(folder),
       written=written, image_size=sr.image_size, source=sr.info,
@@ -76,9 +75,9 @@ def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_siz
 
 def report_unreadable(unreadable: list[dict[str, str]]) -> None:
   if unreadable:
-    print(f'{len(unreadable)} unreadable file(s) skipped:', file=sys.stderr)
+    print(f'{len(unreadable)} unreadable file(s) skipped:', file=console.terminal())
     for u in unreadable:
-      print(f"  {u['path']}: {u['reason']}", file=sys.stderr)
+      print(f"  {u['path']}: {u['reason']}", file=console.terminal())
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -92,7 +91,7 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
       workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
       bfloat16=flags.DEFINE_bool('bfloat16', False, 'Compute in bfloat16 (faster on TPU/GPU).'),
-      progress=flags.DEFINE_bool('progress', True, 'Show a progress bar on stderr.'),
+      progress=flags.DEFINE_bool('progress', True, 'Show progress (a bar on a terminal, else plain lines).'),
   )
 
 
@@ -118,7 +117,7 @@ def run() -> None:
   """Console entry point."""
   holders = define_flags()
   flags.mark_flags_as_required(['workdir', 'input', 'output'])
-  app.run(lambda argv: main(argv, holders))
+  console.run_tool(lambda argv: main(argv, holders), 'super_resolve')
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from ipsr_jax import console
 from ipsr_jax import inference
 from ipsr_jax import paths
 from ipsr_jax.evaluation import verification
@@ -126,4 +127,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  console.run_tool(main, 'verify')
