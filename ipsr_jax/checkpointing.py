@@ -145,7 +145,7 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
-    if '://' not in self.directory and not os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER)):
+    if not self._committed(step):
       raise self._save_error(step, OSError(f'{self.directory}/{step} is incomplete after the save'))
     self._prune()
 
@@ -159,12 +159,15 @@ class Checkpointer:
         f'checkpoint step {step} was not saved ({_reason(exc)}) in {self.directory}; training stopped. '
         f'Nothing was deleted: {kept} once there is space (or write permission) again.')
 
+  def _committed(self, step: int | str) -> bool:
+    """Whether a local step folder holds its commit marker (remote folders: trust Orbax)."""
+    return '://' in self.directory or os.path.exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
+
   def _steps_on_disk(self) -> list[int]:
     """Committed step folders, read from the directory (Orbax's list drops a step whose save failed)."""
     if '://' in self.directory or not os.path.isdir(self.directory):
       return self.all_steps()
-    return sorted(int(n) for n in os.listdir(self.directory)
-                  if n.isdigit() and os.path.exists(os.path.join(self.directory, n, COMMIT_MARKER)))
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit() and self._committed(n))
 
   def _prune(self) -> None:
     if self.read_only or not self.keep:
@@ -174,20 +177,15 @@ class Checkpointer:
 
   # Restoring.
 
-  def _candidates(self, step: int | None) -> list[int]:
-    if step is not None:
-      return [step]
-    return sorted(self.all_steps(), reverse=True)
-
   def _restore_newest(self, step: int | None, restore_fn) -> tuple[int, Any]:
     """restore_fn(step) on `step`, or on each step newest first until one reads back."""
-    candidates = self._candidates(step)
+    candidates = [step] if step is not None else self.all_steps()[::-1]
     if not candidates:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     unreadable = []
     for s in candidates:
       try:
-        if '://' not in self.directory and not os.path.exists(os.path.join(self.directory, str(s), COMMIT_MARKER)):
+        if not self._committed(s):
           raise CheckpointError(f'{COMMIT_MARKER} is missing: the save of this step never finished')
         result = restore_fn(s)
       except Exception as e:  # pylint: disable=broad-except

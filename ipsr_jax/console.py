@@ -109,16 +109,21 @@ def log_path() -> str | None:
   return _STATE['log_path']
 
 
-def say(message: str) -> None:
-  """One line (or block) for the person at the terminal; always in the log file too."""
-  _LOGGER.info(message)
+def _show(text: str, stream: Any) -> None:
+  """Prints on process 0, above a live progress bar if there is one."""
   if not _STATE['primary']:
     return
   bar = _STATE['bar']
   if bar is not None:
-    bar.write(message, file=sys.stdout)
+    bar.write(text, file=stream)
   else:
-    print(message, file=sys.stdout, flush=True)
+    print(text, file=stream, flush=True)
+
+
+def say(message: str) -> None:
+  """One line (or block) for the person at the terminal; always in the log file too."""
+  _LOGGER.info(message)
+  _show(message, sys.stdout)
 
 
 def header(text: str) -> None:
@@ -133,12 +138,7 @@ def terminal() -> Any:
 def warn(message: str) -> None:
   """One line for the person at the terminal (stderr) about something that did not stop the run."""
   _LOGGER.warning(message)
-  if _STATE['primary']:
-    bar = _STATE['bar']
-    if bar is not None:
-      bar.write(f'Warning: {message}', file=terminal())
-    else:
-      print(f'Warning: {message}', file=terminal(), flush=True)
+  _show(f'Warning: {message}', terminal())
 
 
 def one_line(text: str, limit: int = 400) -> str:

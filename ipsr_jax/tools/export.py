@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from ipsr_jax import console
 from ipsr_jax import paths
 
 
@@ -263,7 +264,7 @@ def run() -> None:
   """Console entry point."""
   holders = define_flags()
   flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(lambda argv: main(argv, holders))
+  console.run_tool(lambda argv: main(argv, holders), 'export')
 
 
 if __name__ == '__main__':
