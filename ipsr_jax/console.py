@@ -184,8 +184,15 @@ def run_tool(main: Callable[[list[str]], Any], name: str) -> None:
       error(e)
       sys.exit(1)
 
+  def parse(argv):  # a bad flag value: the same one 'Error:' line as every other error
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f'Error: {one_line(str(e))} (see --helpfull)', file=sys.stderr, flush=True)
+      sys.exit(1)
+
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=parse)
 
 
 def duration(seconds: float) -> str:
@@ -245,7 +252,8 @@ class Progress:
       if postfix:
         self._bar.set_postfix_str(postfix, refresh=False)
       self._bar.update(self.n - previous)
-    elif self.plain_every and (self.n // self.plain_every > previous // self.plain_every or self.n >= self.total):
+    elif self.plain_every and (self.n // self.plain_every > previous // self.plain_every
+                               or self.n >= self.total > previous):  # the end, once
       pct = 100 * self.n / max(1, self.total)
       say(f'{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%){", " + postfix if postfix else ""}, '
           f'{self.status()}')
@@ -271,9 +279,10 @@ class TrainProgress(Progress):
     super().__init__(total, desc, start=start, unit='step', plain_every=0)
     self.metric_names = metric_names
 
-  def step(self, step: int, metrics: Mapping[str, Any] | None = None, checkpoint: bool = False) -> None:
+  def step(self, step: int, metrics: Mapping[str, Any] | None = None, checkpoint: str = '') -> None:
+    """`checkpoint`: '' (none), 'started' (an asynchronous save in flight) or 'saved' (confirmed)."""
     shown = format_metrics(metrics, self.metric_names) if metrics else ''
     self.update(step, postfix=shown)
-    parts = ([shown] if shown else []) + (['checkpoint saved'] if checkpoint else [])
+    parts = ([shown] if shown else []) + ([f'checkpoint {checkpoint}'] if checkpoint else [])
     if parts:
       say(f'{self.desc} {step}/{self.total}: {"; ".join(parts)}; {self.status()}')

@@ -196,7 +196,9 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
         if saved:
           train_lib.check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
-        progress.step(step, logged, checkpoint=saved)
+          if step == num_steps:
+            ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
+        progress.step(step, logged, checkpoint=('saved' if step == num_steps else 'started') if saved else '')
   finally:
     ckpt.close()
     writer.close()

@@ -338,7 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if saved:
           check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
-        progress.step(step, logged, checkpoint=saved)
+          if last or preemption.requested:
+            ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
+        progress.step(step, logged, checkpoint=('saved' if last or preemption.requested else 'started') if saved else '')
         if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
           writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
         writer.flush()

@@ -390,3 +390,18 @@ def test_align_tree_resumes_a_killed_run(tmp_path):
   assert len(resumed.seen) == 12 - 5  # only what the killed run had not written
   assert report['aligned'] == 12 and report['resumed'] == 5 and report['failed'] == 0
   assert len(list(tmp_path.joinpath('out').rglob('*.png'))) == 12
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path, capsys):
+  """Piped to a file (as under nohup or a scheduler), the stage prints whole lines, no tqdm redraws."""
+  for n in range(8):
+    path = tmp_path / 'in' / 'p' / f'{n}.jpg'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((24, 20, 3), 10 * n, np.uint8)).save(path)
+  align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=_CountingAligner(),
+                   progress=True)
+  out = capsys.readouterr()
+  assert '\r' not in out.out + out.err
+  lines = [l for l in out.out.splitlines() if l.startswith('align in: ')]
+  assert [l.split()[2] for l in lines] == ['2/8', '4/8', '6/8', '8/8'], out.out
+  assert 'done in' in lines[-1]

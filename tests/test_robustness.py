@@ -7,8 +7,11 @@ where training resumes, that its per-step losses equal the uninterrupted run's.
 
 import os
 import shutil
+import re
 import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -149,3 +152,60 @@ def test_super_resolver_falls_back_without_renaming_and_names_the_step(reference
   assert (workdir / 'checkpoints' / '6').is_dir()  # read-only users never rename a run's files
   with pytest.raises(Exception, match='checkpoint step 6 .* cannot be read'):
     inference.SuperResolver.from_checkpoint(workdir, step=6)
+
+
+def _tool(name, *args, cwd):
+  proc = subprocess.run([sys.executable, '-m', f'ipsr_jax.tools.{name}', *args], cwd=cwd,
+                        env=_env(1, PYTHONPATH=str(REPO)),
+                        capture_output=True, text=True, timeout=600)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _probes(folder, n=3):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder.mkdir(parents=True)
+  for i in range(n):
+    Image.fromarray(np.full((8, 7, 3), 60 * i, np.uint8)).save(folder / f'{i}.png')
+
+
+def test_cli_falls_back_in_one_warning_line_without_library_logs(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  with open(_largest_file(workdir / 'checkpoints' / '6' / 'state'), 'r+b') as f:
+    f.truncate(100)
+  _probes(tmp_path / 'lr')
+  rc, out, err = _tool('super_resolve', '--workdir=run', '--input=lr', '--output=sr', cwd=tmp_path)
+  text = out + err
+  assert rc == 0, text
+  lines = [l for l in text.splitlines() if l.strip()]
+  assert '\r' not in text and not [l for l in lines if re.match(r'[IWE]\d{4} ', l)], lines  # no Orbax INFO
+  warnings = [l for l in lines if l.startswith('Warning:')]
+  assert len(warnings) == 1 and 'checkpoint step 6 cannot be read' in warnings[0], lines
+  summary = out.splitlines()[-1]
+  assert 'super-resolved 3/3 images' in summary and '(step 3)' in summary, lines
+  assert len(lines) <= 4, lines  # the warning, plain progress lines, the summary
+  assert (workdir / 'checkpoints' / '6').is_dir()  # read-only: nothing renamed or deleted
+
+
+@pytest.mark.parametrize('case', ['no_checkpoint', 'missing_input', 'bad_flag'])
+def test_cli_errors_are_one_line_with_exit_code_1(reference, tmp_path, case):
+  workdir = _copy(reference, tmp_path)
+  _probes(tmp_path / 'lr')
+  args = ['--workdir=run', '--input=lr', '--output=sr']
+  if case == 'no_checkpoint':
+    for step in ('3', '6'):
+      (workdir / 'checkpoints' / step / 'commit_success.txt').unlink()
+    want = 'no readable checkpoint'
+  elif case == 'missing_input':
+    args[1] = '--input=nowhere'
+    want = 'nowhere'
+  else:
+    args.append('--batch_size=many')
+    want = 'batch_size'
+  rc, out, err = _tool('super_resolve', *args, cwd=tmp_path)
+  text = out + err
+  lines = [l for l in text.splitlines() if l.strip()]
+  assert rc == 1 and len(lines) <= 3, lines
+  errors = [l for l in lines if l.startswith('Error:')]
+  assert len(errors) == 1 and want in errors[0] and 'Traceback' not in text, lines
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == sorted(
+      p.name for p in (reference / 'checkpoints').iterdir())
