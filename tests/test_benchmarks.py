@@ -335,3 +335,21 @@ def test_input_pipeline_table_gives_the_worker_speedups():
   assert input_pipeline.speedups(rows) == {
       'host': {'vs_0_workers': 1.7, 'vs_0_workers_one_thread': 2.125},
       'host/shared_memory': {'vs_0_workers': 1.5, 'vs_0_workers_one_thread': 1.875}}
+
+
+def test_onnx_sr_benchmark_times_both_engines_and_checks_parity(tmp_path):
+  pytest.importorskip('onnxruntime')
+  from benchmarks import onnx_sr  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'onnx_sr.json'
+  result = onnx_sr.main(['--config=configs/base.py:tiny', '--weights=random', '--batch=2', '--rounds=1',
+                         f'--onnx_dir={tmp_path}', f'--out={out}'])
+  assert json.loads(out.read_text())['rows'].keys() == result['rows'].keys() == {
+      'jax_sr', 'onnxruntime_sr', 'jax_sr_embed', 'onnxruntime_sr_embed'}
+  rows = result['rows']
+  assert rows['onnxruntime_sr']['max_abs_diff_vs_jax'] <= 1  # uint8: a rounding tie at most
+  assert rows['onnxruntime_sr']['share_of_pixels_differing'] < 1e-3
+  assert rows['onnxruntime_sr_embed']['max_abs_diff_vs_jax'] < 1e-4
+  assert all(r['img_s'] > 0 and r['images'] == 2 for r in rows.values())
+  assert result['onnx_bytes']['sr'] == (tmp_path / 'ipsr_sr.onnx').stat().st_size
+  assert result['onnx_bytes']['sr_embed'] > result['onnx_bytes']['sr']
+  assert set(result['ratios']) == {'jax/onnxruntime_sr', 'jax/onnxruntime_sr_embed'}
