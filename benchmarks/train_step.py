@@ -428,7 +428,9 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   model = jaxpr_flops(traced.jaxpr)
   xla = xla_flops(compiled.cost_analysis())
   flops = {'jaxpr': _total(model) / batch_size, 'jaxpr_conv': model['conv'] / batch_size,
-           'jaxpr_matmul': model['dot'] / batch_size, 'xla': xla / batch_size if xla else None,
+           # cost_analysis() is one device's share of the partitioned program.
+           'jaxpr_matmul': model['dot'] / batch_size,
+           'xla': xla * trainer.mesh.devices.size / batch_size if xla else None,
            'reference': PAPER_FLOPS_PER_IMAGE if is_paper_model(config) else None}
   flops.update(forward_flops(trainer, config))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from ipsr_jax import cpu_devices
 from ipsr_jax import losses
 
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
@@ -94,6 +95,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "is required for data.source='tfds'")
   _need(config.mesh.fsdp >= 1 and (config.mesh.data == -1 or config.mesh.data >= 1), 'mesh', config.mesh.to_dict(),
         'data must be -1 or >= 1 and fsdp >= 1')
+  try:
+    cpu_devices.resolve(config.mesh.get('cpu_devices', cpu_devices.AUTO))
+    cpu_ok = True
+  except ValueError:
+    cpu_ok = False
+  _need(cpu_ok, 'mesh.cpu_devices', config.mesh.get('cpu_devices'), "must be 'auto' or a number >= 1")
   _need(config.pretrain.head in ('arcface', 'softmax'), 'pretrain.head', config.pretrain.head,
         "must be 'arcface' or 'softmax'")
   _need(0.0 <= config.pretrain.blur_probability <= 1.0, 'pretrain.blur_probability',

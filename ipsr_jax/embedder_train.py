@@ -130,7 +130,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   if os.path.exists(os.path.join(out, 'embedder.json')):
     console.say(f'Embedder already trained: {out}')
     return out
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, config.train.batch_size)
   sharding.check_batch_size(config.train.batch_size, mesh)
   source = sources.make_source(config.data, split=config.data.split)
   num_classes = source.num_identities

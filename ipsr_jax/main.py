@@ -36,6 +36,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
   from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -47,6 +48,7 @@ def main(argv):
       config.mode = mode
     config_lib.validate(config)
     paths.resolve_config(config)
+    cpu_devices.configure(config.mesh.get('cpu_devices', 'auto'))  # before JAX starts its backends
     sharding.initialize_distributed()
     console.set_process_index(jax.process_index())
     _hide_gpus_from_tensorflow()

@@ -38,8 +38,13 @@ def initialize_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def make_mesh(mesh_config) -> Mesh:
-  """Mesh of shape (data, fsdp) over all global devices; -1 takes the remaining devices."""
+def make_mesh(mesh_config, batch_size: int | None = None) -> Mesh:
+  """Mesh of shape (data, fsdp) over all global devices; -1 takes the remaining devices.
+
+  One exception, for CPU devices (one per core by default, `cpu_devices`): with data=-1 on one
+  process, a `batch_size` that does not split over all of them (batch 16 on 3 cores) uses the
+  most devices it splits over, instead of failing on a machine whose core count nobody chose.
+  """
   n = jax.device_count()
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if fsdp < 1 or (data < 1 and data != -1):
@@ -48,9 +53,14 @@ def make_mesh(mesh_config) -> Mesh:
     if n % fsdp:
       raise ValueError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices')
     data = n // fsdp
+    if batch_size and jax.process_count() == 1 and jax.devices()[0].platform == 'cpu':
+      fits = [d for d in range(data, 0, -1) if batch_size % (d * fsdp) == 0]
+      if fits and fits[0] != data:
+        logging.info('batch %d does not split over %d CPU devices: using %d', batch_size, n, fits[0] * fsdp)
+        data, n = fits[0], fits[0] * fsdp
   if data * fsdp != n:
     raise ValueError(f'config.mesh data={data} x fsdp={fsdp} != {n} devices')
-  devices = np.asarray(jax.devices()).reshape(data, fsdp)
+  devices = np.asarray(jax.devices()[:n]).reshape(data, fsdp)
   return Mesh(devices, BATCH_AXES)
 
 

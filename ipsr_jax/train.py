@@ -158,7 +158,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, config.train.batch_size)
     sharding.check_batch_size(config.train.batch_size, self.mesh)
     self.source = sources.make_source(config.data, split=config.data.split)
     steps_per_epoch = max(1, len(self.source) // config.train.batch_size)

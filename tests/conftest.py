@@ -8,6 +8,11 @@ import sys
 import types
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The suite runs on one CPU device (and so do the programs it starts, unless a test sets its own
+# count): compiling every test's programs for one device per core would add minutes on CI.
+# tests/test_cpu_devices.py checks that default and that results do not depend on it.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=1').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # pylint: disable=g-import-not-at-top

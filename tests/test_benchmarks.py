@@ -101,7 +101,9 @@ def test_paper_step_flops_match_the_design_count():
   assert per_image == pytest.approx(step_bench.PAPER_FLOPS_PER_IMAGE, rel=0.02)
   trainer = types.SimpleNamespace(generator=generator, embedder=embedder, embedder_vars=embedder_vars)
   forward = step_bench.forward_flops(trainer, config)
-  assert forward['unet_fwd'] == PEER_UNET_FWD_FLOPS
+  # The innermost encoder conv (2x2 -> 1x1, 512 -> 512) is a dot over its 4 real taps here
+  # (ops/strided_conv.py); torch's counter also counts the 12 taps that fall on padding.
+  assert forward['unet_fwd'] == PEER_UNET_FWD_FLOPS - 12 * 512 * 512 * 2
   assert forward['embedder_fwd'] == PEER_EMBEDDER_FWD_FLOPS_160
   assert step_bench.is_paper_model(config)
 
@@ -353,3 +355,16 @@ def test_onnx_sr_benchmark_times_both_engines_and_checks_parity(tmp_path):
   assert result['onnx_bytes']['sr'] == (tmp_path / 'ipsr_sr.onnx').stat().st_size
   assert result['onnx_bytes']['sr_embed'] > result['onnx_bytes']['sr']
   assert set(result['ratios']) == {'jax/onnxruntime_sr', 'jax/onnxruntime_sr_embed'}
+
+
+def test_cpu_devices_benchmark_compares_settings_with_equal_outputs(tmp_path):
+  from benchmarks import cpu_devices  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'cpu_devices.json'
+  result = cpu_devices.main(['--settings=1,2', '--rows=sr', '--sr_config=configs/base.py:tiny', '--weights=random',
+                             '--images=4', '--rounds=1', '--peers=', f'--out={out}'])
+  assert json.loads(out.read_text())['devices'] == result['devices'] == {'1': 1, '2': 2}
+  rows = result['rows']
+  assert set(rows) == {'sr [1 devices]', 'sr [2 devices]'}
+  assert rows['sr [2 devices]']['max_abs_diff_vs_first'] < 1e-3  # float SR pixels, 0..255
+  assert all(r['images'] == 4 and r['img_s'] > 0 and r['threads_busy'] > 0 for r in rows.values())
+  assert list(result['ratios']) == ['sr [2 devices] / sr [1]']

@@ -100,3 +100,37 @@ def test_residual_generator_starts_at_its_input():
   assert unet_lib.from_config(config).residual is False
   config.residual = True
   assert unet_lib.from_config(config).residual is True
+
+
+@pytest.mark.parametrize('side, cin, cout', [(1, 16, 8), (2, 32, 16), (4, 16, 8), (16, 8, 3)])
+def test_strided_convs_equal_lax_values_and_gradients(side, cin, cout):
+  """ops.strided_conv (phase form for tiny maps and for the kernel gradient) = lax's convolutions."""
+  from ipsr_jax.ops import strided_conv  # pylint: disable=import-outside-toplevel
+  dims = strided_conv.DIMENSIONS
+  keys = jax.random.split(jax.random.key(side), 4)
+  x = jax.random.normal(keys[0], (3, side, side, cin))
+  k = 0.1 * jax.random.normal(keys[1], (4, 4, cin, cout))
+  dy = jax.random.normal(keys[2], (3, 2 * side, 2 * side, cout))
+  cases = [(strided_conv.conv_transpose_4x4_s2, lambda x, k: jax.lax.conv_transpose(
+      x, k, (2, 2), 'SAME', dimension_numbers=dims), dy)]
+  if side % 2 == 0:  # the encoder's conv: 2x2 -> 1x1 is the dot-product case
+    dz = jax.random.normal(keys[3], (3, side // 2, side // 2, cout))
+    cases.append((strided_conv.conv_4x4_s2, lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (2, 2), 'SAME', dimension_numbers=dims), dz))
+  for ours, reference, cotangent in cases:
+    got, got_vjp = jax.vjp(ours, x, k)
+    want, want_vjp = jax.vjp(reference, x, k)
+    for a, b in zip((got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))):
+      assert a.shape == b.shape
+      assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max()), (ours.__name__, side)
+
+
+def test_generator_params_are_flax_conv_params():
+  """StridedConv keeps nn.Conv / nn.ConvTranspose's names, shapes and initial values."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((1, 4, 4, 6))
+  for transpose, flax_cls in ((False, nn.Conv), (True, nn.ConvTranspose)):
+    ours = unet_lib.StridedConv(5, transpose=transpose).init(jax.random.key(0), x)
+    theirs = flax_cls(5, (4, 4), strides=(2, 2), padding='SAME').init(jax.random.key(0), x)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)

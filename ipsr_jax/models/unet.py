@@ -19,12 +19,35 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ipsr_jax.ops import strided_conv
+
 Dtype = Any
 
 
 def encoder_widths(ngf: int, num_downs: int, max_width_multiplier: int = 8) -> list[int]:
   """ngf * (1, 2, 4, 8, 8, 8, 8) for the paper's 7 levels."""
   return [ngf * min(2**i, max_width_multiplier) for i in range(num_downs)]
+
+
+class StridedConv(nn.Module):
+  """A 4x4 stride-2 'SAME' Conv (`transpose=False`) or ConvTranspose: the parameters of flax's
+  `nn.Conv` / `nn.ConvTranspose` (same names, shapes and initial values), computed by
+  `ops.strided_conv`, which avoids XLA:CPU's slow path for the innermost 2x2 maps."""
+  features: int
+  transpose: bool = False
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (4, 4, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype) \
+        if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = (strided_conv.conv_transpose_4x4_s2 if self.transpose else strided_conv.conv_4x4_s2)(x, kernel)
+    return y if bias is None else y + bias
 
 
 class UNet(nn.Module):
@@ -58,8 +81,8 @@ class UNet(nn.Module):
     skips: list[jax.Array] = []
     for i, width in enumerate(widths):
       use_bn = 0 < i < self.num_downs - 1  # no BN on the first and the innermost block
-      x = nn.Conv(width, (4, 4), strides=(2, 2), padding='SAME', use_bias=not use_bn, kernel_init=init,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=f'down{i}_conv')(x)
+      x = StridedConv(width, use_bias=not use_bn, kernel_init=init, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=f'down{i}_conv')(x)
       if use_bn:
         x = norm(f'down{i}_bn')(x)
       x = nn.leaky_relu(x, self.leaky_relu_slope)
@@ -68,16 +91,16 @@ class UNet(nn.Module):
     x = skips.pop()  # the innermost (1x1) features start the decoder
     for j in range(self.num_downs - 1):
       width = widths[self.num_downs - 2 - j]
-      x = nn.ConvTranspose(width, (4, 4), strides=(2, 2), padding='SAME', use_bias=False, kernel_init=init,
-                           dtype=self.dtype, param_dtype=self.param_dtype, name=f'up{j}_conv')(x)
+      x = StridedConv(width, transpose=True, use_bias=False, kernel_init=init, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=f'up{j}_conv')(x)
       x = norm(f'up{j}_bn')(x)
       if j < self.num_dropout_blocks:
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f'up{j}_dropout')(x)
       x = nn.relu(x)
       x = jnp.concatenate([x, skips.pop()], axis=-1)
 
-    x = nn.ConvTranspose(self.out_channels, (4, 4), strides=(2, 2), padding='SAME', kernel_init=init,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name='out_conv')(x)
+    x = StridedConv(self.out_channels, transpose=True, kernel_init=init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='out_conv')(x)
     x = x.astype(jnp.float32)
     if self.residual:
       # tanh(atanh(input) + delta): the input itself at delta = 0, and the output stays in (-1, 1).

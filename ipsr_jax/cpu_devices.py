@@ -1,0 +1,93 @@
+"""How many XLA CPU devices this process runs: by default one per core it may use.
+
+XLA:CPU runs one device's program on a pool of threads, but much of a face embedder (hundreds of
+small convolutions, BatchNorm and ReLU fusions) does not keep them all busy: FaceNet at 160 keeps
+~1.35 of 2 cores busy. The project already shards every batch over a mesh of all local devices
+(api models, training, evaluation), so giving the CPU one device per core fills the idle ones
+without touching a kernel (benchmarks/NOTES.md, "CPU devices"). Results do not depend on it
+beyond float summation order (tests/test_cpu_devices.py).
+
+In a multi-process job (jax.distributed) 'auto' is one device per process, as before: several
+processes may share a machine's cores. The count is decided once, before JAX starts its backends: importing `ipsr_jax` applies the
+default, and `ipsr_jax.main` applies `config.mesh.cpu_devices` (recorded in the run's config.json
+and log). A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
+`JAX_NUM_CPU_DEVICES`, or `--xla_force_host_platform_device_count` in XLA_FLAGS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV = 'IPSR_CPU_DEVICES'
+AUTO = 'auto'
+_XLA_FLAG = '--xla_force_host_platform_device_count'
+
+
+def cores() -> int:
+  """The cores this process may run on (its CPU affinity: taskset, cgroups cpusets, SLURM)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS
+    return os.cpu_count() or 1
+
+
+def one_of_several_processes() -> bool:
+  """Whether the environment says this is one process of a multi-process job (what
+  `sharding.initialize_distributed` reads): its processes may share the machine's cores."""
+  env = os.environ
+  return bool(env.get('JAX_COORDINATOR_ADDRESS') or env.get('SLURM_NTASKS', '1') != '1'
+              or env.get('TPU_WORKER_HOSTNAMES', '').count(','))
+
+
+def resolve(setting: str | int) -> int:
+  """'auto' -> `cores()` (1 in a multi-process job, whose processes may share the cores); a
+  positive int (or its string) -> itself."""
+  if str(setting).strip().lower() == AUTO:
+    return 1 if one_of_several_processes() else cores()
+  try:
+    count = int(setting)
+  except (TypeError, ValueError):
+    count = 0
+  if count < 1:
+    raise ValueError(f'CPU device count {setting!r}: must be {AUTO!r} or a number >= 1')
+  return count
+
+
+def users_choice() -> str | None:
+  """Where the user already set the count (an env variable or XLA flag), or None."""
+  if os.environ.get('JAX_NUM_CPU_DEVICES'):
+    return 'JAX_NUM_CPU_DEVICES'
+  if _XLA_FLAG in os.environ.get('XLA_FLAGS', ''):
+    return f'XLA_FLAGS {_XLA_FLAG}'
+  return None
+
+
+def _started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+def configure(setting: str | int | None = None) -> int | None:
+  """Sets the CPU device count before JAX starts; returns it (None: left to the user's choice).
+
+  `setting` None or 'auto' is the default: one device per core, unless the user set the count
+  through JAX or XLA. A number (a config value) applies unless `IPSR_CPU_DEVICES` is set, which
+  wins over both. Once JAX has started, the count cannot change: a different explicit setting is an error.
+  """
+  if os.environ.get(ENV):
+    setting = os.environ[ENV]
+  elif setting is None or str(setting).strip().lower() == AUTO:
+    if users_choice():
+      return None
+    setting = AUTO
+  count = resolve(setting)
+  if _started():
+    current = jax.config.jax_num_cpu_devices
+    if current not in (-1, count) and str(setting).lower() != AUTO:
+      raise RuntimeError(f'CPU device count {setting!r}: JAX already started with {current} CPU devices; '
+                         f'set it before any JAX computation (or with {ENV}).')
+    return current if current != -1 else None
+  jax.config.update('jax_num_cpu_devices', count)
+  return count

@@ -1,0 +1,134 @@
+"""One XLA CPU device per core by default (ipsr_jax/cpu_devices.py), the user's choice kept, and
+results that do not depend on the count: embeddings, SR faces and training losses on 1 vs N CPU
+devices, and a resume across a change of it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ipsr_jax import cpu_devices
+from tests.conftest import EMBEDDER_INPUT, REPO
+from tests.test_train import _env, _losses, _train_cmd, make_embedder
+
+# The same float32 programs sharded over more devices differ only in summation order.
+EMBEDDING_ATOL = 1e-5   # unit embeddings
+SR_ATOL = 1e-3          # float SR pixels, 0..255
+LOSS_RTOL = 1e-4        # per-step training losses
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', cpu_devices.ENV, 'SLURM_NTASKS',
+                      'JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES')}
+  return {**env, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO), **extra}
+
+
+def _device_count(env):
+  out = subprocess.run([sys.executable, '-c', 'import ipsr_jax, jax; print(jax.device_count())'],
+                       env=env, capture_output=True, text=True, timeout=300, check=True)
+  return int(out.stdout.split()[-1])
+
+
+def test_resolve_and_users_choice(monkeypatch):
+  assert cpu_devices.resolve('auto') == cpu_devices.cores() == len(os.sched_getaffinity(0))
+  assert cpu_devices.resolve(3) == cpu_devices.resolve('3') == 3
+  for bad in (0, -1, 'many', None):
+    with pytest.raises(ValueError, match="must be 'auto' or a number >= 1"):
+      cpu_devices.resolve(bad)
+  for name in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES'):
+    monkeypatch.delenv(name, raising=False)
+  assert cpu_devices.users_choice() is None
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert 'XLA_FLAGS' in cpu_devices.users_choice()
+
+
+def test_default_is_one_device_per_core_and_the_users_choice_wins():
+  assert _device_count(_clean_env()) == cpu_devices.cores()
+  assert _device_count(_clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=3')) == 3
+  assert _device_count(_clean_env(JAX_NUM_CPU_DEVICES='2')) == 2
+  assert _device_count(_clean_env(IPSR_CPU_DEVICES='3')) == 3
+  # One process of several (jax.distributed): one device each, as the processes may share cores.
+  assert _device_count(_clean_env(SLURM_NTASKS='2')) == 1
+  # Pinned to one core (taskset, a cpuset, a SLURM binding): one device.
+  if hasattr(os, 'sched_setaffinity'):
+    out = subprocess.run([sys.executable, '-c', 'import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); '
+                          'import ipsr_jax, jax; print(jax.device_count())'],
+                         env=_clean_env(), capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1] == '1'
+
+
+_OUTPUTS = r'''
+import json, sys
+import numpy as np
+import jax
+from benchmarks.onnx_sr import random_variables
+from ipsr_jax import api
+from ipsr_jax.models import unet
+emb = api.Embedder.from_checkpoint(sys.argv[1], input_size=int(sys.argv[3]))
+generator = unet.UNet(ngf=8, num_downs=5)
+sr = api.SuperResolver(generator, random_variables(generator, (1, 32, 32, 3)), image_size=32)
+rng = np.random.default_rng(0)
+faces = rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)  # 11: padded to every bucket size
+lr = rng.integers(0, 256, (11, 8, 7, 3), dtype=np.uint8)
+np.savez(sys.argv[2], devices=jax.device_count(), embeddings=emb(faces), sr=sr(lr.astype(np.float32)),
+         pipeline=api.Pipeline(sr, emb, mode='concat')(lr))
+'''
+
+
+def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
+  embedder = make_embedder(tmp_path / 'embedder')
+  (tmp_path / 'outputs.py').write_text(_OUTPUTS)
+  results = {}
+  for count in ('1', '3'):
+    out = tmp_path / f'out{count}.npz'
+    subprocess.run([sys.executable, str(tmp_path / 'outputs.py'), embedder, str(out), str(EMBEDDER_INPUT)], cwd=REPO,
+                   env=_clean_env(IPSR_CPU_DEVICES=count), check=True, timeout=600)
+    results[count] = np.load(out)
+  one, three = results['1'], results['3']
+  assert int(one['devices']) == 1 and int(three['devices']) == 3
+  np.testing.assert_allclose(three['embeddings'], one['embeddings'], atol=EMBEDDING_ATOL, rtol=0)
+  np.testing.assert_allclose(three['sr'], one['sr'], atol=SR_ATOL, rtol=0)
+  np.testing.assert_allclose(three['pipeline'], one['pipeline'], atol=EMBEDDING_ATOL, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def embedder_dir(tmp_path_factory):
+  return make_embedder(tmp_path_factory.mktemp('embedder') / 'e')
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory, embedder_dir):
+  workdir = tmp_path_factory.mktemp('one') / 'run'
+  subprocess.run(_train_cmd(workdir, embedder_dir), cwd=REPO, env=_env(1), check=True, timeout=600,
+                 capture_output=True)
+  return workdir
+
+
+def test_training_losses_and_resume_across_the_device_count(tmp_path, one_device_run, embedder_dir):
+  want = _losses(one_device_run)
+  # The config's count (no XLA flag): recorded in config.json and named on the terminal.
+  workdir = tmp_path / 'two'
+  env = _clean_env(**{k: v for k, v in _env(1).items() if k.startswith('JAX_')})
+  proc = subprocess.run(_train_cmd(workdir, embedder_dir, '--config.mesh.cpu_devices=2'), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'on 2 cpu device(s)' in proc.stdout
+  assert json.loads((workdir / 'config.json').read_text())['mesh']['cpu_devices'] == '2'
+  got = _losses(workdir)
+  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=LOSS_RTOL)
+  # A run saved on one device resumes on four (the count may change on resume).
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(one_device_run, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '6')
+  proc = subprocess.run(_train_cmd(resumed, embedder_dir, '--config.mesh.cpu_devices=4'), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'from step 3 on 4 cpu device(s)' in proc.stdout
+  assert 'Resuming with changed settings: mesh.cpu_devices "auto" -> "4"' in proc.stdout
+  got = _losses(resumed)
+  np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=LOSS_RTOL)
