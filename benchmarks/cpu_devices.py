@@ -176,15 +176,14 @@ def main(argv=None) -> dict[str, Any]:
         ratios[f'{name} / embed [{peer}]'] = round(row['img_s'] / peers[peer]['img_s'], 3)
   result = dict(**timing.machine(), settings=settings, devices=devices,
                 affinity=len(os.sched_getaffinity(0)), rows=rows, ratios=ratios,
-                command=' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
+                command=timing.command(argv))
   print(f"{'row':<28}{'img/s':>9}{'img/cpu-s':>11}{'threads':>9}")
   for name, r in rows.items():
     cpu = f"{r['img_per_cpu_s']:>11.2f}{r['threads_busy']:>9.2f}" if 'img_per_cpu_s' in r else ''
     print(f"{name:<28}{r['img_s']:>9.2f}{cpu}")
   for k, v in ratios.items():
     print(f'{k}: {v}')
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
+  timing.save(result, args.out)
   return result
 
 

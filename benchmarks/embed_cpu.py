@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 from pathlib import Path
 import sys
@@ -214,7 +213,7 @@ def main(argv=None) -> dict[str, Any]:
       **timing.machine(), weights=weights, faces=faces_source,
       standardization=module.standardization, weights_load_s=round(load_s, 2),
       rounds=args.rounds, rows=rows, ratios=ratios, cpu_time_ratios=cpu_ratios,
-      command=' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
+      command=timing.command(argv))
   try:
     import cv2  # pylint: disable=g-import-not-at-top
     result['opencv'] = cv2.__version__
@@ -231,8 +230,7 @@ def main(argv=None) -> dict[str, Any]:
   for k, v in ratios.items():
     print(f'{k}: {v} (wall), {cpu_ratios[k]} (CPU time)')
   print(f"load average {result['load_average']}, weights: {weights}, faces: {faces_source}")
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
+  timing.save(result, args.out)
   return result
 
 

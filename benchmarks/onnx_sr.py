@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 from pathlib import Path
 import sys
@@ -167,7 +166,7 @@ def main(argv=None) -> dict[str, Any]:
                 embedder=embedder_source if embedder is not None else None, faces=faces_source,
                 lr_size=list(hw), batch=args.batch, rounds=args.rounds, rows=rows, ratios=ratios,
                 onnx_bytes=sizes, export_s={k: round(v, 2) for k, v in setup.items() if k.startswith('export')},
-                command=' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])))
+                command=timing.command(argv))
   timing.print_rows(rows, 'jax')
   for k, v in ratios.items():
     print(f"{k}: {v['wall']} (wall), {v['cpu_time']} (CPU time)")
@@ -176,8 +175,7 @@ def main(argv=None) -> dict[str, Any]:
   for k, v in sizes.items():
     print(f'{onnx_dir / f"ipsr_{k}.onnx"}: {v / 2**20:.1f} MiB')
   print(f"load average {result['load_average']}; generator: {generator_source}; faces: {faces_source}")
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
+  timing.save(result, args.out)
   return result
 
 

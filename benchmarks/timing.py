@@ -8,8 +8,11 @@ the process: the engine's efficiency, which other jobs distort much less) and th
 from __future__ import annotations
 
 import datetime
+import json
 import os
+from pathlib import Path
 import platform
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -63,3 +66,13 @@ def print_rows(rows: Mapping[str, Mapping[str, Any]], reference: str) -> None:
     print(f"{name:<16}{r['images']:>7}{r['img_s']:>9.2f}{r['img_per_cpu_s']:>11.2f}"
           f"{r['threads_busy']:>9.2f}{r['best_s']:>9.3f}{r['setup_s']:>9.2f}"
           f"{'' if diff is None else f'{diff:18.2e}'}")
+
+
+def command(argv: list[str] | None) -> str:
+  """The command line that produced a result (`argv` as given to main, else sys.argv)."""
+  return ' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+
+
+def save(result: Mapping[str, Any], out: str | None) -> None:
+  if out:
+    Path(out).write_text(json.dumps(result, indent=1) + '\n')

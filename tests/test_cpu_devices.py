@@ -1,10 +1,8 @@
 """One XLA CPU device per core by default (ipsr_jax/cpu_devices.py), the user's choice kept, and
-results that do not depend on the count: embeddings, SR faces and training losses on 1 vs N CPU
-devices, and a resume across a change of it."""
+embeddings and SR faces that do not depend on the count (training losses on 1 vs N CPU devices and
+a resume across a change of it: tests/test_train.py)."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,12 +11,11 @@ import pytest
 
 from ipsr_jax import cpu_devices
 from tests.conftest import EMBEDDER_INPUT, REPO
-from tests.test_train import _env, _losses, _train_cmd, make_embedder
+from tests.test_train import make_embedder
 
 # The same float32 programs sharded over more devices differ only in summation order.
 EMBEDDING_ATOL = 1e-5   # unit embeddings
 SR_ATOL = 1e-3          # float SR pixels, 0..255
-LOSS_RTOL = 1e-4        # per-step training losses
 
 
 def _clean_env(**extra):
@@ -94,41 +91,3 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   np.testing.assert_allclose(three['embeddings'], one['embeddings'], atol=EMBEDDING_ATOL, rtol=0)
   np.testing.assert_allclose(three['sr'], one['sr'], atol=SR_ATOL, rtol=0)
   np.testing.assert_allclose(three['pipeline'], one['pipeline'], atol=EMBEDDING_ATOL, rtol=0)
-
-
-@pytest.fixture(scope='module')
-def embedder_dir(tmp_path_factory):
-  return make_embedder(tmp_path_factory.mktemp('embedder') / 'e')
-
-
-@pytest.fixture(scope='module')
-def one_device_run(tmp_path_factory, embedder_dir):
-  workdir = tmp_path_factory.mktemp('one') / 'run'
-  subprocess.run(_train_cmd(workdir, embedder_dir), cwd=REPO, env=_env(1), check=True, timeout=600,
-                 capture_output=True)
-  return workdir
-
-
-def test_training_losses_and_resume_across_the_device_count(tmp_path, one_device_run, embedder_dir):
-  want = _losses(one_device_run)
-  # The config's count (no XLA flag): recorded in config.json and named on the terminal.
-  workdir = tmp_path / 'two'
-  env = _clean_env(**{k: v for k, v in _env(1).items() if k.startswith('JAX_')})
-  proc = subprocess.run(_train_cmd(workdir, embedder_dir, '--config.mesh.cpu_devices=2'), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'on 2 cpu device(s)' in proc.stdout
-  assert json.loads((workdir / 'config.json').read_text())['mesh']['cpu_devices'] == '2'
-  got = _losses(workdir)
-  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=LOSS_RTOL)
-  # A run saved on one device resumes on four (the count may change on resume).
-  resumed = tmp_path / 'resumed'
-  shutil.copytree(one_device_run, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '6')
-  proc = subprocess.run(_train_cmd(resumed, embedder_dir, '--config.mesh.cpu_devices=4'), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'from step 3 on 4 cpu device(s)' in proc.stdout
-  assert 'Resuming with changed settings: mesh.cpu_devices "auto" -> "4"' in proc.stdout
-  got = _losses(resumed)
-  np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=LOSS_RTOL)
