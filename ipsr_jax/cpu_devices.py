@@ -4,13 +4,14 @@ XLA:CPU runs one device's program on a pool of threads, but much of a face embed
 small convolutions, BatchNorm and ReLU fusions) does not keep them all busy: FaceNet at 160 keeps
 ~1.35 of 2 cores busy. The project already shards every batch over a mesh of all local devices
 (api models, training, evaluation), so giving the CPU one device per core fills the idle ones
-without touching a kernel (benchmarks/NOTES.md, "CPU devices"). Results do not depend on it
-beyond float summation order (tests/test_cpu_devices.py).
+without touching a kernel (benchmarks/NOTES.md, "CPU devices and the UNet's strided
+convolutions"). Results do not depend on it beyond float summation order (tests/test_cpu_devices.py,
+tests/test_train.py).
 
 In a multi-process job (jax.distributed) 'auto' is one device per process, as before: several
-processes may share a machine's cores. The count is decided once, before JAX starts its backends: importing `ipsr_jax` applies the
-default, and `ipsr_jax.main` applies `config.mesh.cpu_devices` (recorded in the run's config.json
-and log). A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
+processes may share a machine's cores. The count is decided once, before JAX starts its
+backends: importing `ipsr_jax` applies the default, and `ipsr_jax.main` applies
+`config.mesh.cpu_devices` (recorded in the run's config.json and log). A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
 `JAX_NUM_CPU_DEVICES`, or `--xla_force_host_platform_device_count` in XLA_FLAGS.
 """
 
@@ -74,7 +75,8 @@ def configure(setting: str | int | None = None) -> int | None:
 
   `setting` None or 'auto' is the default: one device per core, unless the user set the count
   through JAX or XLA. A number (a config value) applies unless `IPSR_CPU_DEVICES` is set, which
-  wins over both. Once JAX has started, the count cannot change: a different explicit setting is an error.
+  wins over both. Once JAX has started, the count cannot change: a different explicit setting is
+  an error.
   """
   if os.environ.get(ENV):
     setting = os.environ[ENV]

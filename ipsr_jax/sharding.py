@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ipsr_jax import cpu_devices
+
 BATCH_AXES = ('data', 'fsdp')
 
 
@@ -30,8 +32,8 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
                                num_processes=int(env['JAX_NUM_PROCESSES']),
                                process_id=int(env['JAX_PROCESS_ID']))
-  elif env.get('SLURM_NTASKS', '1') != '1' or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
-    jax.distributed.initialize()  # auto-detects the cluster
+  elif cpu_devices.one_of_several_processes():  # SLURM or a TPU pod: JAX auto-detects the cluster
+    jax.distributed.initialize()
   else:
     return
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),

@@ -334,13 +334,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write_images(step, {'lr_sr_hr': grid[None]})
           if jax.process_index() == 0:
             summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
-        saved = step % t.checkpoint_every_steps == 0 or last or preemption.requested
+        final = last or preemption.requested
+        saved = step % t.checkpoint_every_steps == 0 or final
         if saved:
           check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
-          if last or preemption.requested:
+          if final:
             ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
-        progress.step(step, logged, checkpoint=('saved' if last or preemption.requested else 'started') if saved else '')
+        progress.step(step, logged, checkpoint=('saved' if final else 'started') if saved else '')
         if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
           writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
         writer.flush()

@@ -91,3 +91,13 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   np.testing.assert_allclose(three['embeddings'], one['embeddings'], atol=EMBEDDING_ATOL, rtol=0)
   np.testing.assert_allclose(three['sr'], one['sr'], atol=SR_ATOL, rtol=0)
   np.testing.assert_allclose(three['pipeline'], one['pipeline'], atol=EMBEDDING_ATOL, rtol=0)
+
+
+def test_cpu_mesh_uses_the_most_devices_the_batch_splits_over():
+  """Batch 16 on 3 CPU devices (a 3-core machine's default) trains on 2 of them instead of failing."""
+  code = ('import ipsr_jax, jax; from ipsr_jax import sharding; from configs import base; '
+          'm = base.get_config().mesh; print(sharding.make_mesh(m, 16).devices.size, sharding.make_mesh(m, 12).devices.size, '
+          'sharding.make_mesh(m).devices.size)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES='3'),
+                       capture_output=True, text=True, timeout=300, check=True)
+  assert out.stdout.split()[-3:] == ['2', '3', '3']

@@ -2,9 +2,9 @@
 
 XLA:CPU runs the decoder's transposed convolution of a 2x2 map (1024 -> 512 channels at ngf 64)
 at ~2 GFLOP/s: 330 ms of the generator's 450 ms per batch of 8 on a 2-core Xeon, where the same
-layer at 4x4 and above runs at 120-250 GFLOP/s (benchmarks/NOTES.md, "UNet on XLA:CPU"). The
-encoder's 2x2 -> 1x1 conv is slow the same way (20 ms, 3 GFLOP/s). Both are computed here as
-the sums they are, with the same weights:
+layer at 4x4 and above runs at 120-250 GFLOP/s (benchmarks/NOTES.md, "CPU devices and the
+UNet's strided convolutions"). The encoder's 2x2 -> 1x1 conv is slow the same way (20 ms,
+3 GFLOP/s). Both are computed here as the sums they are, with the same weights:
 
 - transposed, input side <= 2: the four output phases, y[2m + a] = k[a] x[m - 1 + a] +
   k[a + 2] x[m + a] (per axis), as four 2x2 stride-1 convolutions interleaved (20x faster);
