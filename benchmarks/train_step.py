@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from ipsr_jax import chips
 from ipsr_jax import sharding
 from ipsr_jax import train
 from ipsr_jax.data import degrade
@@ -74,24 +75,6 @@ PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
 PAPER_FLOPS_PER_IMAGE = 17.5e9
 PEER_BEST_MODE = 'bf16_cl_compile_ro'
 PROFILE_STEPS = 5
-
-# Dense (no sparsity) peak FLOP/s per chip, from the vendors' data sheets: (device_kind substring,
-# {compute dtype: peak}). On GPUs JAX's default float32 matmul precision runs convolutions and
-# matmuls as TF32, so float32 is compared with the TF32 peak; TPUs run float32 matmuls as bf16
-# passes at DEFAULT precision. First match wins: specific names before generic ones.
-PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
-    ('H100', {'bfloat16': 989e12, 'float32': 494e12}),   # SXM (HBM3); H100 80GB HBM3
-    ('H200', {'bfloat16': 989e12, 'float32': 494e12}),   # same SM as H100 SXM, more HBM
-    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
-    ('L4', {'bfloat16': 121e12, 'float32': 60e12}),
-    ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
-    ('TPU v5 lite', {'bfloat16': 197e12, 'float32': 197e12}),   # v5e
-    ('TPU v5e', {'bfloat16': 197e12, 'float32': 197e12}),
-    ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),        # v5p
-    ('TPU v6 lite', {'bfloat16': 918e12, 'float32': 918e12}),   # v6e (Trillium)
-    ('TPU v6e', {'bfloat16': 918e12, 'float32': 918e12}),
-)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'base.py'),
@@ -223,10 +206,8 @@ def xla_flops(cost: Any) -> float | None:
 
 def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
   """Dense peak FLOP/s of one chip for the compute dtype, or None (CPU, unknown chips)."""
-  for name, peaks in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
-      return peaks[compute_dtype]
-  return None
+  chip = chips.for_device_kind(device_kind)  # the vendors' data sheets, ipsr_jax/chips.py
+  return chip.peak_flops[compute_dtype] if chip else None
 
 
 def measure_matmul_peak(n: int = 8192, reps: int = 10) -> float:
@@ -477,7 +458,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   img_s = batch_size / step_s
   info = device_info()
   peak = peak_flops(info['device_kind'], config.train.compute_dtype)
-  chips = jax.device_count()
+  n_chips = jax.device_count()
   model_flops_s = flops['jaxpr'] * img_s
   row = {
       'batch_size': batch_size, 'precision': config.train.compute_dtype,
@@ -490,8 +471,8 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
       'tflops': model_flops_s / 1e12,
       'tflops_xla': flops['xla'] * img_s / 1e12 if flops['xla'] else None,
       'peak_flops_per_chip': peak,
-      'mfu': model_flops_s / (peak * chips) if peak else None,
-      'mfu_xla': flops['xla'] * img_s / (peak * chips) if peak and flops['xla'] else None,
+      'mfu': model_flops_s / (peak * n_chips) if peak else None,
+      'mfu_xla': flops['xla'] * img_s / (peak * n_chips) if peak and flops['xla'] else None,
       'memory': {'compiled': compiled_memory(compiled), 'device': memory_stats()},
       'final_loss': loss,
       'profile': profile,

@@ -40,8 +40,11 @@ def validate_lr_sizes(sizes, field: str, image_size: int) -> None:
     _need(ok, field, sizes, f'each entry must be (height, width) integers in 1..{image_size}; bad entry {hw!r}')
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first wrong value; a no-op on a good config."""
+def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> None:
+  """Raises ConfigError for the first wrong value; a no-op on a good config.
+
+  `data_paths=False` skips the checks that a dataset was named (the ahead-of-time compiler
+  builds the step from shapes alone)."""
   m, e, loss, d, t = config.model, config.embedder, config.loss, config.data, config.train
   _need(config.get('mode', 'train') in MODES, 'mode', config.get('mode'), f'must be one of {MODES}')
   for f in ('model.ngf', 'model.num_downs', 'model.image_size', 'model.bn_epsilon', 'model.init_stddev',
@@ -89,9 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(t.num_train_steps > 0 or t.num_epochs > 0, 'train.num_epochs', t.num_epochs,
         'must be > 0 when num_train_steps is -1')
   needs_root = d.source in ('identity_folder', 'lfw', 'orl', 'ar', 'scface')
-  _need(not needs_root or bool(d.root), 'data.root', d.root,
+  _need(not (data_paths and needs_root) or bool(d.root), 'data.root', d.root,
         f'is required for data.source={d.source!r}: the folder of aligned 128x128 faces')
-  _need(d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name', d.tfds_name,
+  _need(not data_paths or d.source != 'tfds' or bool(d.tfds_name), 'data.tfds_name', d.tfds_name,
         "is required for data.source='tfds'")
   _need(config.mesh.fsdp >= 1 and (config.mesh.data == -1 or config.mesh.data >= 1), 'mesh', config.mesh.to_dict(),
         'data must be -1 or >= 1 and fsdp >= 1')

@@ -83,22 +83,28 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> int:
   return global_batch // n
 
 
-def param_sharding(tree, mesh: Mesh, fsdp_min_size: int = 2**14):
+FSDP_MIN_SIZE = 2**14  # leaves smaller than this stay replicated: gathering them costs more than it saves
+
+
+def fsdp_spec(shape, fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """A parameter's split over the 'fsdp' axis: its largest dimension that `fsdp` divides, or
+  replicated (small leaves, no divisible dimension, fsdp = 1)."""
+  shape = tuple(shape)
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for dim in np.argsort(shape)[::-1]:
+    if shape[dim] % fsdp == 0:
+      axes = [None] * len(shape)
+      axes[dim] = 'fsdp'
+      return P(*axes)
+  return P()
+
+
+def param_sharding(tree, mesh: Mesh, fsdp_min_size: int = FSDP_MIN_SIZE):
   """Replicated leaves, or with an 'fsdp' axis > 1, large leaves split on their largest divisible dim."""
   fsdp = mesh.shape['fsdp']
-
-  def spec(leaf):
-    shape = getattr(leaf, 'shape', ())
-    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
-      return NamedSharding(mesh, P())
-    for dim in np.argsort(shape)[::-1]:
-      if shape[dim] % fsdp == 0:
-        axes = [None] * len(shape)
-        axes[dim] = 'fsdp'
-        return NamedSharding(mesh, P(*axes))
-    return NamedSharding(mesh, P())
-
-  return jax.tree.map(spec, tree)
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(getattr(leaf, 'shape', ()), fsdp, fsdp_min_size)),
+                      tree)
 
 
 def put_global(tree, shardings):

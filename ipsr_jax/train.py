@@ -112,12 +112,20 @@ def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int) -> Callabl
 
 
 def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, generator, embedder, tx,
-               degrader) -> tuple[TrainState, TrainMetrics]:
-  """One generator update on a global batch; the embedder is frozen (its variables are an input)."""
+               degrader, mesh=None) -> tuple[TrainState, TrainMetrics]:
+  """One generator update on a global batch; the embedder is frozen (its variables are an input).
+
+  With a `mesh` whose 'fsdp' axis is > 1 the parameters arrive split over it (`state_shardings`):
+  the generator's layers gather each kernel where they use it and reduce-scatter its gradient to
+  the same split (`ops/strided_conv.py`), so activations stay split over the batch, and the
+  optimiser updates each device's slice. Left to itself, XLA's partitioner instead gathered
+  activations over the whole global batch and all-reduced whole gradients (issue 25).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
   embed = make_embed_fn(embedder, embedder_vars, config.embedder.input_size) if embedder is not None else None
+  fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 
   def loss_fn(params):
     sr, updates = generator.apply({'params': params, 'batch_stats': state.batch_stats}, lr, train=True,
@@ -126,6 +134,8 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, ge
     return loss, (terms, updates['batch_stats'])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if fsdp:
+    grads = jax.lax.with_sharding_constraint(grads, sharding.param_sharding(grads, mesh))
   new_state = apply_if_finite(state, loss, grads, batch_stats, tx)
   terms = dict(terms, grad_norm=optax.global_norm(grads))
   terms.setdefault('identity', jnp.zeros(()))
@@ -152,6 +162,52 @@ def sr_apply(generator, variables, lr: jax.Array) -> jax.Array:
   return generator.apply(variables, lr, train=False)
 
 
+def state_shardings(abstract: TrainState, mesh) -> TrainState:
+  """Where each leaf of the train state lives: parameters and optimiser state by
+  `sharding.param_sharding` (split over 'fsdp' when it is > 1), the counters replicated."""
+  return sharding.param_sharding(abstract, mesh).replace(
+      step=sharding.replicated(mesh), rng=sharding.replicated(mesh), nonfinite_step=sharding.replicated(mesh))
+
+
+def batch_spec(config, degrade_on_device: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global training batch, as `pipeline.make_train_iterator` yields it
+  (the LR faces only when they are made on the host)."""
+  b, size = config.train.batch_size, config.data.image_size
+  spec = {'hr': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8),
+          'lr_index': jax.ShapeDtypeStruct((b,), jnp.int32), 'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
+  if not degrade_on_device:
+    spec['lr'] = jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
+  return spec
+
+
+class StepParts:
+  """What the jitted step is made of, from the config alone: the generator, optimiser, frozen
+  embedder module, degrader, the state's abstract shapes and shardings over `mesh`, and the jitted
+  step. No weights are loaded and no device is touched, so `ipsr_jax.aot` builds the very step
+  `Trainer` runs against a TPU/GPU topology this machine does not have."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, *, num_steps: int, embedder: Any,
+               degrade_on_device: bool):
+    self.config, self.mesh = config, mesh
+    dtype = compute_dtype(config.train)
+    self.generator = unet_lib.from_config(config.model, dtype=dtype, mesh=mesh)
+    self.tx = make_optimizer(config.train, num_steps)
+    self.embedder = embedder.clone(dtype=dtype) if embedder is not None else None
+    self.degrader = (degrade.DeviceDegrader(config.data.lr_sizes, (config.data.image_size,) * 2,
+                                            round_lr=config.data.round_lr) if degrade_on_device else None)
+    abstract = jax.eval_shape(functools.partial(init_state, config, self.generator, self.tx))
+    self.state_sharding = state_shardings(abstract, mesh)
+    self.abstract_state = checkpointing.abstract_like(abstract, self.state_sharding)
+    self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                       for k, v in batch_spec(config, degrade_on_device).items()}
+    step = functools.partial(train_step, config=config, generator=self.generator, embedder=self.embedder,
+                             tx=self.tx, degrader=self.degrader, mesh=mesh)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh),
+                                                  sharding.replicated(mesh)),
+                              out_shardings=(self.state_sharding, sharding.replicated(mesh)),
+                              donate_argnums=(0,))
+
+
 class Trainer:
   """Builds everything a run needs from the config; `train_and_evaluate` drives it."""
 
@@ -164,29 +220,15 @@ class Trainer:
     steps_per_epoch = max(1, len(self.source) // config.train.batch_size)
     self.num_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
                       config.train.num_epochs * steps_per_epoch)
-    dtype = compute_dtype(config.train)
-    self.generator = unet_lib.from_config(config.model, dtype=dtype)
-    self.tx = make_optimizer(config.train, self.num_steps)
-    self.embedder, self.embedder_vars = None, None
+    module, self.embedder_vars = None, None
     if config.loss.identity_weight:
-      module, variables, info = embedder_store.load(config.embedder.checkpoint)
-      self.embedder_info = info
-      self.embedder = module.clone(dtype=dtype)
+      module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
       self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
-    self.degrader = (degrade.DeviceDegrader(config.data.lr_sizes, (config.data.image_size,) * 2,
-                                            round_lr=config.data.round_lr)
-                     if degrade.resolve_on_device(config.data.degrade_on_device) else None)
-    abstract = jax.eval_shape(functools.partial(init_state, config, self.generator, self.tx))
-    self.state_sharding = sharding.param_sharding(abstract, self.mesh).replace(
-        step=sharding.replicated(self.mesh), rng=sharding.replicated(self.mesh),
-        nonfinite_step=sharding.replicated(self.mesh))
-    self.abstract_state = checkpointing.abstract_like(abstract, self.state_sharding)
-    step = functools.partial(train_step, config=config, generator=self.generator, embedder=self.embedder,
-                             tx=self.tx, degrader=self.degrader)
-    self.train_step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh),
-                                                  sharding.replicated(self.mesh)),
-                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
+    parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module,
+                      degrade_on_device=degrade.resolve_on_device(config.data.degrade_on_device))
+    self.generator, self.tx, self.embedder, self.degrader = parts.generator, parts.tx, parts.embedder, parts.degrader
+    self.state_sharding, self.abstract_state = parts.state_sharding, parts.abstract_state
+    self.train_step = parts.train_step
     self._sr = jax.jit(functools.partial(sr_apply, self.generator))
 
   def initial_state(self) -> TrainState:

@@ -117,12 +117,36 @@ def test_strided_convs_equal_lax_values_and_gradients(side, cin, cout):
     dz = jax.random.normal(keys[3], (3, side // 2, side // 2, cout))
     cases.append((strided_conv.conv_4x4_s2, lambda x, k: jax.lax.conv_general_dilated(
         x, k, (2, 2), 'SAME', dimension_numbers=dims), dz))
+  bias = jax.random.normal(keys[3], (cout,))
   for ours, reference, cotangent in cases:
-    got, got_vjp = jax.vjp(ours, x, k)
-    want, want_vjp = jax.vjp(reference, x, k)
+    got, got_vjp = jax.vjp(ours, x, k, bias)
+    want, want_vjp = jax.vjp(lambda x, k, b: reference(x, k) + b, x, k, bias)
     for a, b in zip((got, *got_vjp(cotangent)), (want, *want_vjp(cotangent))):
       assert a.shape == b.shape
       assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max()), (ours.__name__, side)
+
+
+@pytest.mark.parametrize('side', [2, 8])
+def test_strided_convs_in_bfloat16_return_float32_parameter_gradients(side):
+  """bf16 input, float32 kernel and bias: the output is bf16, the kernel and bias gradients are
+  float32 sums (what the data-parallel all-reduce then carries), and they agree with float32
+  autodiff to bf16 input rounding, unlike a bf16 gradient's 8-bit mantissa alone would promise."""
+  from ipsr_jax.ops import strided_conv  # pylint: disable=import-outside-toplevel
+  dims = strided_conv.DIMENSIONS
+  keys = jax.random.split(jax.random.key(side), 4)
+  x = jax.random.normal(keys[0], (64, side, side, 32)).astype(jnp.bfloat16)
+  k = 0.1 * jax.random.normal(keys[1], (4, 4, 32, 16))
+  b = jax.random.normal(keys[2], (16,))
+  dy = jax.random.normal(keys[3], (64, 2 * side, 2 * side, 16)).astype(jnp.bfloat16)
+  y, vjp = jax.vjp(strided_conv.conv_transpose_4x4_s2, x, k, b)
+  dx, dk, db = vjp(dy)
+  assert (y.dtype, dx.dtype, dk.dtype, db.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32, jnp.float32)
+  reference = lambda k, b: jax.lax.conv_transpose(x.astype(jnp.float32), k, (2, 2), 'SAME',
+                                                  dimension_numbers=dims) + b
+  _, ref_vjp = jax.vjp(reference, k, b)
+  want_dk, want_db = ref_vjp(dy.astype(jnp.float32))
+  np.testing.assert_allclose(dk, want_dk, rtol=0, atol=1e-4 * float(jnp.abs(want_dk).max()))
+  np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-3)
 
 
 def test_generator_params_are_flax_conv_params():

@@ -124,6 +124,15 @@ def _check_tree(tree, abstract, directory) -> None:
                      + '\n  '.join(sorted(problems)[:50]))
 
 
+def saved_module(directory: str | epath.PathLike) -> InceptionResnetV1 | None:
+  """The module a `save_embedder` directory describes (embedder.json only, no weights read), or
+  None when `directory` is not one."""
+  info_path = epath.Path(paths.resolve(os.fspath(directory))) / INFO_FILE
+  if not info_path.exists():
+    return None
+  return InceptionResnetV1(**_module_kwargs_from_json(json.loads(info_path.read_text())['module_kwargs']))
+
+
 def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
                   ) -> tuple[InceptionResnetV1, dict[str, Any], dict[str, Any]]:
   """(module, variables as host numpy arrays, info from embedder.json) saved by `save_embedder`.

@@ -39,15 +39,18 @@ class StridedConv(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  mesh: Any = None  # a training mesh with 'fsdp' > 1: the kernel arrives split (ops/strided_conv.py)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init, (4, 4, x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype) \
         if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = (strided_conv.conv_transpose_4x4_s2 if self.transpose else strided_conv.conv_4x4_s2)(x, kernel)
-    return y if bias is None else y + bias
+    # The kernel and bias stay in param_dtype: the op casts them to the compute dtype itself and
+    # returns their gradients in param_dtype, summed in float32 (ops/strided_conv.py).
+    x = x.astype(self.dtype)
+    op = strided_conv.conv_transpose_4x4_s2 if self.transpose else strided_conv.conv_4x4_s2
+    return op(x, kernel, bias, self.mesh)
 
 
 class UNet(nn.Module):
@@ -64,6 +67,7 @@ class UNet(nn.Module):
   residual: bool = False
   dtype: Dtype = jnp.float32          # compute dtype (bfloat16 for mixed precision)
   param_dtype: Dtype = jnp.float32
+  mesh: Any = None                    # training mesh: FSDP-split kernels are gathered per layer
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -72,9 +76,13 @@ class UNet(nn.Module):
                        f'{2**self.num_downs}, got {x.shape[1:3]}')
     init = nn.initializers.normal(self.init_stddev)
     widths = encoder_widths(self.ngf, self.num_downs, self.max_width_multiplier)
-    norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                     epsilon=self.bn_epsilon, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
+    # BatchNorm computes in float32 whatever the compute dtype: its statistics and the gradients
+    # of its scale and offset are then float32 sums (over devices too), as big_vision and MaxText
+    # keep normalisation; its output goes back to the compute dtype.
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                   epsilon=self.bn_epsilon, dtype=jnp.float32,
+                                   param_dtype=self.param_dtype, name=name)
+    norm = lambda name: lambda v: bn(name)(v).astype(self.dtype)
     lr_up = x
     x = x.astype(self.dtype)
 
@@ -82,7 +90,7 @@ class UNet(nn.Module):
     for i, width in enumerate(widths):
       use_bn = 0 < i < self.num_downs - 1  # no BN on the first and the innermost block
       x = StridedConv(width, use_bias=not use_bn, kernel_init=init, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=f'down{i}_conv')(x)
+                      param_dtype=self.param_dtype, mesh=self.mesh, name=f'down{i}_conv')(x)
       if use_bn:
         x = norm(f'down{i}_bn')(x)
       x = nn.leaky_relu(x, self.leaky_relu_slope)
@@ -92,7 +100,7 @@ class UNet(nn.Module):
     for j in range(self.num_downs - 1):
       width = widths[self.num_downs - 2 - j]
       x = StridedConv(width, transpose=True, use_bias=False, kernel_init=init, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=f'up{j}_conv')(x)
+                      param_dtype=self.param_dtype, mesh=self.mesh, name=f'up{j}_conv')(x)
       x = norm(f'up{j}_bn')(x)
       if j < self.num_dropout_blocks:
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f'up{j}_dropout')(x)
@@ -100,7 +108,7 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
 
     x = StridedConv(self.out_channels, transpose=True, kernel_init=init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name='out_conv')(x)
+                    param_dtype=self.param_dtype, mesh=self.mesh, name='out_conv')(x)
     x = x.astype(jnp.float32)
     if self.residual:
       # tanh(atanh(input) + delta): the input itself at delta = 0, and the output stays in (-1, 1).
@@ -108,12 +116,12 @@ class UNet(nn.Module):
     return jnp.tanh(x)
 
 
-def from_config(model_config, dtype: Dtype = jnp.float32) -> UNet:
-  """The generator that `config.model` describes."""
+def from_config(model_config, dtype: Dtype = jnp.float32, mesh: Any = None) -> UNet:
+  """The generator that `config.model` describes; `mesh`: the training mesh (FSDP)."""
   return UNet(ngf=model_config.ngf, num_downs=model_config.num_downs,
               max_width_multiplier=model_config.max_width_multiplier,
               num_dropout_blocks=model_config.num_dropout_blocks, dropout_rate=model_config.dropout_rate,
               leaky_relu_slope=model_config.leaky_relu_slope, bn_momentum=model_config.bn_momentum,
               bn_epsilon=model_config.bn_epsilon, init_stddev=model_config.init_stddev,
-              residual=model_config.get('residual', False), dtype=dtype)
+              residual=model_config.get('residual', False), dtype=dtype, mesh=mesh)
 

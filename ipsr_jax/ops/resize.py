@@ -72,6 +72,42 @@ def resize_np(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   return out[0] if squeeze else out
 
 
+def _weights_first(weights: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  y = jax.lax.dot_general(weights, x, (((1,), (axis,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(y, 0, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _apply_matrix(weights: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  return _weights_first(weights, x, axis)
+
+
+def _apply_fwd(weights, x, axis):
+  return _weights_first(weights, x, axis), weights
+
+
+def _apply_bwd(axis, weights, dy):
+  # The map is linear in x: its transpose is the same product with the transposed matrix, again
+  # with the matrix first. The weights are constants (PIL's coefficients): no gradient.
+  return jnp.zeros_like(weights), _weights_first(weights.T, dy, axis)
+
+
+_apply_matrix.defvjp(_apply_fwd, _apply_bwd)
+
+
+def _apply(weights: np.ndarray, x: jax.Array, axis: int) -> jax.Array:
+  """weights [out, in] applied along `axis` of x, exactly (HIGHEST precision: no TF32/bf16 passes).
+
+  The weights are the dot's left operand, forward and backward (a custom VJP: autodiff's
+  transpose would put them on the right again). With them on the right (`einsum('ow,nhwc->nhoc')`)
+  XLA's GPU compiler without autotuning, as ahead-of-time compiles run, fails on the backward
+  pass: "Couldn't find output tile sizes" for the Triton GEMM of the [N*W*C, 128] input gradient
+  of the embedder's 128 -> 160 resize (H100, `ipsr_jax.tools.aot_compile --topology=h100-8`;
+  issue 25). This order compiles on every backend and computes the same sums.
+  """
+  return _apply_matrix(jnp.asarray(weights, x.dtype), x, axis)
+
+
 def resize(images: jax.Array, out_hw: tuple[int, int], *, round_between: bool = False) -> jax.Array:
   """Device bicubic resize of float [N, H, W, C] (or [H, W, C]) images; PIL's weights.
 
@@ -88,11 +124,8 @@ def resize(images: jax.Array, out_hw: tuple[int, int], *, round_between: bool = 
   def finish(y):
     return jnp.clip(jnp.round(y), 0.0, 255.0) if round_between else y
 
-  hi = jax.lax.Precision.HIGHEST
   if out_w != x.shape[2]:
-    w = jnp.asarray(resize_weights(x.shape[2], out_w), x.dtype)
-    x = finish(jnp.einsum('ow,nhwc->nhoc', w, x, precision=hi))
+    x = finish(_apply(resize_weights(x.shape[2], out_w), x, axis=2))
   if out_h != x.shape[1]:
-    w = jnp.asarray(resize_weights(x.shape[1], out_h), x.dtype)
-    x = finish(jnp.einsum('oh,nhwc->nowc', w, x, precision=hi))
+    x = finish(_apply(resize_weights(x.shape[1], out_h), x, axis=1))
   return x[0] if squeeze else x
