@@ -171,9 +171,11 @@ def _param_bytes(ngf_args=SMALL):
 def test_tpu_fsdp_gathers_parameters_and_reduce_scatters_gradients(tmp_root):
   """fsdp=8: each split kernel is gathered once for its layer (whole kernels, never activations),
   the gradients come back reduce-scattered in float32, and each device holds 1/8 of the state."""
-  proc, report, hlo = _cached(tmp_root, 'v5e-8', *SMALL, '--config.mesh.fsdp=8')
+  proc, report, hlo = _cached(tmp_root, 'v5e-8', *SMALL, '--config.mesh.fsdp=8', '--save_executable')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert report['mesh'] == {'data': 1, 'fsdp': 8}
+  executable = os.path.join(tmp_root, 'v5e-8', report['executable'])  # for the real slice
+  assert os.path.getsize(executable) > 1_000_000
   total, n_split, split_bytes = _param_bytes()
   gathers = _collectives(report, 'all-gather')
   assert sum(c['count'] for c in gathers) == n_split

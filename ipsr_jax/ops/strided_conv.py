@@ -79,7 +79,8 @@ def _fsdp(mesh) -> int:
 
 def _whole(param, mesh):
   """The parameter gathered whole (a no-op without FSDP). Callers cast to the compute dtype
-  first, so a bf16 step gathers bf16 (half the bytes; TPU's compiler does that itself, GPU's not)."""
+  first, asking for a bf16 gather in a bf16 step (TPU's compiler gathers bf16 either way; the
+  H100 compile still gathers float32 and casts after, docs/scale.md)."""
   if param is None or _fsdp(mesh) == 1:
     return param
   return jax.lax.with_sharding_constraint(param, NamedSharding(mesh, PartitionSpec()))
