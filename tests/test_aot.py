@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -39,8 +40,13 @@ GPU_SHAPES = ('--config=configs/base.py', '--config.model.ngf=8', '--config.embe
               '--config.train.batch_size=16', '--config.embedder.checkpoint=')
 
 
+def _out(tmp_path, topology, args):
+  import hashlib  # pylint: disable=import-outside-toplevel
+  return tmp_path / f"{topology}-{hashlib.sha1(' '.join(args).encode()).hexdigest()[:8]}"
+
+
 def _compile(tmp_path, topology, *args):
-  out = tmp_path / topology
+  out = _out(tmp_path, topology, args)
   proc = subprocess.run([sys.executable, '-m', 'ipsr_jax.tools.aot_compile', f'--topology={topology}',
                          f'--out={out}', *args], cwd=REPO, capture_output=True, text=True, timeout=900)
   report = json.loads((out / 'aot.json').read_text()) if (out / 'aot.json').exists() else None
@@ -50,7 +56,6 @@ def _compile(tmp_path, topology, *args):
 
 @functools.lru_cache(maxsize=None)
 def _cached(tmp_root, topology, *args):
-  import pathlib  # pylint: disable=import-outside-toplevel
   return _compile(pathlib.Path(tmp_root), topology, *args)
 
 
@@ -174,7 +179,8 @@ def test_tpu_fsdp_gathers_parameters_and_reduce_scatters_gradients(tmp_root):
   proc, report, hlo = _cached(tmp_root, 'v5e-8', *SMALL, '--config.mesh.fsdp=8', '--save_executable')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert report['mesh'] == {'data': 1, 'fsdp': 8}
-  executable = os.path.join(tmp_root, 'v5e-8', report['executable'])  # for the real slice
+  args = (*SMALL, '--config.mesh.fsdp=8', '--save_executable')
+  executable = _out(pathlib.Path(tmp_root), 'v5e-8', args) / report['executable']  # for the real slice
   assert os.path.getsize(executable) > 1_000_000
   total, n_split, split_bytes = _param_bytes()
   gathers = _collectives(report, 'all-gather')
