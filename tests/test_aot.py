@@ -23,8 +23,11 @@ PLUGINS = os.environ.get('IPSR_AOT_PLUGINS', os.path.join(os.path.expanduser('~'
 
 
 def _has(module: str) -> bool:
-  if importlib.util.find_spec(module) is not None:
-    return True
+  try:
+    if importlib.util.find_spec(module) is not None:
+      return True
+  except ModuleNotFoundError:  # its parent package (jax_plugins) is not installed here
+    pass
   return os.path.isdir(os.path.join(PLUGINS, *module.split('.')))
 
 
