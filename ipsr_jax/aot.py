@@ -66,6 +66,7 @@ from ipsr_jax import chips
 from ipsr_jax import config as config_lib
 from ipsr_jax import sharding
 from ipsr_jax import train
+from ipsr_jax.data import degrade
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -334,18 +335,12 @@ def _lower(config, mesh: Mesh, on_device: bool):
   return parts.train_step.lower(parts.abstract_state, parts.batch_spec, embedder_vars)
 
 
-def degrades_on_device(config) -> bool:
-  """`data.degrade_on_device` for a TPU/GPU: 'auto' (or None) means on."""
-  setting = config.data.degrade_on_device
-  return setting is None or setting == 'auto' or bool(setting)
-
-
 def lower_step(config, topo: Topology):
   """(lowered step, mesh) of `config` for `topo`, from abstract shapes only."""
   config_lib.validate(config, data_paths=False)  # no data is read
   mesh = topology_mesh(topo, config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
-  return _lower(config, mesh, degrades_on_device(config)), mesh
+  return _lower(config, mesh, degrade.resolve_on_device(config.data.degrade_on_device, topo.platform)), mesh
 
 
 def compile_step(config, topo: Topology) -> tuple[dict[str, Any], str, Any]:
@@ -364,7 +359,8 @@ def compile_step(config, topo: Topology) -> tuple[dict[str, Any], str, Any]:
   hlo = compiled.as_text()
   devices = len(topo.devices)
   mem = memory(compiled)
-  cost, cost_source = _cost(compiled, config, degrades_on_device(config), devices)
+  cost, cost_source = _cost(compiled, config, degrade.resolve_on_device(config.data.degrade_on_device, topo.platform),
+                            devices)
   dtype = config.train.compute_dtype
   per_chip_batch = config.train.batch_size // devices
   report = dict(
