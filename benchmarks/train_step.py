@@ -401,7 +401,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   jax.block_until_ready(state)
 
   t0 = time.perf_counter()
-  traced = trainer.train_step.trace(state, device[0], trainer.embedder_vars)
+  traced = trainer.train_step.trace(state, device[0], trainer.embedder_vars, trainer.extra_vars)
   lowered = traced.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -416,7 +416,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   flops.update(forward_flops(trainer, config))
 
   def run(state, batch):
-    return compiled(state, batch, trainer.embedder_vars)
+    return compiled(state, batch, trainer.embedder_vars, trainer.extra_vars)
 
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='Some donated buffers were not usable')

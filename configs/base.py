@@ -66,6 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pixel_weight=1.0,           # 0 with identity_weight=1 -> identity-only ablation
       identity_distance='mse',    # 'mse' (paper), 'cosine', or 'contrastive' (not the paper's)
       temperature=0.1,            # of 'contrastive' (in-batch InfoNCE over cosines)
+      # The embedder sees one random view of each (SR, HR) pair, the same for both, drawn every
+      # step (ipsr_jax/ops/views.py; not the paper's): shift in pixels, scale relative, rotate in
+      # degrees, flip a coin, blur the largest sigma, noise in grey levels, colour a gain range.
+      # Recognizers besides config.embedder in the identity term (the mean of their distances):
+      # () or ('sface',). A recognizer in the loss is no longer an independent judge of the run.
+      extra_recognizers=(),
+      views=dict(enabled=False, shift=2.0, scale=0.05, rotate=5.0, flip=True, blur=1.0,
+                 noise=2.0, colour=0.1),
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -96,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       worker_handoff='pipe',
       shuffle=True,
       max_bad_fraction=0.01,      # more unreadable images than this is an error
+      # LFW only: a dev split of this many people with 2-3 images, held out of training and
+      # outside the paper's protocol population (>= 4 images): every choice is made on it, the
+      # test protocol reports. 0: no dev split (training takes every person with < 4 images).
+      dev_identities=0,
+      dev_seed=0,
       synthetic_identities=2000,  # only for source == 'synthetic'
       synthetic_images_per_identity=20,
   ))

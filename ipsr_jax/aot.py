@@ -327,12 +327,15 @@ def roofline(flops: float, bytes_accessed: float, per_chip_batch: int, chip: chi
 
 def _lower(config, mesh: Mesh, on_device: bool):
   module, embedder_vars = abstract_embedder(config) if config.loss.identity_weight else (None, None)
+  extras, extra_vars = ({}, None)
+  if config.loss.identity_weight and config.loss.get('extra_recognizers'):
+    extras, extra_vars = train.abstract_extra_recognizers(config.loss.extra_recognizers)
   parts = train.StepParts(config, mesh, num_steps=max(config.train.num_train_steps, 1), embedder=module,
-                          degrade_on_device=on_device)
-  if embedder_vars is not None:
-    embedder_vars = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
-                                 embedder_vars)
-  return parts.train_step.lower(parts.abstract_state, parts.batch_spec, embedder_vars)
+                          degrade_on_device=on_device, extras=extras)
+  replicated = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)), tree)
+  return parts.train_step.lower(parts.abstract_state, parts.batch_spec, replicated(embedder_vars),
+                                replicated(extra_vars))
 
 
 def lower_step(config, topo: Topology):

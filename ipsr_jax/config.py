@@ -9,6 +9,7 @@ import ml_collections
 
 from ipsr_jax import cpu_devices
 from ipsr_jax import losses
+from ipsr_jax.ops import views
 
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
 SOURCES = ('identity_folder', 'lfw', 'orl', 'ar', 'scface', 'tfds', 'synthetic')
@@ -55,7 +56,7 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   for f in ('loss.beta', 'loss.identity_weight', 'loss.pixel_weight', 'train.warmup_steps',
             'train.grad_clip_norm', 'train.weight_decay', 'train.eval_every_steps', 'train.profile_steps',
             'train.image_summary_every_steps', 'data.num_workers', 'data.read_threads',
-            'data.random_crop_padding',
+            'data.random_crop_padding', 'data.dev_identities',
             'model.num_dropout_blocks'):
     _positive(config, f, allow_zero=True)
   _need(m.image_size % (2**m.num_downs) == 0, 'model.num_downs', m.num_downs,
@@ -70,6 +71,11 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   _need(loss.identity_distance in losses.IDENTITY_DISTANCES, 'loss.identity_distance', loss.identity_distance,
         f'must be one of {losses.IDENTITY_DISTANCES}')
   _need(loss.get('temperature', 0.1) > 0, 'loss.temperature', loss.get('temperature'), 'must be > 0')
+  extra = tuple(loss.get('extra_recognizers', ()))
+  _need(set(extra) <= {'sface'} and len(set(extra)) == len(extra), 'loss.extra_recognizers', extra,
+        "must be () or ('sface',)")
+  if loss.get('views') is not None:
+    views.validate(loss.views)
   _need(loss.identity_weight > 0 or loss.pixel_weight > 0, 'loss.identity_weight', loss.identity_weight,
         'and loss.pixel_weight are both 0: nothing to train')
   _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')

@@ -10,7 +10,7 @@ its own sub-directory and each resumed (or skipped when complete) if the command
   3. pixel_only/  the ablation without the identity term
   4. report/      identification on held-out identities (never seen in training): HR, bicubic,
                   SR, pixel-only and the concatenated embeddings, per LR size
-  5. (configs/lfw.py) the same reports scored again by the independent dlib judge
+  5. (configs/lfw.py) the same reports scored again by the independent judges (dlib, SFace)
 
 Real photos (configs/lfw.py) get a stage 0: MTCNN alignment into <workdir>/aligned (and
 <workdir>/aligned_<eval> for evaluation sets with `align=True`), resumed and reused. The
@@ -94,7 +94,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dirs = {s: os.path.join(workdir, s) for s in stages}
   if config.demo.align:
     config = _aligned(config, workdir)
-  judged = [n for n in config.evals if config.evals[n].get('judge')]
+  judged = [n for n in config.evals if evaluator.eval_settings(config, n).judges]
   total = 5 if judged else 4
 
   def banner(i, text):
@@ -120,18 +120,18 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sr_fns = {'sr': sr, 'pixel_only': inference.SuperResolver.from_checkpoint(dirs['pixel_only'])}
   embedder = None
   results = {}
-  # Stage 4 scores with the embedder only, so its tables come before the (slow) judge; stage 5
-  # rescores with the judge beside it, the embedder's part read back from the cache.
+  # Stage 4 scores with the embedder only, so its tables come before the (slow) judges; stage 5
+  # rescores with the entry's judges beside it, the embedder's part read back from the cache.
   for i, judge in ((4, False), (5, True)):
     names = judged if judge else list(cfg.evals)
     if not names:
       continue
-    banner(i, 'scoring with the independent judge' if judge else 'evaluating on held-out identities')
+    banner(i, 'scoring with the independent judges' if judge else 'evaluating on held-out identities')
     for name in names:
       out = os.path.join(workdir, 'report', name)
       embedder = embedder or evaluator.make_embedder(cfg, evaluator.eval_settings(cfg, name))
       results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'], embedder=embedder,
-                                         judge=judge, cache_dir=os.path.join(out, 'cache'))
+                                         judges=None if judge else (), cache_dir=os.path.join(out, 'cache'))
       evaluator.announce(results[name], out, judge_only=judge)
   console.say(f'Demo finished in {console.duration(time.time() - started)}.')
   return results

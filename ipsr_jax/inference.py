@@ -63,6 +63,15 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def trained_against(config: ml_collections.ConfigDict) -> list[str]:
+  """The recognizers a run's loss used: none for the pixel-only ablation. A judge scoring a
+  generator is independent of it only if it is not among these."""
+  if not config.loss.identity_weight:
+    return []
+  return [str(config.embedder.checkpoint or 'the run\'s embedder'),
+          *config.loss.get('extra_recognizers', ())]
+
+
 def bicubic_pixels(images: jax.Array, image_size: int) -> jax.Array:
   """uint8 or float [N, H, W, 3] 0..255 -> float32 [N, S, S, 3], bicubic (traceable).
 
@@ -153,7 +162,7 @@ def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     stop.set()
 
 
-def _module_fields(module: Any) -> dict[str, str]:
+def module_fields(module: Any) -> dict[str, str]:
   """A Flax module's hyper-parameters (its dataclass fields), as strings."""
   return {f.name: repr(getattr(module, f.name)) for f in dataclasses.fields(module)
           if f.name not in ('parent', 'name')}
@@ -296,7 +305,7 @@ class Embedder(BatchedModel):
 
   def fingerprint_fields(self) -> dict[str, Any]:
     return {**super().fingerprint_fields(), 'input_size': self.input_size,
-            'module': _module_fields(self.module)}
+            'module': module_fields(self.module)}
 
   @property
   def standardization(self) -> str:
@@ -334,12 +343,13 @@ class SuperResolver(BatchedModel):
     config = load_run_config(workdir)
     generator = unet_lib.from_config(config.model, dtype=dtype)
     step, variables = Checkpointer(workdir, read_only=True).restore_model(step=step)
-    info = dict(workdir=workdir, step=int(step), model=config.model.to_dict())
+    info = dict(workdir=workdir, step=int(step), model=config.model.to_dict(),
+                trained_against=trained_against(config))
     return cls(generator, variables, image_size=config.model.image_size, info=info, **kwargs)
 
   def fingerprint_fields(self) -> dict[str, Any]:
     return {**super().fingerprint_fields(), 'image_size': self.image_size,
-            'module': _module_fields(self.generator)}
+            'module': module_fields(self.generator)}
 
 
 class Pipeline(BatchedModel):

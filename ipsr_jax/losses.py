@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ipsr_jax.ops import views
 from ipsr_jax.ops.pixels import to_pixels
 
 IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')
@@ -45,16 +46,33 @@ def pixel_mse(sr: jax.Array, hr: jax.Array) -> jax.Array:
 
 
 def ipsr_loss(sr: jax.Array, hr: jax.Array, embed: Callable[[jax.Array], jax.Array],
-              loss_config) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its terms. `embed` maps 0..255 pixel images to unit embeddings."""
+              loss_config, key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its terms. `embed` maps 0..255 pixel images to unit embeddings, or to a
+  dict {recognizer: unit embeddings} ('embedder' the run's own) for an ensemble.
+
+  With `loss_config.views.enabled` the recognizer sees one random view of each (SR, HR) pair,
+  the same for both (`ops/views.py`), drawn from `key`.
+  """
   terms = {'pixel_mse': pixel_mse(sr, hr)}
   total = loss_config.beta * loss_config.pixel_weight * terms['pixel_mse']
   if loss_config.identity_weight:
-    e_sr = embed(to_pixels(sr))
-    e_hr = jax.lax.stop_gradient(embed(to_pixels(hr)))
-    terms['identity'] = identity_distance(e_sr, e_hr, loss_config.identity_distance,
-                                          loss_config.get('temperature', 0.1))
-    terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr.astype(jnp.float32) * e_hr, axis=-1))
+    sr_pixels, hr_pixels = to_pixels(sr), to_pixels(hr)
+    view_cfg = loss_config.get('views')
+    if view_cfg is not None and view_cfg.enabled:
+      if key is None:
+        raise ValueError('loss.views.enabled needs a random key')
+      sr_pixels, hr_pixels = views.same_view(key, sr_pixels, hr_pixels, view_cfg)
+    e_sr = embed(sr_pixels)
+    e_hr = jax.lax.stop_gradient(embed(hr_pixels))
+    # An ensemble (`loss.extra_recognizers`) embeds with each recognizer: {name: embeddings},
+    # 'embedder' first; the identity term is the mean of their distances, so no single
+    # network's features can carry it alone.
+    e_sr, e_hr = (e_sr, e_hr) if isinstance(e_sr, dict) else ({'embedder': e_sr}, {'embedder': e_hr})
+    distances = [identity_distance(e_sr[k], e_hr[k], loss_config.identity_distance,
+                                   loss_config.get('temperature', 0.1)) for k in e_sr]
+    terms['identity'] = sum(distances) / len(distances)
+    terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr['embedder'].astype(jnp.float32) * e_hr['embedder'],
+                                                  axis=-1))
     total = total + loss_config.identity_weight * terms['identity']
   terms['loss'] = total
   return total, terms

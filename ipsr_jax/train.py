@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -107,13 +107,45 @@ def generator_input(batch: dict, degrader: degrade.DeviceDegrader | None) -> jax
   return pixels_lib.from_pixels(degrader(batch['hr'].astype(jnp.float32), batch['lr_index']))
 
 
-def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int) -> Callable[[jax.Array], jax.Array]:
-  return lambda pixels: inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size)
+# Frozen recognizers the identity term may add to config.embedder (`loss.extra_recognizers`).
+EXTRA_RECOGNIZERS = ('sface',)
 
 
-def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, generator, embedder, tx,
-               degrader, mesh=None) -> tuple[TrainState, TrainMetrics]:
-  """One generator update on a global batch; the embedder is frozen (its variables are an input).
+def load_extra_recognizers(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """({name: module}, {name: variables}) of the extra recognizers, weights loaded."""
+  from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
+  modules, variables = {}, {}
+  for name in names:
+    if name == 'sface':
+      modules[name], variables[name], _ = sface.load_sface()
+  return modules, variables
+
+
+def abstract_extra_recognizers(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The same as shapes only (the ahead-of-time compile): no file is read. The normalisation
+  constants are the shipped file's; they do not change a shape."""
+  from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
+  modules = {n: sface.SFace(input_mean=127.5, input_scale=0.0078125, bn_epsilon=1e-3, head_epsilon=2e-5)
+             for n in names if n == 'sface'}
+  return modules, {n: sface.abstract_variables(m) for n, m in modules.items()}
+
+
+def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int, extras: Mapping[str, Any] | None = None,
+                  extra_vars: Mapping[str, Any] | None = None) -> Callable[[jax.Array], Any]:
+  """pixels -> unit embeddings of the run's embedder; with extra recognizers, a dict of them."""
+  def embed(pixels):
+    own = inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size)
+    if not extras:
+      return own
+    from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
+    return {'embedder': own, **{n: sface.embed_images(m, extra_vars[n], pixels) for n, m in extras.items()}}
+  return embed
+
+
+def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: Any = None, *, config,
+               generator, embedder, tx, degrader, mesh=None, extras=None) -> tuple[TrainState, TrainMetrics]:
+  """One generator update on a global batch; the embedder is frozen (its variables are an input,
+  as are those of the `extras` recognizers: `extra_vars`).
 
   With a `mesh` whose 'fsdp' axis is > 1 the parameters arrive split over it (`state_shardings`):
   the generator's layers gather each kernel where they use it and reduce-scatter its gradient to
@@ -124,13 +156,14 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, *, config, ge
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
-  embed = make_embed_fn(embedder, embedder_vars, config.embedder.input_size) if embedder is not None else None
+  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars)
+           if embedder is not None else None)
   fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 
   def loss_fn(params):
     sr, updates = generator.apply({'params': params, 'batch_stats': state.batch_stats}, lr, train=True,
                                   rngs={'dropout': rng}, mutable=['batch_stats'])
-    loss, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
+    loss, terms = losses.ipsr_loss(sr, hr, embed, config.loss, key=jax.random.fold_in(rng, 1))
     return loss, (terms, updates['batch_stats'])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -187,7 +220,7 @@ class StepParts:
   `Trainer` runs against a TPU/GPU topology this machine does not have."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, *, num_steps: int, embedder: Any,
-               degrade_on_device: bool):
+               degrade_on_device: bool, extras: Mapping[str, Any] | None = None):
     self.config, self.mesh = config, mesh
     dtype = compute_dtype(config.train)
     self.generator = unet_lib.from_config(config.model, dtype=dtype, mesh=mesh)
@@ -200,10 +233,12 @@ class StepParts:
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_sharding)
     self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                        for k, v in batch_spec(config, degrade_on_device).items()}
+    self.extras = dict(extras or {})
     step = functools.partial(train_step, config=config, generator=self.generator, embedder=self.embedder,
-                             tx=self.tx, degrader=self.degrader, mesh=mesh)
+                             tx=self.tx, degrader=self.degrader, mesh=mesh, extras=self.extras)
+    # (state, batch, embedder variables, extra recognizers' variables or None)
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh),
-                                                  sharding.replicated(mesh)),
+                                                  sharding.replicated(mesh), sharding.replicated(mesh)),
                               out_shardings=(self.state_sharding, sharding.replicated(mesh)),
                               donate_argnums=(0,))
 
@@ -220,11 +255,14 @@ class Trainer:
     steps_per_epoch = max(1, len(self.source) // config.train.batch_size)
     self.num_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
                       config.train.num_epochs * steps_per_epoch)
-    module, self.embedder_vars = None, None
+    module, self.embedder_vars, extras, self.extra_vars = None, None, {}, None
     if config.loss.identity_weight:
       module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
       self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
-    parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module,
+      if config.loss.get('extra_recognizers'):
+        extras, variables = load_extra_recognizers(config.loss.extra_recognizers)
+        self.extra_vars = jax.device_put(variables, sharding.replicated(self.mesh))
+    parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module, extras=extras,
                       degrade_on_device=degrade.resolve_on_device(config.data.degrade_on_device))
     self.generator, self.tx, self.embedder, self.degrader = parts.generator, parts.tx, parts.embedder, parts.degrader
     self.state_sharding, self.abstract_state = parts.state_sharding, parts.abstract_state
@@ -358,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _Preemption() as preemption, trainer.mesh, progress:
       while step < trainer.num_steps:
         batch, iter_state = next(batches)
-        state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars)
+        state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars, trainer.extra_vars)
         consumed.state = iter_state
         step += 1
         metrics = step_metrics if metrics is None else metrics.merge(step_metrics)

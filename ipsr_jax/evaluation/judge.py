@@ -1,8 +1,11 @@
-"""An independent recognizer to judge SR faces: dlib's face-recognition ResNet (128-d).
+"""Independent recognizers to judge SR faces: dlib's face-recognition ResNet and SFace (128-d each).
 
 The SR network is trained against one embedder (FaceNet); rank-1 measured with that same
-embedder can reward faces that fool it rather than faces that look like the person. dlib's
-ResNet (a different architecture, trained on different data) is a second opinion.
+embedder can reward faces that fool it rather than faces that look like the person. A judge is a
+recognizer the generator never trained against: dlib's ResNet (a ResNet-29 trained with a metric
+loss on ~3 M faces, run by dlib) and SFace (a MobileFaceNet trained with the sigmoid-constrained
+hypersphere loss, OpenCV zoo; ported to JAX in `ipsr_jax.models.sface`). Evaluations name theirs
+(`config.evals.<name>.judges=('dlib', 'sface')`); `open_judges` builds them.
 
 Optional extra `judge` (dlib-bin, face-recognition-models). The weights ship inside the
 face_recognition_models package; it is located with importlib's find_spec because importing it
@@ -19,8 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib.util
+import logging
 import multiprocessing
 import os
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -142,6 +147,74 @@ class DlibJudge:
   def __repr__(self) -> str:
     return (f'DlibJudge(dlib_face_recognition_resnet_model_v1, box_margin={self.box_margin}, '
             f'input_size={self.input_size})')
+
+
+class SFaceJudge:
+  """SFace (`ipsr_jax.models.sface`, JAX) with the judge interface: uint8 faces -> unit [N, 128].
+
+  Faces are the project's aligned crops (the ArcFace 5-point template scaled to their size), which
+  resized to 112 are SFace's own input; no landmarks are needed."""
+
+  def __init__(self, path: str | None = None):
+    from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
+    self._model = sface.SFaceEmbedder.load(path)
+
+  @staticmethod
+  def available() -> bool:
+    from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
+    return sface.SFaceEmbedder.available()
+
+  def embed(self, images: np.ndarray) -> np.ndarray:
+    return self._model(images)
+
+  __call__ = embed
+
+  def close(self) -> None:
+    pass
+
+  @property
+  def fingerprint(self) -> str:
+    return self._model.fingerprint
+
+  def __repr__(self) -> str:
+    return repr(self._model)
+
+
+# name -> (class, what to install when it is missing)
+JUDGES = {'dlib': (DlibJudge, "pip install 'ipsr_jax[judge]'"),
+          'sface': (SFaceJudge, "pip install 'ipsr_jax[sface]'")}
+
+
+def check_names(names: Sequence[str], where: str) -> tuple[str, ...]:
+  """The judge names as a tuple; an unknown name is an error naming the known ones."""
+  if isinstance(names, str):
+    names = (names,)
+  names = tuple(names)
+  unknown = [n for n in names if n not in JUDGES]
+  if unknown:
+    raise ValueError(f'{where}: unknown judges {unknown}; known: {sorted(JUDGES)}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'{where}: judges {list(names)} name one twice')
+  return names
+
+
+def open_judges(names: Sequence[str], *, num_workers: int = 0, where: str = 'judges') -> dict[str, Any]:
+  """{name: judge} for each named judge that is installed; a missing one is skipped with a
+  warning that says what to install (an evaluation still runs with the others).
+  num_workers: dlib's processes (0: one per core)."""
+  judges = {}
+  for name in check_names(names, where):
+    cls, install = JUDGES[name]
+    if not cls.available():
+      logging.warning('%s: the %s judge is not installed (%s); no %s column.', where, name, install, name)
+      continue
+    judges[name] = cls(num_workers=num_workers) if cls is DlibJudge else cls()
+  return judges
+
+
+def close_judges(judges: Mapping[str, Any]) -> None:
+  for judge in judges.values():
+    judge.close()
 
 
 _WORKER_JUDGE: DlibJudge | None = None

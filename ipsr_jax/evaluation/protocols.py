@@ -3,7 +3,7 @@
 Splits are pure functions of a source's `records` (and a seed): nothing is decoded, so they are
 cheap to test and reproducible. `run_protocol` takes CALLABLES, not models: `embed_fn` (uint8 or
 float [N, H, W, 3] in 0..255 -> [N, D] unit vectors), `sr_fns` ({'sr': fn, ...}: uint8 bicubic
-[N, 128, 128, 3] -> [N, 128, 128, 3] in 0..255) and an optional independent `judge_fn`.
+[N, 128, 128, 3] -> [N, 128, 128, 3] in 0..255) and optional independent `judges`.
 
 For each probe condition (a synthetic LR size, or an SCface distance) and method it reports
 rank-1 (mean and std over trials), the CMC and, where an HR reference exists, PSNR/SSIM:
@@ -103,6 +103,12 @@ def lfw_split(records: Sequence[Record], seed: int, min_images: int = 4) -> Spli
   return generic_identity_split(records, seed, min_images)
 
 
+def lfw_dev_split(records: Sequence[Record], seed: int, min_images: int = 2) -> Split:
+  """The dev protocol on LFW's dev people (2-3 images each, `config.data.dev_identities`): one
+  random gallery image each, the rest probes, at the test protocol's probe sizes."""
+  return generic_identity_split(records, seed, min_images)
+
+
 def _first_shot(images: Sequence[Record], session: int) -> Record:
   return min((r for r in images if int(r.meta['session']) == session),
              key=lambda r: int(r.meta['shot']))
@@ -179,6 +185,10 @@ PROTOCOLS: dict[str, Protocol] = {
                    ((11, 8), (16, 12), (16, 16), (21, 15), (32, 32)), seeded=False),
     'lfw': Protocol('lfw', lfw_split, ((7, 6), (14, 12), (16, 14), (18, 16)), seeded=True,
                     default_trials=10, hr_probe_size=(112, 96)),
+    # Choices are made here, never on 'lfw': the same sizes and HR probe, on people disjoint
+    # from the test population and from training.
+    'lfw_dev': Protocol('lfw_dev', lfw_dev_split, ((7, 6), (14, 12), (16, 14), (18, 16)),
+                        seeded=True, default_trials=10, hr_probe_size=(112, 96)),
     'generic': Protocol('generic', generic_identity_split,
                         ((7, 6), (14, 12), (16, 14), (18, 16), (32, 32)), seeded=True,
                         default_trials=1),
@@ -248,7 +258,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  methods: Sequence[str] | None = None,
                  resolutions: Sequence[Size] | None = None,
                  trials: int | Sequence[int] | None = None,
-                 judge_fn: EmbedFn | None = None, chunk: int = 256, max_rank: int = 100,
+                 judges: Mapping[str, EmbedFn] | None = None, chunk: int = 256, max_rank: int = 100,
                  split_kwargs: Mapping[str, Any] | None = None, num_examples: int = 4,
                  gallery_block: int = 4096, probe_block: int = 1024,
                  image_quality: bool = True, hr_size: Size = HR_SIZE,
@@ -262,18 +272,18 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   and 'concat' expand to every sr_fns entry); default all. resolutions: override the
   protocol's synthetic LR sizes (ignored by natural-LR protocols). trials: number of seeds
   (0..n-1) or the seeds themselves, for seeded protocols; default the protocol's (LFW 10).
-  judge_fn: an independent embedder (uint8 images); adds 'judge_rank1', 'judge_rank1_std',
-  'judge_rank1_trials' and 'judge_cmc'.
+  judges: {name: embed_fn} of independent recognizers (given uint8 faces); each adds
+  'judge_<name>_rank1', '..._rank1_std', '..._rank1_trials' and '..._cmc', and 'judges' lists them.
   image_quality: PSNR/SSIM of bicubic and SR vs HR (synthetic LR only; costs host time).
   hr_size: the size gallery and bicubic probes are brought to, the SR model's input size.
   label: what the progress lines call this evaluation (default the protocol's name).
   cache_dir, cache_tags: keep embeddings (and PSNR/SSIM) on disk, see `EmbeddingCache`; tags map
-  'emb', 'judge' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
+  'emb', 'judge_<name>' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
   image_key: names each record's image in the cache (`FaceSource.image_key`); default its path.
 
   Returns {'protocol', 'conditions', 'methods', 'trials', 'rank1', 'rank1_std', 'rank1_trials',
-  'cmc', 'psnr', 'ssim', 'num_gallery', 'num_identities', 'num_probes', 'examples', and with a
-  judge 'judge_rank1', 'judge_rank1_std', 'judge_cmc'}; rank1 etc. map condition -> method ->
+  'cmc', 'psnr', 'ssim', 'num_gallery', 'num_identities', 'num_probes', 'examples', and with
+  judges 'judges' and the judge keys above}; rank1 etc. map condition -> method ->
   value (fractions in [0, 1]; std over trials, ddof=0); examples hold uint8 images for figures.
   """
   spec = get_protocol(name)
@@ -288,7 +298,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   cache = embedding_cache.RecordCache.open(
       cache_dir, cache_tags or {}, records, image_key,
       extra=f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}')
-  scorers = {'emb': embed_fn} | ({'judge': judge_fn} if judge_fn is not None else {})
+  scorers = {'emb': embed_fn} | {steps.judge_scorer(n): fn for n, fn in (judges or {}).items()}
   embeddings = steps.Embeddings(scorers, population, cache, chunk)
   quality = steps.QualityMeter(cache) if image_quality and not spec.natural else None  # natural LR: no HR
   examples = steps.ExampleFaces(population, num_examples, spec.natural)

@@ -20,7 +20,12 @@ from matplotlib.ticker import MaxNLocator
 from ipsr_jax.evaluation import paper_tables
 
 # Keys of report.json that come from the results and may not be overridden by `extra`.
-CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step', 'gains', 'judge_gains')
+CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step', 'gains', 'judges')
+
+
+def judge_prefixes(results: Mapping[str, Any]) -> dict[str, str]:
+  """{judge name: its results' key prefix} ('dlib' -> 'judge_dlib_'), in the results' order."""
+  return {n: f'judge_{n}_' for n in results.get('judges') or ()}
 # Result keys that are not JSON (images) or repeat the core ones.
 _SKIP = ('examples',)
 PANEL_ORDER = ('lr', 'bicubic', 'native', 'hr')
@@ -87,8 +92,9 @@ def _rank1_rows(protocol: str, results: Mapping[str, Any], columns: list[str], p
 
 def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, dict[str, float]]]:
   """Paired differences of rank-1 over the trials, in points: {cond: {'sr - bicubic': {'mean',
-  'std'}}} for every SR method against bicubic, and the first SR method ('sr') against the
-  others (e.g. 'sr - pixel_only': the identity term's own effect). Each trial's difference is
+  'std'}}} for every SR method against bicubic, the first SR method ('sr') against the others
+  (e.g. 'sr - pixel_only': the identity term's own effect), and, when a 'pixel_only' row is
+  there, every other SR method against it (the variants of `tools/compare`). Each trial's difference is
   taken on the same gallery and probes, so its std is the spread of the effect, not of the split."""
   per_trial = results.get(f'{prefix}rank1_trials') or {}
   sr_methods = [m for m in results.get('methods') or [] if m not in ('hr', 'native', 'bicubic')
@@ -96,6 +102,8 @@ def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, d
   pairs = [(m, 'bicubic') for m in sr_methods]
   if 'sr' in sr_methods:
     pairs += [('sr', m) for m in sr_methods if m != 'sr']
+  if 'pixel_only' in sr_methods:
+    pairs += [(m, 'pixel_only') for m in sr_methods if m not in ('sr', 'pixel_only')]
   out = {}
   for cond, values in per_trial.items():
     for a, b in pairs:
@@ -148,12 +156,16 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
     lines += [''] + [f'Note: {n}' for n in table.notes]
   if len(results.get('trials') or []) > 1:
     lines += _gain_lines(results, columns, '', 'Gains, paired per trial (mean ± std, rank-1 points)')
-  if results.get('judge_rank1'):
-    lines += ['', '## Independent judge (rank-1 %, a different recognizer)', '']
-    lines += [f'Judge: {extra["judge"]}', ''] if extra.get('judge') else []
-    lines += _table(['Method'] + labels, _rank1_rows(protocol, results, columns, 'judge_'))
+  trained = extra.get('trained_against') or {}
+  for judge, prefix in judge_prefixes(results).items():
+    lines += ['', f'## Judge: {judge} (rank-1 %)', '']
+    lines += [f'Judge: {extra["judge_models"][judge]}', ''] if judge in (extra.get('judge_models') or {}) else []
+    lines += _table(['Method'] + labels, _rank1_rows(protocol, results, columns, prefix))
     if len(results.get('trials') or []) > 1:
-      lines += _gain_lines(results, columns, 'judge_', 'Judge gains, paired per trial (mean ± std, rank-1 points)')
+      lines += _gain_lines(results, columns, prefix, f'{judge} gains, paired per trial (mean ± std, rank-1 points)')
+  if trained:
+    lines += ['', 'Recognizers each generator trained against: ' + '; '.join(
+        f'{m}: {", ".join(v) or "none (pixel loss only)"}' for m, v in trained.items()) + '.']
   for metric, fmt in (('psnr', '{:.2f}'), ('ssim', '{:.4f}')):
     values = results.get(metric) or {}
     if not values:
@@ -165,7 +177,8 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
                                               for c in cols] for m in methods])
   lines += ['', '## CMC', ''] + [f'![CMC {c}](cmc_{c}.png)' for c in columns if c in
                                  results.get('cmc', {})]
-  lines += [f'![Judge CMC {c}](cmc_judge_{c}.png)' for c in columns if c in results.get('judge_cmc', {})]
+  for prefix in judge_prefixes(results).values():
+    lines += [f'![{prefix[:-1]} CMC {c}](cmc_{prefix}{c}.png)' for c in columns if c in results.get(f'{prefix}cmc', {})]
   if results.get('examples'):
     lines += ['', '## Faces', '', '![faces](faces.png)']
   return '\n'.join(lines) + '\n'
@@ -173,13 +186,13 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
 
 def summary(protocol: str, results: Mapping[str, Any], *, judge_only: bool = False) -> str:
   """The rank-1 table(s) and paired gains alone, for the terminal (report.md has everything).
-  judge_only: just the judge's part (its embedder's part was printed before)."""
+  judge_only: just the judges' part (the embedder's part was printed before)."""
   columns = _columns(protocol, results)
   multi = len(results.get('trials') or []) > 1
   lines = []
-  for prefix, title in (('', 'Rank-1 identification (%)'), ('judge_', 'Independent judge: rank-1 (%)')):
-    if (prefix and not results.get('judge_rank1')) or (judge_only and not prefix):
-      continue
+  parts = [('', 'Rank-1 identification (%)')] * (not judge_only)
+  parts += [(p, f'Judge {n}: rank-1 (%)') for n, p in judge_prefixes(results).items()]
+  for prefix, title in parts:
     lines += ([''] if lines else []) + [title]
     lines += _table(['Method'] + columns, _rank1_rows(protocol, results, columns, prefix))
     if multi:
@@ -255,7 +268,8 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
   """Writes report.json, report.md, cmc_<condition>.png and faces.png; returns their paths.
 
   report.json = {"protocol", "rank1": {cond: {method: r}}, "cmc", "psnr", "ssim",
-  "checkpoint_step", every other JSON-able result (rank1_std, trials, judge_rank1, ...), then
+  "checkpoint_step", every other JSON-able result (rank1_std, trials, judges, judge_<name>_rank1,
+  ...), "gains" and "judge_<name>_gains", then
   `extra` (embedder description, ...)}. `examples` defaults to results['examples']
   ({cond: {'lr'|'bicubic'|<sr>|'hr'|'native': uint8 [n, h, w, 3]}}); no faces.png without any.
   """
@@ -272,15 +286,16 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
     if k not in doc and k not in _SKIP:
       doc[k] = v
   doc['gains'] = gains(results)
-  if results.get('judge_rank1_trials'):
-    doc['judge_gains'] = gains(results, 'judge_')
+  for prefix in judge_prefixes(results).values():
+    if results.get(f'{prefix}rank1_trials'):
+      doc[f'{prefix}gains'] = gains(results, prefix)
   doc.update(extra)
   paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
   with open(paths['json'], 'w') as f:
     json.dump(_jsonable(doc), f, indent=1)
   with open(paths['md'], 'w') as f:
     f.write(markdown(protocol, results, checkpoint_step, extra))
-  for prefix in ('', 'judge_'):
+  for prefix in ['', *judge_prefixes(results).values()]:
     for cond, curves in results.get(f'{prefix}cmc', {}).items():
       key = f'cmc_{prefix}{cond}'
       paths[key] = os.path.join(out_dir, f'{key}.png')

@@ -38,6 +38,13 @@ SRFn = Callable[[np.ndarray], np.ndarray]
 ANY = '*'  # the condition of probes that do not depend on it: HR/native, and natural LR's one chain
 _REFERENCES = ('hr', 'native')  # methods scoring the probe's own face, embedded under ANY
 
+JUDGE_PREFIX = 'judge_'
+
+
+def judge_scorer(name: str) -> str:
+  """The scorer key of judge `name` ('judge_dlib'): its cache folder and its results' prefix."""
+  return f'{JUDGE_PREFIX}{name}'
+
 
 # ----------------------------------------------------------------------------- pixels and batches
 
@@ -213,7 +220,8 @@ class _Store:
 class Embeddings:
   """Every embedding a run scores, computed once per image, chain and method, through the cache.
 
-  scorers: {'emb': embed_fn} and optionally 'judge' (given uint8 faces: dlib takes nothing else).
+  scorers: {'emb': embed_fn} and optionally judges, 'judge_<name>' (given uint8 faces: dlib takes
+  nothing else).
   Gallery faces are embedded at HR under ('hr', 'hr'); probes under (chain, method), see
   `Plan.chain`; the reference methods ('hr', 'native') under `ANY`.
   """
@@ -236,7 +244,7 @@ class Embeddings:
         imgs = images() if e == 'emb' else _as_uint8(images())
         vecs = _batched(fn, imgs, self.chunk)
         if vecs.ndim != 2 or len(vecs) != len(idx) or not np.isfinite(vecs).all():
-          raise ValueError(f'{"judge_fn" if e == "judge" else "embed_fn"} returned '
+          raise ValueError(f'{"embed_fn" if e == "emb" else e.replace("_", " ", 1)} returned '
                            f'{vecs.shape} {"non-finite " if vecs.ndim == 2 else ""}embeddings for '
                            f'{len(idx)} {method} images ({chain})')
         self.cache.save(path, emb=np.asarray(vecs, np.float32))
@@ -442,7 +450,7 @@ def _over_trials(plan: Plan, scores: TrialScores, scorer: str) -> tuple[dict, di
 
 def summarise(plan: Plan, seeds: Sequence[int], splits: Sequence[Any], scores: TrialScores,
               quality: QualityMeter | None, examples: ExampleFaces) -> dict[str, Any]:
-  """The results dict (see `protocols.run_protocol`); judge keys when a judge scored."""
+  """The results dict (see `protocols.run_protocol`); judge keys when judges scored."""
   rank1, rank1_std, rank1_trials, cmc = _over_trials(plan, scores, 'emb')
   psnr, ssim = quality.summary(plan.conditions) if quality is not None else ({}, {})
   results = {
@@ -457,8 +465,13 @@ def summarise(plan: Plan, seeds: Sequence[int], splits: Sequence[Any], scores: T
       'num_probes': scores.num_probes,
       'examples': examples.stacked(),
   }
-  if 'judge' in scores.rank1:
-    j_mean, j_std, j_trials, j_cmc = _over_trials(plan, scores, 'judge')
-    results.update(judge_rank1=j_mean, judge_rank1_std=j_std, judge_rank1_trials=j_trials,
-                   judge_cmc=j_cmc)
+  judges = [e[len(JUDGE_PREFIX):] for e in scores.rank1 if e.startswith(JUDGE_PREFIX)]
+  if judges:
+    results['judges'] = judges
+  for name in judges:
+    e = judge_scorer(name)
+    j_mean, j_std, j_trials, j_cmc = _over_trials(plan, scores, e)
+    results.update({f'{e}_rank1': j_mean, f'{e}_rank1_std': j_std, f'{e}_rank1_trials': j_trials,
+                    f'{e}_cmc': j_cmc})
   return results
+

@@ -374,28 +374,23 @@ def run(pairs_path: str | os.PathLike, root: str | os.PathLike, methods: Mapping
 
 def run_eval_entry(name: str, settings: Mapping[str, Any], out_dir: str | os.PathLike, embedder: EmbedFn,
                    methods: Mapping[str, EmbedFn] | None = None) -> dict[str, Any]:
-  """One `config.evals` entry with protocol='verification' (root, pairs, judge, judge_workers):
-  the embedder (and the dlib judge when asked and installed) on the same pairs; writes the report."""
+  """One `config.evals` entry with protocol='verification' (root, pairs, judges, judge_workers):
+  the embedder (and each named judge that is installed) on the same pairs; writes the report."""
   import jax  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.evaluation import judge as judge_lib  # pylint: disable=g-import-not-at-top
   if not settings['root'] or not settings['pairs']:
     raise ValueError(f'config.evals.{name}: protocol=verification needs root (aligned LFW faces) '
                      'and pairs (LFW pairs.txt)')
   methods = dict(methods or {'embedder': embedder})
-  judge_model = None
-  if settings.get('judge'):
-    from ipsr_jax.evaluation import judge  # pylint: disable=g-import-not-at-top
-    if judge.DlibJudge.available():
-      judge_model = judge.DlibJudge(num_workers=settings.get('judge_workers', 0))
-      methods['judge (dlib)'] = judge_model.embed
-    else:
-      logging.warning('config.evals.%s.judge: dlib or its models are not installed; no judge row.', name)
+  judges = judge_lib.open_judges(settings.get('judges', ()), num_workers=settings.get('judge_workers', 0),
+                                 where=f'config.evals.{name}')
+  methods.update({f'judge ({n})': j.embed for n, j in judges.items()})
   try:
     results = run(settings['pairs'], settings['root'], methods)
   finally:
-    if judge_model is not None:
-      judge_model.close()
+    judge_lib.close_judges(judges)
   extra = {'embedder': getattr(embedder, 'info', {}).get('source', 'unknown'), 'eval_name': name,
-           'judge': repr(judge_model) if judge_model is not None else None}
+           'judges': {n: repr(j) for n, j in judges.items()}}
   if jax.process_index() == 0:
     write_report(out_dir, results, extra=extra)
     logging.info('Wrote the %s verification report to %s', name, os.fspath(out_dir))

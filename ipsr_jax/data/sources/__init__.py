@@ -29,9 +29,19 @@ def _identity_folder(data, split: str) -> FaceSource:
 
 
 def _lfw(data, split: str) -> FaceSource:
+  """train: the people outside the paper's protocol population (fewer than 4 images) less the dev
+  people; dev: the `data.dev_identities` people (2-3 images each); test (any other split): all of
+  LFW, from which the protocol keeps the people with >= 4 images."""
   from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
-  if split == 'train':  # people outside the paper's protocol population (fewer than 4 images)
-    return folders.LFW(data.root, max_images_per_identity=3, max_bad_fraction=data.max_bad_fraction)
+  num_dev = int(data.get('dev_identities', 0))
+  dev = folders.lfw_dev_identities(data.root, num_dev, data.get('dev_seed', 0)) if num_dev else []
+  if split == 'train':
+    return folders.LFW(data.root, max_images_per_identity=3, exclude_identities=dev,
+                       max_bad_fraction=data.max_bad_fraction)
+  if split == 'dev':
+    if not dev:
+      raise ValueError("split 'dev' of LFW needs config.data.dev_identities > 0 (e.g. 300)")
+    return folders.LFW(data.root, identities=dev, max_bad_fraction=data.max_bad_fraction)
   return folders.LFW(data.root, max_bad_fraction=data.max_bad_fraction)
 
 
@@ -89,8 +99,9 @@ SOURCES: dict[str, Callable[..., FaceSource]] = {
 def make_source(data_config: ml_collections.ConfigDict, split: str | None = None) -> FaceSource:
   """The FaceSource that `config.data` names (pass the config or its `data` part).
 
-  `split` defaults to data.split. Sources with one split on disk (LFW, ORL, AR, SCface) ignore it;
-  evaluation protocols pick galleries and probes from their records.
+  `split` defaults to data.split. Sources with one split on disk (ORL, AR, SCface) ignore it; LFW
+  has train / dev / test people (`_lfw`). Evaluation protocols pick galleries and probes from the
+  records.
   """
   data = _data(data_config)
   split = split or data.get('split', 'train') or 'train'

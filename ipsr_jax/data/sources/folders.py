@@ -12,6 +12,8 @@ import os
 import re
 from typing import Iterable
 
+import numpy as np
+
 from ipsr_jax.data import image_io
 from ipsr_jax.data.sources import base
 
@@ -37,7 +39,7 @@ class IdentityFolders(base.FileFaceSource):
 
   def __init__(self, root: str | os.PathLike, *, split: str | None = None,
                min_images_per_identity: int = 1, identities: Iterable[str] | None = None,
-               max_images_per_identity: int | None = None, max_bad_fraction: float = 0.01, image_size: int | None = None,
+               exclude_identities: Iterable[str] = (), max_images_per_identity: int | None = None, max_bad_fraction: float = 0.01, image_size: int | None = None,
                name: str | None = None):
     root = base.require_root(root, LAYOUT)
     folder = root if not split else os.path.join(root, split)
@@ -59,6 +61,8 @@ class IdentityFolders(base.FileFaceSource):
         raise ValueError(
             f'{len(missing)} requested identities are not in {folder!r}: {missing[:10]}')
       names = sorted(wanted)
+    self.excluded = frozenset(str(i) for i in exclude_identities)
+    names = [n for n in names if n not in self.excluded]
     per_identity = {n: _list_images(os.path.join(folder, n)) for n in names}
     most = max_images_per_identity or float('inf')
     kept = [n for n in names if max(1, self.min_images_per_identity) <= len(per_identity[n]) <= most]
@@ -75,7 +79,8 @@ class IdentityFolders(base.FileFaceSource):
     return (f'IdentityFolders(root={self.root!r}, split={self.split!r}, '
             f'identities={self.num_identities}, images={len(self)}, '
             f'min_images_per_identity={self.min_images_per_identity}, '
-            f'max_images_per_identity={self.max_images_per_identity}, image_size={self.image_size})')
+            f'max_images_per_identity={self.max_images_per_identity}, '
+            f'excluded={len(self.excluded)}, image_size={self.image_size})')
 
 
 def find_lfw_images(root: str | os.PathLike) -> str:
@@ -92,6 +97,26 @@ def LFW(root: str | os.PathLike, *,  # pylint: disable=invalid-name
   """LFW (5,749 people); the paper's protocol keeps those with >= 4 images."""
   return IdentityFolders(find_lfw_images(root), min_images_per_identity=min_images_per_identity,
                          name='lfw', **kwargs)
+
+
+# The dev people come from those with 2 or 3 images: enough for a gallery image and a probe, and
+# outside the paper's protocol population (>= 4 images), so no reported test person is among them.
+DEV_MIN_IMAGES, DEV_MAX_IMAGES = 2, 3
+
+
+def lfw_dev_identities(root: str | os.PathLike, num: int, seed: int = 0) -> list[str]:
+  """`num` LFW people with 2-3 images, a seeded draw (sorted names, numpy's PCG64: the same on
+  every machine): the dev split, held out of training (`config.data.dev_identities`)."""
+  folder = find_lfw_images(root)
+  names = sorted(d for d in os.listdir(folder) if not d.startswith('.')
+                 and os.path.isdir(os.path.join(folder, d)))
+  eligible = [n for n in names
+              if DEV_MIN_IMAGES <= len(_list_images(os.path.join(folder, n))) <= DEV_MAX_IMAGES]
+  if num > len(eligible):
+    raise ValueError(f'data.dev_identities={num}: only {len(eligible)} LFW people under {folder!r} '
+                     f'have {DEV_MIN_IMAGES}-{DEV_MAX_IMAGES} images')
+  picked = np.random.default_rng(seed).permutation(len(eligible))[:num]
+  return sorted(eligible[i] for i in picked)
 
 
 def ORL(root: str | os.PathLike, **kwargs) -> IdentityFolders:  # pylint: disable=invalid-name

@@ -1,0 +1,95 @@
+r"""Several trained generators scored side by side on one evaluation: how variants are chosen.
+
+    python -m ipsr_jax.tools.compare --config=configs/lfw.py:dev --eval=lfw_dev \
+        --runs=pixel_only=runs/dev/pixel,ipsr=runs/dev/ipsr,views=runs/dev/views \
+        --config.data.root=runs/lfw/aligned --out=runs/dev/compare
+
+Every generator (the newest checkpoint of each run) goes through the same protocol in one run:
+the same trials, galleries and probes, so the report's paired gains (each variant against bicubic
+and against `pixel_only` when one is named so) hold the split's noise out. The entry's embedder
+and judges score all of them; HR and bicubic are embedded once. The report says which
+recognizers each generator trained against. Embeddings are cached under `--out`/cache, so adding
+a run later embeds only its own rows.
+
+Choose on the dev protocol (`configs/lfw.py:dev`, `lfw_dev`); run the test protocol (`lfw`, `orl`)
+for the finalists only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from ipsr_jax import console
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  # Defined only when run as a program: importing this module must not claim global flag names.
+  return dict(
+      config=config_flags.DEFINE_config_file('config', 'configs/lfw.py:dev', 'The configuration '
+                                             'naming the evaluation (overrides as --config.a.b=v).'),
+      eval=flags.DEFINE_string('eval', None, 'The config.evals entry to run, e.g. lfw_dev.'),
+      runs=flags.DEFINE_list('runs', None, 'name=workdir pairs, one per generator; a name is a '
+                             "report row ('pixel_only' is the ablation the others are paired with)."),
+      judges=flags.DEFINE_list('judges', None, "Override the entry's judges (e.g. dlib,sface); "
+                               "'none' for the embedder alone."),
+      out=flags.DEFINE_string('out', None, 'Report directory (report.md, report.json, cache/).'),
+  )
+
+
+def parse_runs(values: Sequence[str]) -> dict[str, str]:
+  """--runs: ['name=dir', ...] -> {name: dir}, in order; names unique and not a reference row."""
+  runs = {}
+  for value in values:
+    name, sep, workdir = value.partition('=')
+    if not sep or not name or not workdir:
+      raise app.UsageError(f'--runs entries are name=workdir, got {value!r}')
+    if name in runs or name in ('hr', 'native', 'bicubic') or name.endswith('_concat'):
+      raise app.UsageError(f'--runs: the name {name!r} is taken or reserved')
+    runs[name] = workdir
+  if not runs:
+    raise app.UsageError('--runs needs at least one name=workdir')
+  return runs
+
+
+def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import paths  # pylint: disable=g-import-not-at-top
+  config = holders['config'].value
+  name, out = holders['eval'].value, holders['out'].value
+  if name not in config.get('evals', {}):
+    raise app.UsageError(f'--eval={name}: not in config.evals (has {sorted(config.get("evals", {}))})')
+  runs = parse_runs(holders['runs'].value)
+  judges = holders['judges'].value
+  if judges is not None:
+    judges = () if judges == ['none'] else tuple(judges)
+  config_lib.validate(config)
+  paths.resolve_config(config)
+  cpu_devices.configure(config.mesh.get('cpu_devices', 'auto'))  # before JAX starts its backends
+  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  sr_fns = {}
+  for label, workdir in runs.items():
+    sr_fns[label] = inference.SuperResolver.from_checkpoint(workdir)
+    console.say(f'{label}: {workdir} step {sr_fns[label].info["step"]}, trained against '
+                f'{", ".join(sr_fns[label].info["trained_against"]) or "no recognizer"}')
+  results = evaluator.run_eval(config, name, sr_fns, out, None, judges=judges,
+                               cache_dir=os.path.join(out, 'cache'))
+  evaluator.announce(results, out)
+
+
+def run() -> None:
+  holders = define_flags()
+  flags.mark_flags_as_required(['eval', 'runs', 'out'])
+  console.run_tool(lambda argv: main(argv, holders), 'compare')
+
+
+if __name__ == '__main__':
+  run()
