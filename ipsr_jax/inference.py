@@ -68,7 +68,9 @@ def trained_against(config: ml_collections.ConfigDict) -> list[str]:
   generator is independent of it only if it is not among these."""
   if not config.loss.identity_weight:
     return []
-  return [str(config.embedder.checkpoint or 'the run\'s embedder'),
+  # The recognizer's name, not where this machine keeps it: reports stay the same across workdirs.
+  checkpoint = str(config.embedder.checkpoint or '')
+  return [os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "the run's embedder",
           *config.loss.get('extra_recognizers', ())]
 
 
