@@ -72,6 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Recognizers besides config.embedder in the identity term (the mean of their distances):
       # () or ('sface',). A recognizer in the loss is no longer an independent judge of the run.
       extra_recognizers=(),
+      # + feature_weight * L_features: the distance between the embedder's intermediate activations
+      # of SR and HR at feature_layers (channel-normalised, LPIPS's form; losses.feature_distance;
+      # not the paper's). 0 = off; with identity_weight=0 the feature term alone reads the recognizer.
+      feature_weight=0.0,
+      feature_layers=('conv2d_2b', 'conv2d_4a', 'repeat_1_4', 'mixed_6a'),
       views=dict(enabled=False, shift=2.0, scale=0.05, rotate=5.0, flip=True, blur=1.0,
                  noise=2.0, colour=0.1),
   ))

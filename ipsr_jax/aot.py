@@ -64,6 +64,7 @@ from jax.sharding import Mesh
 
 from ipsr_jax import chips
 from ipsr_jax import config as config_lib
+from ipsr_jax import losses
 from ipsr_jax import sharding
 from ipsr_jax import train
 from ipsr_jax.data import degrade
@@ -326,9 +327,9 @@ def roofline(flops: float, bytes_accessed: float, per_chip_batch: int, chip: chi
 
 
 def _lower(config, mesh: Mesh, on_device: bool):
-  module, embedder_vars = abstract_embedder(config) if config.loss.identity_weight else (None, None)
+  module, embedder_vars = abstract_embedder(config) if losses.uses_recognizer(config.loss) else (None, None)
   extras, extra_vars = ({}, None)
-  if config.loss.identity_weight and config.loss.get('extra_recognizers'):
+  if losses.uses_recognizer(config.loss) and config.loss.get('extra_recognizers'):
     extras, extra_vars = train.abstract_extra_recognizers(config.loss.extra_recognizers)
   parts = train.StepParts(config, mesh, num_steps=max(config.train.num_train_steps, 1), embedder=module,
                           degrade_on_device=on_device, extras=extras)

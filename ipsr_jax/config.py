@@ -9,6 +9,7 @@ import ml_collections
 
 from ipsr_jax import cpu_devices
 from ipsr_jax import losses
+from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.ops import views
 
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
@@ -76,8 +77,15 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
         "must be () or ('sface',)")
   if loss.get('views') is not None:
     views.validate(loss.views)
-  _need(loss.identity_weight > 0 or loss.pixel_weight > 0, 'loss.identity_weight', loss.identity_weight,
-        'and loss.pixel_weight are both 0: nothing to train')
+  _need(loss.identity_weight > 0 or loss.pixel_weight > 0 or loss.get('feature_weight', 0.0) > 0,
+        'loss.identity_weight', loss.identity_weight, 'loss.pixel_weight and loss.feature_weight are all 0: nothing to train')
+  feature_weight = loss.get('feature_weight', 0.0)
+  _need(isinstance(feature_weight, (int, float)) and not isinstance(feature_weight, bool) and feature_weight >= 0,
+        'loss.feature_weight', feature_weight, 'must be a number >= 0')
+  if feature_weight:
+    layers = tuple(loss.get('feature_layers', ()))
+    _need(layers and set(layers) <= set(inception_resnet_v1.FEATURE_LAYERS) and len(set(layers)) == len(layers),
+          'loss.feature_layers', layers, f'must be distinct names from {inception_resnet_v1.FEATURE_LAYERS}')
   _need(d.source in SOURCES, 'data.source', d.source, f'must be one of {SOURCES}')
   _need(d.lr_per in ('example', 'batch'), 'data.lr_per', d.lr_per, "must be 'example' or 'batch'")
   _need(d.worker_handoff in WORKER_HANDOFFS, 'data.worker_handoff', d.worker_handoff,

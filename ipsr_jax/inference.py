@@ -66,7 +66,8 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 def trained_against(config: ml_collections.ConfigDict) -> list[str]:
   """The recognizers a run's loss used: none for the pixel-only ablation. A judge scoring a
   generator is independent of it only if it is not among these."""
-  if not config.loss.identity_weight:
+  # losses.uses_recognizer, read here without importing training code.
+  if not (config.loss.identity_weight or config.loss.get('feature_weight', 0.0)):
     return []
   # The recognizer's name, not where this machine keeps it: reports stay the same across workdirs.
   checkpoint = str(config.embedder.checkpoint or '')

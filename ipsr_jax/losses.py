@@ -1,4 +1,5 @@
-"""The identity-preserving loss: L = L_embedding(E(SR), E(HR)) + beta * L_pixel(SR, HR)  (Eq. 3.3).
+"""The identity-preserving loss: L = L_embedding(E(SR), E(HR)) + beta * L_pixel(SR, HR)  (Eq. 3.3),
+optionally + feature_weight * L_features (the recognizer's intermediate layers; not the paper's).
 
 SR and HR are generator-range images in [-1, 1]. The embedder sees them as pixels resized
 128 -> 160 (bicubic) and standardised; the HR embedding carries no gradient, the SR embedding
@@ -8,7 +9,7 @@ whose embeddings were computed outside the gradient tape).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,25 @@ from ipsr_jax.ops import views
 from ipsr_jax.ops.pixels import to_pixels
 
 IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')
+
+
+class Recognition(NamedTuple):
+  """What the recognizers in the loss make of a batch of faces."""
+  embeddings: dict[str, jax.Array]  # unit embeddings by recognizer, 'embedder' (the run's own) first
+  features: dict[str, jax.Array]    # the run's embedder's intermediate layers by name ({} unless asked)
+
+
+def as_recognition(out: Any) -> Recognition:
+  """An embed function's output as a Recognition: it may also return the embeddings alone (an
+  array, or a dict of them by recognizer)."""
+  if isinstance(out, Recognition):
+    return out
+  return Recognition(out if isinstance(out, dict) else {'embedder': out}, {})
+
+
+def uses_recognizer(loss_config) -> bool:
+  """Whether the loss reads a recognizer at all (pixel-only ablations do not)."""
+  return bool(loss_config.identity_weight) or bool(loss_config.get('feature_weight', 0.0))
 
 
 def identity_distance(e_sr: jax.Array, e_hr: jax.Array, kind: str = 'mse',
@@ -40,39 +60,56 @@ def identity_distance(e_sr: jax.Array, e_hr: jax.Array, kind: str = 'mse',
   raise ValueError(f'loss.identity_distance must be one of {IDENTITY_DISTANCES}, got {kind!r}')
 
 
+def feature_distance(f_sr: dict[str, jax.Array], f_hr: dict[str, jax.Array]) -> jax.Array:
+  """Mean over layers of the squared distance between channel-normalised activations, averaged
+  over positions (LPIPS's form, without its learned channel weights). Each position's feature
+  vector is scaled to unit length first, so every layer counts alike whatever its activation scale;
+  per layer the value lies in [0, 4]."""
+  def unit(f):
+    f = f.astype(jnp.float32)
+    return f * jax.lax.rsqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True) + 1e-10)
+  per_layer = [jnp.mean(jnp.sum(jnp.square(unit(f_sr[k]) - unit(f_hr[k])), axis=-1)) for k in f_sr]
+  return sum(per_layer) / len(per_layer)
+
+
 def pixel_mse(sr: jax.Array, hr: jax.Array) -> jax.Array:
   """Eq. 3.1 as the authors' code computes it: mean squared error in the [-1, 1] range."""
   return jnp.mean(jnp.square(sr.astype(jnp.float32) - hr.astype(jnp.float32)))
 
 
-def ipsr_loss(sr: jax.Array, hr: jax.Array, embed: Callable[[jax.Array], jax.Array],
+def ipsr_loss(sr: jax.Array, hr: jax.Array, embed: Callable[[jax.Array], Any],
               loss_config, key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its terms. `embed` maps 0..255 pixel images to unit embeddings, or to a
-  dict {recognizer: unit embeddings} ('embedder' the run's own) for an ensemble.
+  """Total loss and its terms. `embed` maps 0..255 pixel images to a `Recognition` (or to the
+  unit embeddings alone: an array, or a dict {recognizer: embeddings} for an ensemble).
 
-  With `loss_config.views.enabled` the recognizer sees one random view of each (SR, HR) pair,
+  With `loss_config.views.enabled` the recognizers see one random view of each (SR, HR) pair,
   the same for both (`ops/views.py`), drawn from `key`.
   """
   terms = {'pixel_mse': pixel_mse(sr, hr)}
   total = loss_config.beta * loss_config.pixel_weight * terms['pixel_mse']
-  if loss_config.identity_weight:
+  if uses_recognizer(loss_config):
     sr_pixels, hr_pixels = to_pixels(sr), to_pixels(hr)
     view_cfg = loss_config.get('views')
     if view_cfg is not None and view_cfg.enabled:
       if key is None:
         raise ValueError('loss.views.enabled needs a random key')
       sr_pixels, hr_pixels = views.same_view(key, sr_pixels, hr_pixels, view_cfg)
-    e_sr = embed(sr_pixels)
-    e_hr = jax.lax.stop_gradient(embed(hr_pixels))
-    # An ensemble (`loss.extra_recognizers`) embeds with each recognizer: {name: embeddings},
-    # 'embedder' first; the identity term is the mean of their distances, so no single
-    # network's features can carry it alone.
-    e_sr, e_hr = (e_sr, e_hr) if isinstance(e_sr, dict) else ({'embedder': e_sr}, {'embedder': e_hr})
-    distances = [identity_distance(e_sr[k], e_hr[k], loss_config.identity_distance,
-                                   loss_config.get('temperature', 0.1)) for k in e_sr]
-    terms['identity'] = sum(distances) / len(distances)
+    r_sr = as_recognition(embed(sr_pixels))
+    r_hr = jax.tree.map(jax.lax.stop_gradient, as_recognition(embed(hr_pixels)))
+    e_sr, e_hr = r_sr.embeddings, r_hr.embeddings
     terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr['embedder'].astype(jnp.float32) * e_hr['embedder'],
                                                   axis=-1))
-    total = total + loss_config.identity_weight * terms['identity']
+    if loss_config.identity_weight:
+      # An ensemble (`loss.extra_recognizers`) embeds with each recognizer; the identity term is
+      # the mean of their distances, so no single network's features can carry it alone.
+      distances = [identity_distance(e_sr[k], e_hr[k], loss_config.identity_distance,
+                                     loss_config.get('temperature', 0.1)) for k in e_sr]
+      terms['identity'] = sum(distances) / len(distances)
+      total = total + loss_config.identity_weight * terms['identity']
+    if loss_config.get('feature_weight', 0.0):
+      if not r_sr.features:
+        raise ValueError('loss.feature_weight > 0 needs an embed function that returns features')
+      terms['features'] = feature_distance(r_sr.features, r_hr.features)
+      total = total + loss_config.feature_weight * terms['features']
   terms['loss'] = total
   return total, terms

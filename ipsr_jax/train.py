@@ -59,6 +59,7 @@ class TrainMetrics(clu_metrics.Collection):
   pixel_mse: clu_metrics.Average.from_output('pixel_mse')
   identity: clu_metrics.Average.from_output('identity')
   cosine_similarity: clu_metrics.Average.from_output('cosine_similarity')
+  features: clu_metrics.Average.from_output('features')
   grad_norm: clu_metrics.Average.from_output('grad_norm')
 
 
@@ -131,14 +132,21 @@ def abstract_extra_recognizers(names: Sequence[str]) -> tuple[dict[str, Any], di
 
 
 def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int, extras: Mapping[str, Any] | None = None,
-                  extra_vars: Mapping[str, Any] | None = None) -> Callable[[jax.Array], Any]:
-  """pixels -> unit embeddings of the run's embedder; with extra recognizers, a dict of them."""
+                  extra_vars: Mapping[str, Any] | None = None,
+                  feature_layers: Sequence[str] = ()) -> Callable[[jax.Array], losses.Recognition]:
+  """pixels -> a losses.Recognition: the unit embeddings of the run's embedder and of the extra
+  recognizers, and the embedder's `feature_layers` (from the same forward pass)."""
   def embed(pixels):
-    own = inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size)
-    if not extras:
-      return own
-    from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
-    return {'embedder': own, **{n: sface.embed_images(m, extra_vars[n], pixels) for n, m in extras.items()}}
+    if feature_layers:
+      own, features = inception_resnet_v1.embed_with_features(embedder, embedder_vars, pixels,
+                                                              tuple(feature_layers), input_size)
+    else:
+      own, features = inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size), {}
+    embeddings = {'embedder': own}
+    if extras:
+      from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
+      embeddings.update({n: sface.embed_images(m, extra_vars[n], pixels) for n, m in extras.items()})
+    return losses.Recognition(embeddings, features)
   return embed
 
 
@@ -156,7 +164,8 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: A
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
-  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars)
+  feature_layers = tuple(config.loss.get('feature_layers', ())) if config.loss.get('feature_weight', 0.0) else ()
+  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars, feature_layers)
            if embedder is not None else None)
   fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 
@@ -173,6 +182,7 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: A
   terms = dict(terms, grad_norm=optax.global_norm(grads))
   terms.setdefault('identity', jnp.zeros(()))
   terms.setdefault('cosine_similarity', jnp.zeros(()))
+  terms.setdefault('features', jnp.zeros(()))
   return new_state, TrainMetrics.single_from_model_output(**terms)
 
 
@@ -256,7 +266,7 @@ class Trainer:
     self.num_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
                       config.train.num_epochs * steps_per_epoch)
     module, self.embedder_vars, extras, self.extra_vars = None, None, {}, None
-    if config.loss.identity_weight:
+    if losses.uses_recognizer(config.loss):
       module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
       self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
       if config.loss.get('extra_recognizers'):

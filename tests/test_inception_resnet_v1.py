@@ -204,3 +204,26 @@ def test_standardization_is_a_property_of_the_module(small):
   assert np.abs(fixed[0] - fixed[1]).max() > 1e-3  # fixed: two different inputs
   with pytest.raises(ValueError, match='standardization'):
     irv1.InceptionResnetV1(standardization='imagenet')
+
+
+def test_embed_with_features_returns_the_named_layers_of_the_same_pass():
+  """The captured activations are the top-level layers' outputs (checked against running the stem
+  by hand), the embeddings equal embed_images', and an unknown layer is a clear error."""
+  module = irv1.InceptionResnetV1(width=0.125, embedding_size=16)
+  variables = irv1.init_variables(module, 0)
+  images = jax.random.uniform(jax.random.key(0), (2, 80, 80, 3)) * 255.0
+  layers = ('conv2d_2b', 'repeat_1_4', 'mixed_6a')
+  emb, feats = irv1.embed_with_features(module, variables, images, layers, 80)
+  np.testing.assert_allclose(emb, irv1.embed_images(module, variables, images, 80), atol=1e-6)
+  assert list(feats) == list(layers)
+  assert [f.shape[1:3] for f in feats.values()] == [(37, 37), (7, 7), (3, 3)]
+  # conv2d_2b by hand: the first three BasicConv2d of the stem on the standardised input.
+  x = irv1.standardize(images, 'fixed')  # 80 is the input size: no resize
+  for name, kwargs in (('conv2d_1a', dict(features=4, kernel_size=(3, 3), strides=2)),
+                       ('conv2d_2a', dict(features=4, kernel_size=(3, 3))),
+                       ('conv2d_2b', dict(features=8, kernel_size=(3, 3), padding=(1, 1)))):
+    sub = {c: variables[c][name] for c in variables}
+    x = irv1.BasicConv2d(**kwargs).apply(sub, x)
+  np.testing.assert_allclose(feats['conv2d_2b'], x, atol=1e-5)
+  with pytest.raises(ValueError, match='unknown embedder layer'):
+    irv1.embed_with_features(module, variables, images, ('conv2d',), 80)

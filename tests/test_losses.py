@@ -54,3 +54,20 @@ def test_contrastive_ignores_a_shared_shift_cosine_rewards_it():
 def test_unknown_distance():
   with pytest.raises(ValueError, match='identity_distance'):
     losses.identity_distance(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 'l1')
+
+
+def test_feature_distance_is_lpips_form_against_numpy():
+  """Channel-normalised squared distance per position, averaged over positions, then over layers."""
+  rng = np.random.default_rng(3)
+  shapes = {'a': (2, 5, 5, 8), 'b': (2, 2, 2, 16)}
+  f_sr = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  f_hr = {k: (rng.normal(size=s) * 7.0).astype(np.float32) for k, s in shapes.items()}
+  unit = lambda f: f / np.linalg.norm(f, axis=-1, keepdims=True)
+  expected = np.mean([np.mean(np.sum((unit(f_sr[k]) - unit(f_hr[k])) ** 2, -1)) for k in shapes])
+  as_jax = lambda d: {k: jnp.asarray(v) for k, v in d.items()}
+  assert float(losses.feature_distance(as_jax(f_sr), as_jax(f_hr))) == pytest.approx(expected, rel=1e-5)
+  # Scale-free per layer: a layer scaled by 100 counts the same; equal activations give 0.
+  scaled = {k: v * 100.0 for k, v in f_hr.items()}
+  assert float(losses.feature_distance(as_jax(f_sr), as_jax(scaled))) == pytest.approx(expected, rel=1e-5)
+  assert float(losses.feature_distance(as_jax(f_hr), as_jax(f_hr))) == pytest.approx(0.0, abs=1e-6)
+  assert 0.0 < expected < 4.0

@@ -121,6 +121,41 @@ def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
     train.Trainer(config, str(tmp_path / 'bad'))
 
 
+def test_feature_term_alone_trains_and_records_its_recognizer(tmp_path, embedder_dir):
+  """loss.feature_weight with identity_weight=0: the step's feature term equals the distance of
+  the embedder's named layers computed by hand, its gradient reaches the generator, the run trains,
+  and it records the embedder as a recognizer it trained against; bad layer names are errors."""
+  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  config = tiny_config(embedder_dir, **{'loss.identity_weight': 0.0, 'loss.feature_weight': 0.5,
+                                        'loss.feature_layers': ('conv2d_2b', 'repeat_1_4')})
+  config.train.num_train_steps = 2
+  config.train.image_summary_every_steps = 0
+  module, evars, _ = embedder_store.load_embedder(embedder_dir)
+  sr = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  embed = train.make_embed_fn(module, evars, config.embedder.input_size,
+                              feature_layers=config.loss.feature_layers)
+  total, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
+  px = lambda x: (x + 1.0) * 127.5
+  feats = lambda x: inception_resnet_v1.embed_with_features(module, evars, px(x), config.loss.feature_layers,
+                                                            config.embedder.input_size)[1]
+  by_hand = losses.feature_distance(feats(sr), feats(hr))
+  np.testing.assert_allclose(terms['features'], by_hand, rtol=1e-5)
+  np.testing.assert_allclose(total, 5.0 * terms['pixel_mse'] + 0.5 * by_hand, rtol=1e-5)
+  assert 'identity' not in terms
+  config.loss.beta = 0.0  # the feature term's gradient alone
+  grad = jax.grad(lambda s: losses.ipsr_loss(s, hr, embed, config.loss)[0])(sr)
+  assert float(jnp.abs(grad).sum()) > 1e-3
+  config.loss.beta = 5.0
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert inference.SuperResolver.from_checkpoint(tmp_path / 'run').info['trained_against'] == [
+      os.path.basename(embedder_dir)]
+  for layers in (('conv2d',), (), ('conv2d_2b', 'conv2d_2b')):
+    config.loss.feature_layers = layers
+    with pytest.raises(ValueError, match='feature_layers'):
+      train.Trainer(config, str(tmp_path / 'bad'))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

@@ -300,6 +300,17 @@ def init_variables(module: InceptionResnetV1, rng: int | jax.Array = 0) -> dict[
   return {c: jax.tree_util.tree_map_with_path(draw, abstract[c]) for c in abstract}
 
 
+def _network_input(module: InceptionResnetV1, images: jax.Array, input_size: int) -> jax.Array:
+  """0..255 images -> the standardised network input at `input_size` (PIL-exact bicubic,
+  unrounded, so gradients flow through it)."""
+  images = jnp.asarray(images)
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    images = images.astype(jnp.float32)
+  if images.shape[1:3] != (input_size, input_size):
+    images = resize_lib.resize(images, (input_size, input_size))
+  return standardize(images, getattr(module, 'standardization', 'fixed'))
+
+
 def embed_images(module: InceptionResnetV1, variables, images: jax.Array,
                  input_size: int = FACENET_INPUT_SIZE) -> jax.Array:
   """Float [N, H, W, 3] images in 0..255 -> unit embeddings, model in inference mode.
@@ -308,10 +319,29 @@ def embed_images(module: InceptionResnetV1, variables, images: jax.Array,
   standardises the way the weights expect (`module.standardization`) and applies the model.
   Traceable: the training loss calls it inside jit.
   """
-  images = jnp.asarray(images)
-  if not jnp.issubdtype(images.dtype, jnp.floating):
-    images = images.astype(jnp.float32)
-  if images.shape[1:3] != (input_size, input_size):
-    images = resize_lib.resize(images, (input_size, input_size))
-  mode = getattr(module, 'standardization', 'fixed')
-  return module.apply(variables, standardize(images, mode), train=False)
+  return module.apply(variables, _network_input(module, images, input_size), train=False)
+
+
+# The top-level layers whose outputs `embed_with_features` can return (a 160 input gives 77x77x64,
+# 36x36x192, 17x17x256, 8x8x896 and 3x3x1792 for the first five of the named kinds).
+FEATURE_LAYERS = (('conv2d_1a', 'conv2d_2a', 'conv2d_2b', 'conv2d_3b', 'conv2d_4a', 'conv2d_4b')
+                  + tuple(f'repeat_1_{i}' for i in range(5)) + ('mixed_6a',)
+                  + tuple(f'repeat_2_{i}' for i in range(10)) + ('mixed_7a',)
+                  + tuple(f'repeat_3_{i}' for i in range(5)) + ('block8',))
+
+
+def embed_with_features(module: InceptionResnetV1, variables, images: jax.Array, layers: tuple[str, ...],
+                        input_size: int = FACENET_INPUT_SIZE) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`embed_images` plus the outputs of the named top-level layers ({name: [N, h, w, c]}), taken
+  from the same forward pass (flax's capture_intermediates), so asking for them costs no extra
+  compute. Traceable; gradients flow into the images through both."""
+  unknown = [l for l in layers if l not in FEATURE_LAYERS]
+  if unknown:
+    raise ValueError(f'unknown embedder layer(s) {unknown}; known: {FEATURE_LAYERS}')
+  wanted = set(layers)
+  # Top-level modules only: blocks reuse names such as 'conv2d' and 'branch0' inside.
+  capture = lambda mdl, method: method == '__call__' and len(mdl.path) == 1 and mdl.path[0] in wanted
+  embeddings, state = module.apply(variables, _network_input(module, images, input_size), train=False,
+                                   capture_intermediates=capture, mutable=['intermediates'])
+  captured = state['intermediates']
+  return embeddings, {name: captured[name]['__call__'][0] for name in layers}
