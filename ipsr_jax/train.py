@@ -401,7 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t = config.train
   progress = console.TrainProgress(trainer.num_steps, 'step', start=start,
                                    metric_names=('train/loss', 'train/pixel_mse', 'train/identity',
-                                                 'train/cosine_similarity'))
+                                                 'train/cosine_similarity')
+                                   + (('train/features',) if config.loss.get('feature_weight', 0.0) else ()))
   try:
     with _Preemption() as preemption, trainer.mesh, progress:
       while step < trainer.num_steps:
