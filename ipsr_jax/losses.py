@@ -39,6 +39,11 @@ def uses_recognizer(loss_config) -> bool:
   return bool(loss_config.identity_weight) or bool(loss_config.get('feature_weight', 0.0))
 
 
+def feature_layers(loss_config) -> tuple[str, ...]:
+  """The embedder layers the feature term reads: `loss.feature_layers`, or none when it is off."""
+  return tuple(loss_config.feature_layers) if loss_config.get('feature_weight', 0.0) else ()
+
+
 def identity_distance(e_sr: jax.Array, e_hr: jax.Array, kind: str = 'mse',
                       temperature: float = 0.1) -> jax.Array:
   """Mean over the batch of the distance between unit embeddings.

@@ -164,8 +164,8 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: A
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
-  feature_layers = tuple(config.loss.get('feature_layers', ())) if config.loss.get('feature_weight', 0.0) else ()
-  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars, feature_layers)
+  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars,
+                         losses.feature_layers(config.loss))
            if embedder is not None else None)
   fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 

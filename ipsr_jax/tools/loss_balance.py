@@ -70,8 +70,8 @@ def measure(config, faces: int, sizes: list[tuple[int, int]], seed: int = 0) -> 
   if losses.uses_recognizer(loss_config):
     module, variables, _ = embedder_store.load(config.embedder.checkpoint)
     extras, extra_vars = train.load_extra_recognizers(loss_config.get('extra_recognizers', ()))
-    layers = tuple(loss_config.feature_layers) if loss_config.get('feature_weight', 0.0) else ()
-    embed = train.make_embed_fn(module, variables, config.embedder.input_size, extras, extra_vars, layers)
+    embed = train.make_embed_fn(module, variables, config.embedder.input_size, extras, extra_vars,
+                                losses.feature_layers(loss_config))
   hr_x = pixels_lib.from_pixels(jnp.asarray(hr))
   key = jax.random.key(seed)
   results = {}
