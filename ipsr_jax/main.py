@@ -48,12 +48,12 @@ def main(argv):
       config.mode = mode
     config_lib.validate(config)
     paths.resolve_config(config)
-    cpu_devices.configure(config.mesh.get('cpu_devices', 'auto'))  # before JAX starts its backends
+    cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
     sharding.initialize_distributed()
     console.set_process_index(jax.process_index())
     _hide_gpus_from_tensorflow()
-    logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
-                 jax.local_devices())
+    logging.info('JAX process %d/%d, local devices: %s; CPU inference fusion: %s', jax.process_index(),
+                 jax.process_count(), jax.local_devices(), cpu_devices.inference_fusion())
     _dispatch(mode, config, workdir)
   except Exception as e:  # pylint: disable=broad-except
     if FLAGS.log_level in ('debug', 'info'):

@@ -1,5 +1,5 @@
 """One XLA CPU device per core by default (ipsr_jax/cpu_devices.py), the user's choice kept, and
-embeddings and SR faces that do not depend on the count (training losses on 1 vs N CPU devices and
+embeddings and SR faces that depend neither on the count nor on the inference fusion (training losses on 1 vs N CPU devices and
 a resume across a change of it: tests/test_train.py)."""
 
 import os
@@ -20,7 +20,7 @@ SR_ATOL = 1e-3          # float SR pixels, 0..255
 
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', cpu_devices.ENV, 'SLURM_NTASKS',
+         if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', cpu_devices.ENV, cpu_devices.FUSION_ENV, 'SLURM_NTASKS',
                       'JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES')}
   return {**env, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO), **extra}
 
@@ -81,16 +81,18 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   embedder = make_embedder(tmp_path / 'embedder')
   (tmp_path / 'outputs.py').write_text(_OUTPUTS)
   results = {}
-  for count in ('1', '3'):
-    out = tmp_path / f'out{count}.npz'
+  # The old default (one device, XLA's fusions), the new one on 3 cores (fusion on by default).
+  for count, fusion in (('1', '0'), ('3', '1'), ('1', '1')):
+    out = tmp_path / f'out{count}{fusion}.npz'
     subprocess.run([sys.executable, str(tmp_path / 'outputs.py'), embedder, str(out), str(EMBEDDER_INPUT)], cwd=REPO,
-                   env=_clean_env(IPSR_CPU_DEVICES=count), check=True, timeout=600)
-    results[count] = np.load(out)
-  one, three = results['1'], results['3']
-  assert int(one['devices']) == 1 and int(three['devices']) == 3
-  np.testing.assert_allclose(three['embeddings'], one['embeddings'], atol=EMBEDDING_ATOL, rtol=0)
-  np.testing.assert_allclose(three['sr'], one['sr'], atol=SR_ATOL, rtol=0)
-  np.testing.assert_allclose(three['pipeline'], one['pipeline'], atol=EMBEDDING_ATOL, rtol=0)
+                   env=_clean_env(IPSR_CPU_DEVICES=count, IPSR_CPU_FUSION=fusion), check=True, timeout=600)
+    results[count + fusion] = np.load(out)
+  old = results['10']
+  assert int(old['devices']) == 1 and int(results['31']['devices']) == 3
+  for new in (results['31'], results['11']):
+    np.testing.assert_allclose(new['embeddings'], old['embeddings'], atol=EMBEDDING_ATOL, rtol=0)
+    np.testing.assert_allclose(new['sr'], old['sr'], atol=SR_ATOL, rtol=0)
+    np.testing.assert_allclose(new['pipeline'], old['pipeline'], atol=EMBEDDING_ATOL, rtol=0)
 
 
 def test_cpu_mesh_uses_the_most_devices_the_batch_splits_over():
@@ -101,3 +103,55 @@ def test_cpu_mesh_uses_the_most_devices_the_batch_splits_over():
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES='3'),
                        capture_output=True, text=True, timeout=300, check=True)
   assert out.stdout.split()[-3:] == ['2', '3', '3']
+
+
+def test_inference_fusion_switches(monkeypatch):
+  for name in ('XLA_FLAGS', cpu_devices.FUSION_ENV):
+    monkeypatch.delenv(name, raising=False)
+  assert cpu_devices.inference_compiler_options('cpu') == cpu_devices.INFERENCE_FUSION
+  assert cpu_devices.inference_compiler_options('gpu') == cpu_devices.inference_compiler_options('tpu') == {}
+  monkeypatch.setattr(cpu_devices, '_inference_fusion', True)
+  cpu_devices.configure_from({'cpu_devices': 'auto', 'cpu_inference_fusion': False})
+  assert cpu_devices.inference_compiler_options('cpu') == {}
+  monkeypatch.setenv(cpu_devices.FUSION_ENV, '1')  # the environment wins over the config
+  assert cpu_devices.inference_compiler_options('cpu') == cpu_devices.INFERENCE_FUSION
+  monkeypatch.setenv(cpu_devices.FUSION_ENV, 'maybe')
+  with pytest.raises(ValueError, match='must be 0 or 1'):
+    cpu_devices.inference_fusion()
+  monkeypatch.setenv(cpu_devices.FUSION_ENV, '1')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-individual_dot')
+  assert cpu_devices.inference_compiler_options('cpu') == {}  # the user's own fusion list wins
+
+
+_PROGRAM = r'''
+import hashlib, re, sys
+import jax, jax.numpy as jnp
+from ipsr_jax.models import inception_resnet_v1 as irv1
+from ipsr_jax.ops import batching
+module = irv1.InceptionResnetV1(width=0.125, embedding_size=16)
+x = jnp.ones((2, 80, 80, 3))
+variables = jax.jit(module.init)(jax.random.key(0), x)
+fn = lambda v, images: module.apply(v, images)
+def digest(compiled):  # the program without source locations
+  text = re.sub(r'(, metadata=\{[^}]*\})|(stack_frame_id=\d+)', '', compiled.as_text())
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+batcher = batching.PaddedBatcher(lambda images, v: fn(v, images), buckets=(2,))  # what inference compiles
+batcher(x, variables)
+print(digest(next(iter(batcher._executables.values()))))
+'''
+
+
+def test_inference_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
+  """INFERENCE_FUSION replaces XLA's list of YNNPACK fusion types: it must equal the default list
+  plus 'eltwise' (what the +eltwise flag compiles), or an XLA upgrade that changes the default
+  would silently drop fusions. PaddedBatcher compiles with it; XLA's default program differs."""
+  script = tmp_path / 'program.py'
+  script.write_text(_PROGRAM)
+  def run(**env):
+    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES='1', **env),
+                          capture_output=True, text=True, timeout=600, check=True).stdout.split()
+  flag, = run(XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type=+eltwise')  # the user's flag wins
+  fused, = run()
+  default, = run(IPSR_CPU_FUSION='0')
+  assert fused == flag
+  assert default != flag

@@ -20,6 +20,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from ipsr_jax import cpu_devices
+
 
 class PaddedBatcher:
   """Applies `fn(batch, *broadcast_args)` to arbitrarily many rows, compiling per bucket only.
@@ -79,8 +81,9 @@ class PaddedBatcher:
     specs = jax.tree.map(lambda x: (x.shape, str(x.dtype)), (batch, args))
     key = (jax.tree.structure((batch, args)), tuple(jax.tree.leaves(specs)))
     if key not in self._executables:
-      jitted = jax.jit(self._fn)
-      self._executables[key] = jitted.lower(batch, *args).compile()
+      platform = next(iter(jax.tree.leaves(batch)[0].sharding.device_set)).platform
+      options = cpu_devices.inference_compiler_options(platform)  # CPU: faster epilogues
+      self._executables[key] = jax.jit(self._fn).lower(batch, *args).compile(compiler_options=options or None)
       self.compiled_sizes.add(int(jax.tree.leaves(batch)[0].shape[0]))
       self.compile_count += 1
     return self._executables[key]

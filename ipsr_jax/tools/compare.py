@@ -72,7 +72,7 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
     judges = () if judges == ['none'] else tuple(judges)
   config_lib.validate(config)
   paths.resolve_config(config)
-  cpu_devices.configure(config.mesh.get('cpu_devices', 'auto'))  # before JAX starts its backends
+  cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
   from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
   from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   sr_fns = {}

@@ -108,7 +108,7 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
     raise app.UsageError('--faces must be >= 2 (the contrastive term needs other faces in the batch)')
   config_lib.validate(config)
   paths.resolve_config(config)
-  cpu_devices.configure(config.mesh.get('cpu_devices', 'auto'))  # before JAX starts its backends
+  cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
   results = measure(config, holders['faces'].value, sizes, holders['seed'].value)
   out = holders['out'].value
   os.makedirs(out, exist_ok=True)
