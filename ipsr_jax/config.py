@@ -118,8 +118,8 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   except ValueError:
     cpu_ok = False
   _need(cpu_ok, 'mesh.cpu_devices', config.mesh.get('cpu_devices'), "must be 'auto' or a number >= 1")
-  _need(isinstance(config.mesh.get('cpu_inference_fusion', True), bool), 'mesh.cpu_inference_fusion',
-        config.mesh.get('cpu_inference_fusion'), 'must be True or False')
+  _need(isinstance(config.mesh.get('cpu_embedder_fusion', True), bool), 'mesh.cpu_embedder_fusion',
+        config.mesh.get('cpu_embedder_fusion'), 'must be True or False')
   _need(config.pretrain.head in ('arcface', 'softmax'), 'pretrain.head', config.pretrain.head,
         "must be 'arcface' or 'softmax'")
   _need(0.0 <= config.pretrain.blur_probability <= 1.0, 'pretrain.blur_probability',

@@ -14,12 +14,13 @@ backends: importing `ipsr_jax` applies the default, and `ipsr_jax.main` applies
 `config.mesh.cpu_devices` (recorded in the run's config.json and log). A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
 `JAX_NUM_CPU_DEVICES`, or `--xla_force_host_platform_device_count` in XLA_FLAGS.
 
-Inference programs (everything `ops.batching.PaddedBatcher` compiles: the api models, the
-evaluation's embedder, SFace, the SR passes) also ask XLA:CPU to hand elementwise fusions to
-YNNPACK, the library that already runs its convolutions: FaceNet at 160 embeds ~12% faster, with
-the same values to 6e-8 (benchmarks/NOTES.md). The training step keeps XLA's default, under which
-it runs ~5% faster. `config.mesh.cpu_inference_fusion` / `IPSR_CPU_FUSION=0|1` turn it off or on;
-XLA_FLAGS that name the fusion types themselves win.
+The FaceNet `Embedder`'s programs (the API, the evaluation's embedder, tools/embed) also ask
+XLA:CPU to hand elementwise fusions to YNNPACK, the library that already runs its convolutions:
+FaceNet at 160 embeds ~12% faster, the same values to 6e-8 (benchmarks/NOTES.md). Nothing else
+does. That fusion type is experimental in XLA, and under it `arctanh(clip(x))` is off by up to 3.8
+(jax 0.10.2), which put the residual generator's SR faces up to 209 grey levels off; the
+training step also runs ~5% slower with it. `config.mesh.cpu_embedder_fusion` /
+`IPSR_CPU_FUSION=0|1` turn it off or on; XLA_FLAGS that name the fusion types themselves win.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ _FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 # XLA's default list (individual convolutions and dots) plus elementwise fusions: the program that
 # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+eltwise compiles (a compiler option replaces the
 # list instead of adding to it; tests/test_cpu_devices.py checks the two programs are the same).
-INFERENCE_FUSION = {_FUSION_OPTION: ','.join(
+EMBEDDER_FUSION = {_FUSION_OPTION: ','.join(
     f'LIBRARY_FUSION_TYPE_{t}' for t in ('INDIVIDUAL_CONVOLUTION', 'INDIVIDUAL_DOT', 'ELTWISE'))}
-_inference_fusion = True  # configure(inference_fusion=...) sets it; FUSION_ENV wins
+_embedder_fusion = True  # configure(fusion=...) sets it; FUSION_ENV wins
 
 
 def cores() -> int:
@@ -96,25 +97,25 @@ def _flag(value: str) -> bool:
   raise ValueError(f'{FUSION_ENV}={value!r}: must be 0 or 1')
 
 
-def inference_fusion() -> bool:
-  """Whether inference programs on CPU compile with `INFERENCE_FUSION`: `IPSR_CPU_FUSION` if set,
-  else what `configure` was given (default on); off when the user's XLA_FLAGS name the option."""
+def embedder_fusion() -> bool:
+  """Whether the embedder's programs on CPU compile with `EMBEDDER_FUSION`: `IPSR_CPU_FUSION` if
+  set, else what `configure` was given (default on); off when the user's XLA_FLAGS name the option."""
   if _FUSION_OPTION in os.environ.get('XLA_FLAGS', ''):
     return False
   if os.environ.get(FUSION_ENV):
     return _flag(os.environ[FUSION_ENV])
-  return _inference_fusion
+  return _embedder_fusion
 
 
-def inference_compiler_options(platform: str) -> dict[str, str]:
-  """The compiler options of an inference program for devices of `platform` ('cpu', 'gpu', ...)."""
-  return dict(INFERENCE_FUSION) if platform == 'cpu' and inference_fusion() else {}
+def embedder_compiler_options(platform: str) -> dict[str, str]:
+  """The compiler options of an embedder program for devices of `platform` ('cpu', 'gpu', ...)."""
+  return dict(EMBEDDER_FUSION) if platform == 'cpu' and embedder_fusion() else {}
 
 
 def configure_from(mesh_config: Any) -> int | None:
-  """`configure` with `config.mesh`'s cpu_devices and cpu_inference_fusion (both optional)."""
+  """`configure` with `config.mesh`'s cpu_devices and cpu_embedder_fusion (both optional)."""
   return configure(mesh_config.get('cpu_devices', AUTO),
-                   fusion=mesh_config.get('cpu_inference_fusion', True))
+                   fusion=mesh_config.get('cpu_embedder_fusion', True))
 
 
 def configure(setting: str | int | None = None, *, fusion: bool | None = None) -> int | None:
@@ -123,11 +124,11 @@ def configure(setting: str | int | None = None, *, fusion: bool | None = None) -
   `setting` None or 'auto' is the default: one device per core, unless the user set the count
   through JAX or XLA. A number (a config value) applies unless `IPSR_CPU_DEVICES` is set, which
   wins over both. Once JAX has started, the count cannot change: a different explicit setting is
-  an error. `fusion` (None: unchanged) turns `INFERENCE_FUSION` on or off for inference programs.
+  an error. `fusion` (None: unchanged) turns `EMBEDDER_FUSION` on or off.
   """
-  global _inference_fusion
+  global _embedder_fusion
   if fusion is not None:
-    _inference_fusion = bool(fusion)
+    _embedder_fusion = bool(fusion)
   if os.environ.get(ENV):
     setting = os.environ[ENV]
   elif setting is None or str(setting).strip().lower() == AUTO:

@@ -52,8 +52,8 @@ def main(argv):
     sharding.initialize_distributed()
     console.set_process_index(jax.process_index())
     _hide_gpus_from_tensorflow()
-    logging.info('JAX process %d/%d, local devices: %s; CPU inference fusion: %s', jax.process_index(),
-                 jax.process_count(), jax.local_devices(), cpu_devices.inference_fusion())
+    logging.info('JAX process %d/%d, local devices: %s; CPU embedder fusion: %s', jax.process_index(),
+                 jax.process_count(), jax.local_devices(), cpu_devices.embedder_fusion())
     _dispatch(mode, config, workdir)
   except Exception as e:  # pylint: disable=broad-except
     if FLAGS.log_level in ('debug', 'info'):

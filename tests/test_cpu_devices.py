@@ -67,7 +67,7 @@ from benchmarks.onnx_sr import random_variables
 from ipsr_jax import api
 from ipsr_jax.models import unet
 emb = api.Embedder.from_checkpoint(sys.argv[1], input_size=int(sys.argv[3]))
-generator = unet.UNet(ngf=8, num_downs=5)
+generator = unet.UNet(ngf=8, num_downs=5, residual=True)  # arctanh: wrong under the embedder's fusion
 sr = api.SuperResolver(generator, random_variables(generator, (1, 32, 32, 3)), image_size=32)
 rng = np.random.default_rng(0)
 faces = rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)  # 11: padded to every bucket size
@@ -81,7 +81,9 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   embedder = make_embedder(tmp_path / 'embedder')
   (tmp_path / 'outputs.py').write_text(_OUTPUTS)
   results = {}
-  # The old default (one device, XLA's fusions), the new one on 3 cores (fusion on by default).
+  # The old default (one device, XLA's fusions), the new one on 3 cores (the embedder's fusion on by
+  # default), and fusion alone. SR must not take the fusion: its residual generator's arctanh would
+  # be off by whole grey levels (tests/test_cpu_devices.py: test_sr_programs_keep_xlas_fusions).
   for count, fusion in (('1', '0'), ('3', '1'), ('1', '1')):
     out = tmp_path / f'out{count}{fusion}.npz'
     subprocess.run([sys.executable, str(tmp_path / 'outputs.py'), embedder, str(out), str(EMBEDDER_INPUT)], cwd=REPO,
@@ -105,22 +107,22 @@ def test_cpu_mesh_uses_the_most_devices_the_batch_splits_over():
   assert out.stdout.split()[-3:] == ['2', '3', '3']
 
 
-def test_inference_fusion_switches(monkeypatch):
+def test_embedder_fusion_switches(monkeypatch):
   for name in ('XLA_FLAGS', cpu_devices.FUSION_ENV):
     monkeypatch.delenv(name, raising=False)
-  assert cpu_devices.inference_compiler_options('cpu') == cpu_devices.INFERENCE_FUSION
-  assert cpu_devices.inference_compiler_options('gpu') == cpu_devices.inference_compiler_options('tpu') == {}
-  monkeypatch.setattr(cpu_devices, '_inference_fusion', True)
-  cpu_devices.configure_from({'cpu_devices': 'auto', 'cpu_inference_fusion': False})
-  assert cpu_devices.inference_compiler_options('cpu') == {}
+  assert cpu_devices.embedder_compiler_options('cpu') == cpu_devices.EMBEDDER_FUSION
+  assert cpu_devices.embedder_compiler_options('gpu') == cpu_devices.embedder_compiler_options('tpu') == {}
+  monkeypatch.setattr(cpu_devices, '_embedder_fusion', True)
+  cpu_devices.configure_from({'cpu_devices': 'auto', 'cpu_embedder_fusion': False})
+  assert cpu_devices.embedder_compiler_options('cpu') == {}
   monkeypatch.setenv(cpu_devices.FUSION_ENV, '1')  # the environment wins over the config
-  assert cpu_devices.inference_compiler_options('cpu') == cpu_devices.INFERENCE_FUSION
+  assert cpu_devices.embedder_compiler_options('cpu') == cpu_devices.EMBEDDER_FUSION
   monkeypatch.setenv(cpu_devices.FUSION_ENV, 'maybe')
   with pytest.raises(ValueError, match='must be 0 or 1'):
-    cpu_devices.inference_fusion()
+    cpu_devices.embedder_fusion()
   monkeypatch.setenv(cpu_devices.FUSION_ENV, '1')
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-individual_dot')
-  assert cpu_devices.inference_compiler_options('cpu') == {}  # the user's own fusion list wins
+  assert cpu_devices.embedder_compiler_options('cpu') == {}  # the user's own fusion list wins
 
 
 _PROGRAM = r'''
@@ -135,16 +137,16 @@ fn = lambda v, images: module.apply(v, images)
 def digest(compiled):  # the program without source locations
   text = re.sub(r'(, metadata=\{[^}]*\})|(stack_frame_id=\d+)', '', compiled.as_text())
   return hashlib.sha256(text.encode()).hexdigest()[:16]
-batcher = batching.PaddedBatcher(lambda images, v: fn(v, images), buckets=(2,))  # what inference compiles
+batcher = batching.PaddedBatcher(lambda images, v: fn(v, images), buckets=(2,), cpu_fusion=True)  # as Embedder
 batcher(x, variables)
 print(digest(next(iter(batcher._executables.values()))))
 '''
 
 
-def test_inference_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
-  """INFERENCE_FUSION replaces XLA's list of YNNPACK fusion types: it must equal the default list
+def test_embedder_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
+  """EMBEDDER_FUSION replaces XLA's list of YNNPACK fusion types: it must equal the default list
   plus 'eltwise' (what the +eltwise flag compiles), or an XLA upgrade that changes the default
-  would silently drop fusions. PaddedBatcher compiles with it; XLA's default program differs."""
+  would silently drop fusions. The embedder's PaddedBatcher compiles with it; XLA's default differs."""
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
   def run(**env):
@@ -155,3 +157,12 @@ def test_inference_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
   default, = run(IPSR_CPU_FUSION='0')
   assert fused == flag
   assert default != flag
+
+
+
+def test_only_the_embedder_compiles_with_the_fusion():
+  """The YNNPACK elementwise fusion computes arctanh(clip(x)) wrongly (off by up to 3.8 with jax
+  0.10.2): SuperResolver and Pipeline (the residual generator) keep XLA's fusions."""
+  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  assert inference.Embedder.cpu_fusion
+  assert not inference.SuperResolver.cpu_fusion and not inference.Pipeline.cpu_fusion

@@ -32,10 +32,14 @@ class PaddedBatcher:
   """
 
   def __init__(self, fn: Callable[..., Any], buckets: Sequence[int] = (8, 64, 256),
-               mesh: Mesh | None = None, data_axis: str | Sequence[str] = 'data'):
+               mesh: Mesh | None = None, data_axis: str | Sequence[str] = 'data',
+               cpu_fusion: bool = False):
+    """cpu_fusion: compile with `cpu_devices.EMBEDDER_FUSION` on CPU (FaceNet only: that fusion
+    computes some elementwise ops wrongly, see cpu_devices)."""
     if not buckets or any(int(b) < 1 for b in buckets):
       raise ValueError(f'buckets must be positive sizes, got {buckets}')
     self._fn = fn
+    self._cpu_fusion = cpu_fusion
     if mesh is None and jax.local_device_count() > 1:
       mesh = Mesh(np.array(jax.local_devices()), ('data',))
       data_axis = 'data'
@@ -82,7 +86,7 @@ class PaddedBatcher:
     key = (jax.tree.structure((batch, args)), tuple(jax.tree.leaves(specs)))
     if key not in self._executables:
       platform = next(iter(jax.tree.leaves(batch)[0].sharding.device_set)).platform
-      options = cpu_devices.inference_compiler_options(platform)  # CPU: faster epilogues
+      options = cpu_devices.embedder_compiler_options(platform) if self._cpu_fusion else {}
       self._executables[key] = jax.jit(self._fn).lower(batch, *args).compile(compiler_options=options or None)
       self.compiled_sizes.add(int(jax.tree.leaves(batch)[0].shape[0]))
       self.compile_count += 1
