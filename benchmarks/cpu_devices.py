@@ -168,6 +168,7 @@ def main(argv=None) -> dict[str, Any]:
   settings = [s.strip() for s in args.settings.split(',') if s.strip()]
   rows: dict[str, dict[str, Any]] = {}
   devices: dict[str, int] = {}
+  code: dict[str, str] = {}  # the ipsr_jax each setting ran
   first_outputs: dict[str, np.ndarray] = {}
   with tempfile.TemporaryDirectory() as tmp:
     old_tree = extract(args.baseline, Path(tmp) / 'old') if OLD in settings else None
@@ -179,6 +180,7 @@ def main(argv=None) -> dict[str, Any]:
         raise RuntimeError(f'the child for setting {setting} failed:\n{proc.stderr[-3000:]}')
       result = json.loads(proc.stdout.strip().splitlines()[-1])
       devices[setting] = result['devices']
+      code[setting] = result['code']
       label = f'{setting}={result["devices"]}' if setting in ('auto', OLD) else setting
       for name, row in result['rows'].items():
         out = np.asarray(result['outputs'][name], np.float32)
@@ -208,7 +210,7 @@ def main(argv=None) -> dict[str, Any]:
     if name.startswith('embed [') and name.endswith('devices]'):
       for peer in peers:
         ratios[f'{name} / embed [{peer}]'] = round(row['img_s'] / peers[peer]['img_s'], 3)
-  result = dict(**timing.machine(), settings=settings, devices=devices, baseline=args.baseline,
+  result = dict(**timing.machine(), settings=settings, devices=devices, baseline=args.baseline, code=code,
                 affinity=len(os.sched_getaffinity(0)), rows=rows, ratios=ratios,
                 command=timing.command(argv))
   print(f"{'row':<28}{'img/s':>9}{'img/cpu-s':>11}{'threads':>9}")

@@ -368,3 +368,18 @@ def test_cpu_devices_benchmark_compares_settings_with_equal_outputs(tmp_path):
   assert rows['sr [2 devices]']['max_abs_diff_vs_first'] < 1e-3  # float SR pixels, 0..255
   assert all(r['images'] == 4 and r['img_s'] > 0 and r['threads_busy'] > 0 for r in rows.values())
   assert list(result['ratios']) == ['sr [2 devices] / sr [1]']
+
+
+def test_cpu_devices_benchmark_runs_an_old_revision(tmp_path):
+  """The 'old' setting runs the ipsr_jax of a git revision (HEAD here: any history depth works)."""
+  from benchmarks import cpu_devices  # pylint: disable=import-outside-toplevel
+  if subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True).returncode:
+    pytest.skip('not a git checkout')
+  result = cpu_devices.main(['--settings=old,1', '--baseline=HEAD', '--rows=sr', '--sr_config=configs/base.py:tiny',
+                             '--weights=random', '--images=4', '--rounds=1', '--peers='])
+  old = len(os.sched_getaffinity(0))  # HEAD's own default: one device per core
+  assert result['devices'] == {'old': old, '1': 1}
+  assert result['code']['1'] == str(REPO / 'ipsr_jax')
+  assert result['code']['old'] != result['code']['1'] and result['code']['old'].endswith('/old/ipsr_jax')
+  assert set(result['rows']) == {f'sr [old={old} devices]', 'sr [1 devices]'}
+  assert result['rows']['sr [1 devices]']['max_abs_diff_vs_first'] < 1e-3  # the same code, run twice
