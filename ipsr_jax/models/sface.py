@@ -47,6 +47,7 @@ import numpy as np
 from ipsr_jax import inference
 from ipsr_jax.models import convert
 from ipsr_jax.ops import resize as resize_lib
+from ipsr_jax.ops.depthwise import DepthwiseConv
 
 SFACE_INPUT_SIZE = 112
 SFACE_EMBEDDING_SIZE = 128
@@ -133,9 +134,11 @@ class ConvBNPReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = self.spec
-    x = nn.Conv(s.features, (s.kernel, s.kernel), strides=(s.stride, s.stride),
-                padding=s.padding, feature_group_count=x.shape[-1] if s.depthwise else 1,
-                use_bias=False, precision=self.precision, name='conv2d')(x)
+    if s.depthwise:  # shifted multiply-adds: XLA:CPU's grouped convolutions are 10-50x slower
+      x = DepthwiseConv((s.kernel, s.kernel), s.stride, s.padding, name='conv2d')(x)
+    else:
+      x = nn.Conv(s.features, (s.kernel, s.kernel), strides=(s.stride, s.stride), padding=s.padding,
+                  use_bias=False, precision=self.precision, name='conv2d')(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=self.bn_epsilon, name='batchnorm')(x)
     return PReLU(name='relu')(x)
 
