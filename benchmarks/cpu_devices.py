@@ -51,10 +51,14 @@ OLD = 'old'
 
 
 def extract(revision: str, dest: Path) -> Path:
-  """The tree of `revision` of this repository, written to `dest` (git archive)."""
+  """The tree of `revision` of this repository, written to `dest` (git archive), and beside it
+  `dest`_code/ holding only a link to its ipsr_jax: what the API children put first on the path."""
   dest.mkdir(parents=True)
   archive = subprocess.run(['git', 'archive', revision], cwd=REPO, capture_output=True, check=True).stdout
   subprocess.run(['tar', '-x', '-C', str(dest)], input=archive, check=True)
+  code = dest.parent / f'{dest.name}_code'
+  code.mkdir()
+  (code / 'ipsr_jax').symlink_to(dest / 'ipsr_jax')
   return dest
 
 
@@ -82,12 +86,8 @@ def _env(setting: str, old_tree: Path | None = None) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', 'IPSR_CPU_DEVICES', 'IPSR_CPU_FUSION')}
   env.update({'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '2'})
-  if setting == OLD:  # its ipsr_jax alone goes first on the path (a folder with just that link)
-    code = old_tree.parent / 'old_code'
-    if not code.exists():
-      code.mkdir()
-      (code / 'ipsr_jax').symlink_to(old_tree / 'ipsr_jax')
-    env['IPSR_BENCH_CODE'] = str(code)
+  if setting == OLD:  # its ipsr_jax alone goes first on the path (see extract)
+    env['IPSR_BENCH_CODE'] = str(old_tree.parent / f'{old_tree.name}_code')
   else:
     env['IPSR_CPU_DEVICES'] = setting
   return env
