@@ -179,7 +179,8 @@ def topology_mesh(topo: Topology, mesh_config) -> Mesh:
 
 
 def abstract_embedder(config) -> tuple[Any, Any]:
-  """The frozen embedder as (module, abstract variables): shapes only, no weights. The module is
+  """The frozen embedder as (module, abstract variables as the step takes them,
+  `train.frozen_embedder_variables`): shapes only, no weights. The module is
   the one a converted checkpoint's embedder.json names, else `config.embedder`'s (FaceNet graphs
   convert to that full-width module)."""
   e = config.embedder
@@ -187,7 +188,7 @@ def abstract_embedder(config) -> tuple[Any, Any]:
   if module is None:
     module = inception_resnet_v1.InceptionResnetV1(embedding_size=e.embedding_size, width=e.width,
                                                    dropout_rate=e.dropout_rate, bn_epsilon=e.bn_epsilon)
-  return module, inception_resnet_v1.abstract_variables(module)
+  return module, jax.eval_shape(train.frozen_embedder_variables, inception_resnet_v1.abstract_variables(module))
 
 
 # ----------------------------------------------------------------------------- reading the HLO

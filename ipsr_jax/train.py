@@ -33,6 +33,7 @@ from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
+from ipsr_jax.ops import frozen_conv
 from ipsr_jax.ops import pixels as pixels_lib
 
 
@@ -148,6 +149,12 @@ def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int, extras: Ma
       embeddings.update({n: sface.embed_images(m, extra_vars[n], pixels) for n, m in extras.items()})
     return losses.Recognition(embeddings, features)
   return embed
+
+
+def frozen_embedder_variables(variables: Any) -> Any:
+  """The frozen embedder's variables as the step reads them: with its convolutions' input-gradient
+  kernels, computed once here instead of transposed on every step (ops/frozen_conv.py)."""
+  return frozen_conv.with_input_grad_kernels(variables)
 
 
 def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: Any = None, *, config,
@@ -268,7 +275,8 @@ class Trainer:
     module, self.embedder_vars, extras, self.extra_vars = None, None, {}, None
     if losses.uses_recognizer(config.loss):
       module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
-      self.embedder_vars = jax.device_put(variables, sharding.replicated(self.mesh))
+      self.embedder_vars = jax.jit(frozen_embedder_variables, out_shardings=sharding.replicated(self.mesh))(
+          variables)
       if config.loss.get('extra_recognizers'):
         extras, variables = load_extra_recognizers(config.loss.extra_recognizers)
         self.extra_vars = jax.device_put(variables, sharding.replicated(self.mesh))

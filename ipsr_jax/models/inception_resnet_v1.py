@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipsr_jax.ops import frozen_conv
+from ipsr_jax.ops import pooling
 from ipsr_jax.ops import resize as resize_lib
 
 Dtype = Any
@@ -67,12 +69,13 @@ def _pairs(padding: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-  # torch MaxPool2d(3, stride=2): no padding, floor mode.
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  # torch MaxPool2d(3, stride=2): no padding, floor mode (as slices: ops/pooling.py says why).
+  return pooling.max_pool(x, (3, 3), (2, 2))
 
 
 class BasicConv2d(nn.Module):
-  """Conv (no bias) + BatchNorm + ReLU."""
+  """Conv (no bias) + BatchNorm + ReLU. The convolutions are `frozen_conv.Conv` (nn.Conv's
+  parameters): a frozen embedder's input gradient then skips a per-step kernel transpose."""
   features: int
   kernel_size: tuple[int, int]
   strides: int = 1
@@ -85,9 +88,9 @@ class BasicConv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, self.kernel_size, strides=(self.strides, self.strides),
-                padding=_pairs(self.padding), use_bias=False, kernel_init=TORCH_DEFAULT_INIT,
-                dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+    x = frozen_conv.Conv(self.features, self.kernel_size, strides=(self.strides, self.strides),
+                         padding=_pairs(self.padding), use_bias=False, kernel_init=TORCH_DEFAULT_INIT,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
     x = nn.BatchNorm(use_running_average=not self.train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='bn')(x)
@@ -105,8 +108,8 @@ class _Residual(nn.Module):
   def project(self, branches: list[jax.Array], x: jax.Array, scale: float,
               relu: bool) -> jax.Array:
     out = jnp.concatenate(branches, axis=-1)
-    out = nn.Conv(x.shape[-1], (1, 1), use_bias=True, kernel_init=TORCH_DEFAULT_INIT,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name='conv2d')(out)
+    out = frozen_conv.Conv(x.shape[-1], (1, 1), use_bias=True, kernel_init=TORCH_DEFAULT_INIT,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name='conv2d')(out)
     out = out * scale + x
     return nn.relu(out) if relu else out
 
