@@ -76,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #   random views at 0.3: worse than 0.3 alone on all three scorers.
   # The paper's distance (MSE, weight 1) pulls at 0.35x; on dev it is weakly ahead of pixel-only for
   # every scorer and behind 0.003. Test (LFW, 10 trials, the finalists only; docs/results.md): 0.003 -
-  # pixel-only +4.9 / +5.6 / +4.6 (FaceNet), +4.7 / +4.5 / +2.5 (SFace, never in the loss).
+  # pixel-only +4.9 / +5.6 / +4.6 (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib;
+  # neither judge is in any loss).
   config.loss.identity_distance = 'contrastive'
   config.loss.identity_weight = 0.003
   config.loss.temperature = 0.1
