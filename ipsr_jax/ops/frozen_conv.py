@@ -12,8 +12,8 @@ kernel: the same convolution jax's own transpose rule emits, with the same value
 
 `Conv` is nn.Conv (explicit padding, groups 1, no dilation) with the same parameters, names,
 shapes and initialisers; without the collection it is plain autodiff. With it, the kernel's own
-gradient is still the exact one (XLA drops it when nothing asks for it); the prepared kernel gets
-a zero gradient: it is a cache of the kernel, not a parameter.
+gradient is still the exact one, built only when something differentiates the kernel; the prepared
+kernel gets a zero gradient: it is a cache of the kernel, not a parameter.
 """
 
 from __future__ import annotations
