@@ -116,7 +116,7 @@ def with_input_grad_kernels(variables: dict[str, Any]) -> dict[str, Any]:
   def prepared(tree):
     out = {}
     for name, value in tree.items():
-      if isinstance(value, dict) or hasattr(value, 'items'):
+      if hasattr(value, 'items'):  # a dict or FrozenDict of submodules
         sub = prepared(value)
         if sub:
           out[name] = sub
