@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       degrade_on_device=ml_collections.FieldReference(None, field_type=object),
       random_flip=False,
       random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
+      random_grey=0.0,            # probability that a training face is turned grey (HR and LR); 0 = off
       num_workers=0,              # Grain worker processes per host
       worker_buffer_size=2,
       read_threads=8,             # per host, split over the workers; 0: read in the consuming thread

@@ -21,6 +21,7 @@ from configs import base
 from configs import demo
 
 ORL_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 16), (21, 15), (32, 32))
+ORL_DEV_SIZES = ((11, 8), (14, 12), (16, 16))  # ORL's sizes the identity term is judged at
 # Recognizers the generators never train against, each scoring every evaluation beside FaceNet:
 # dlib's ResNet (extra `judge`) and SFace (extra `sface`); one not installed is skipped with a note.
 JUDGES = ('dlib', 'sface')
@@ -98,6 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # at the test protocol's sizes, 10 seeded trials; scored by FaceNet and both judges.
   config.evals.lfw_dev = ml_collections.ConfigDict(dict(
       protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES, max_rank=100))
+  # The same dev people in grey at ORL's sizes: an ORL-like dev set (ORL's faces are grey), so
+  # what is chosen for ORL is chosen without reading ORL.
+  config.evals.lfw_dev_grey = ml_collections.ConfigDict(dict(
+      protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES, max_rank=100, grey=True,
+      resolutions=ORL_DEV_SIZES))
   config.evals.lfw = ml_collections.ConfigDict(dict(
       protocol='lfw', source='lfw', split='test', trials=10, judges=JUDGES, max_rank=100))
   # A second real test set the training never saw: ORL's 40 people (tight 92x112 grey crops, so
@@ -134,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evals.lfw.update(dict(trials=3, judge_workers=1))  # in-process judge: no worker start-up
     config.data.dev_identities = 4  # of the generated tree's 8 people with 2-3 images
     config.evals.lfw_dev.update(dict(trials=2, judge_workers=1))
+    config.evals.lfw_dev_grey.update(dict(trials=2, resolutions=((7, 6),), judge_workers=1))
     config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16)), judge_workers=1))
   elif arg:
     raise ValueError(f'configs/lfw.py: unknown variant {arg!r} (known: dev, gpu, tiny)')

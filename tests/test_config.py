@@ -35,6 +35,7 @@ def test_base_config_is_the_paper():
     ('data.worker_buffer_size', 0, 'config.data.worker_buffer_size'),
     ('data.worker_handoff', 'sockets', 'config.data.worker_handoff'),
     ('loss.feature_weight', -0.1, 'config.loss.feature_weight'),
+    ('data.random_grey', 1.5, 'config.data.random_grey'),
 ])
 def test_wrong_values_name_the_field(field, value, message):
   config = base.get_config()

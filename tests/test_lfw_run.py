@@ -89,7 +89,7 @@ def test_lfw_config_runs_every_stage(lfw_run):
   total = 5 if judged else 4
   for i in range(1, total + 1):
     assert f'Demo stage {i}/{total}' in out, (i, out)
-  # Three evaluations (dev, LFW, ORL), each a table per scorer: bounded, not a log.
+  # Four evaluations (dev, dev in grey, LFW, ORL), each a table per scorer: bounded, not a log.
   assert len(out.splitlines()) <= (2 + len(judged)) * MAX_TERMINAL_LINES
   workdir = cwd / 'runs' / 'lfw'
   lfw = json.loads((workdir / 'report' / 'lfw' / 'report.json').read_text())
@@ -107,8 +107,16 @@ def test_lfw_config_runs_every_stage(lfw_run):
   dev = json.loads((workdir / 'report' / 'lfw_dev' / 'report.json').read_text())
   assert dev['protocol'] == 'lfw_dev' and dev['num_identities'] == 4  # the held-out dev people
   assert dev['conditions'] == lfw['conditions'] and dev['trials'] == [0, 1]
+  dev_grey = json.loads((workdir / 'report' / 'lfw_dev_grey' / 'report.json').read_text())
+  assert dev_grey['protocol'] == 'lfw_dev' and dev_grey['num_identities'] == 4 and dev_grey['conditions'] == ['7x6']
+  chroma = {}
+  for name in ('lfw_dev', 'lfw_dev_grey'):
+    faces = np.asarray(Image.open(workdir / 'report' / name / 'faces.png').convert('RGB'), np.int16)
+    chroma[name] = np.abs(faces[..., 0] - faces[..., 2]).max()
+  # The generated faces are vividly coloured; in grey only the (untrained) generators' SR may tint.
+  assert chroma['lfw_dev'] > 100 and chroma['lfw_dev_grey'] <= 8, chroma
   assert lfw['trained_against']['pixel_only'] == [] and len(lfw['trained_against']['sr']) == 1
-  assert lfw.get('judges', []) == orl.get('judges', []) == dev.get('judges', []) == judged
+  assert lfw.get('judges', []) == orl.get('judges', []) == dev.get('judges', []) == dev_grey.get('judges', []) == judged
   for name in judged:
     assert f'## Judge: {name}' in md and f'judge_{name}_gains' in lfw and f'judge_{name}_rank1' in orl
     assert (workdir / 'report' / 'lfw' / f'cmc_judge_{name}_14x12.png').exists()

@@ -242,6 +242,37 @@ def test_flip_and_crop_are_keyed_on_the_sample(faces):
   _assert_same(crops, _take(pipeline.make_train_iterator(_config(random_crop_padding=p), faces), 6))
 
 
+def test_to_grey_is_pils_luma():
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
+  image[0, :3] = [[255, 255, 255], [0, 0, 0], [1, 254, 128]]  # the fixed point's ends and a rounding case
+  grey = image_io.to_grey(image)
+  assert grey.shape == image.shape and grey.dtype == np.uint8
+  np.testing.assert_array_equal(grey[..., 0], np.asarray(Image.fromarray(image).convert('L')))
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+  np.testing.assert_array_equal(image_io.to_grey(grey), grey)  # grey stays as it is
+
+
+def test_grey_is_keyed_on_the_sample_and_greys_hr_and_lr(faces):
+  batches = _take(pipeline.make_train_iterator(_config(random_grey=0.5), faces), 6)
+  kinds = []
+  for b in batches:
+    for hr, lr, label in zip(b['hr'], b['lr'], b['label']):
+      plain = _source_image(faces, label)
+      kinds.append('same' if np.array_equal(hr, plain) else
+                   'grey' if np.array_equal(hr, image_io.to_grey(plain)) else 'other')
+      if kinds[-1] == 'grey':  # the LR input is made from the grey face: grey too
+        assert np.array_equal(lr[..., 0], lr[..., 1]) and np.array_equal(lr[..., 1], lr[..., 2])
+  assert 'other' not in kinds and 4 <= kinds.count('grey') <= 20  # 24 fair coins
+  _assert_same(batches, _take(pipeline.make_train_iterator(_config(random_grey=0.5), faces), 6))
+  every = _take(pipeline.make_train_iterator(_config(random_grey=1.0), faces), 2)
+  assert all(np.array_equal(hr[..., 0], hr[..., 2]) for b in every for hr in b['hr'])
+  # Off draws nothing: the stream is the one without the option.
+  _assert_same(_take(pipeline.make_train_iterator(_config(random_grey=0.0), faces), 3),
+               _take(pipeline.make_train_iterator(_config(), faces), 3))
+
+
 def test_make_eval_batches(faces):
   batches = list(pipeline.make_eval_batches(faces, batch_size=10, image_size=32))
   assert [len(b['index']) for b in batches] == [10, 10, 4]  # 25 records, 1 unreadable

@@ -605,3 +605,40 @@ def test_evaluation_never_imports_the_loss():
         assert node.level == 0, f'{path.name}: relative import'  # absolute only, so this check sees all
         imported |= {f'{node.module}.{a.name}' for a in node.names} | {node.module}
     assert not {m for m in imported if m == 'ipsr_jax.losses' or m.startswith('ipsr_jax.losses.')}, path.name
+
+
+def test_evaluator_grey_entry_scores_grey_faces_under_their_own_keys(tmp_path):
+  """`config.evals.<name>.grey`: every face the scorers see is grey, and cached apart from colour."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  for i in range(6):
+    for j in range(2):
+      os.makedirs(tmp_path / 'faces' / 'test' / f'id{i}', exist_ok=True)
+      Image.fromarray(_face(rng, size=48)).save(tmp_path / 'faces' / 'test' / f'id{i}' / f'{j}.png')
+
+  class Recording:
+    info, fingerprint = {'source': 'toy'}, 'toy'
+
+    def __init__(self):
+      self.seen = []
+
+    def __call__(self, images):
+      self.seen.append(np.asarray(images, np.float32))
+      return _toy_embed([])(images)
+
+  config = base.get_config('tiny')
+  config.data.update(source='identity_folder', root=str(tmp_path / 'faces'))
+  cache = str(tmp_path / 'cache')
+  seen = {}
+  for grey in (False, True):
+    config.evals = {'dev': dict(protocol='generic', split='test', trials=1, resolutions=((16, 16),), grey=grey)}
+    embedder = Recording()
+    result = evaluator.run_eval(config, 'dev', {'sr': lambda x: np.asarray(x, np.float32)},
+                                str(tmp_path / f'out_{grey}'), None, embedder=embedder, cache_dir=cache)
+    seen[grey] = np.concatenate(embedder.seen)
+    assert result['rank1']['16x16']['hr'] > 0
+  assert len(seen[True]) == len(seen[False])  # the colour rows in the shared cache were not reused
+  assert np.abs(seen[False][..., 0] - seen[False][..., 1]).max() > 10
+  np.testing.assert_array_equal(seen[True][..., 0], seen[True][..., 1])
+  np.testing.assert_array_equal(seen[True][..., 1], seen[True][..., 2])

@@ -73,6 +73,18 @@ def encode_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def to_grey(image: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] RGB -> the same shape in grey: PIL's `convert('L')` (ITU-R 601-2 luma in its
+  16-bit fixed point, so equal to PIL to the grey level), replicated to three channels.
+
+  ORL's faces are grey, and so are many surveillance cameras: the dev protocol scores its faces
+  in grey (`config.evals.<name>.grey`) and training may see some in grey (`data.random_grey`).
+  """
+  rgb = np.asarray(image, np.uint8).astype(np.uint32)
+  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+  return np.repeat(luma.astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
   """Central `fraction` of each side: a stand-in for alignment on pre-centred photos (LFW)."""
   if not 0.0 < fraction <= 1.0:

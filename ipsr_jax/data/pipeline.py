@@ -6,12 +6,12 @@
 
 Built on Grain's dataset API because its iterator state survives multiprocess workers and its
 per-element index is available to every map: the global sample index is the key of all
-randomness (flip, crop, LR size), so what an example becomes never depends on the worker count,
+randomness (flip, crop, grey, LR size), so what an example becomes never depends on the worker count,
 the read threads or on what came before. Order of steps:
 
   record indices -> shuffle(seed; reshuffled each epoch) -> repeat forever -> decode (an
   unreadable image is logged, counted and replaced by the next readable record), resize to
-  data.image_size, flip / pad-crop (keyed on the global index) -> blocks of B/n examples
+  data.image_size, flip / pad-crop / grey (keyed on the global index) -> blocks of B/n examples
   -> process p of n takes blocks p, p+n, ... -> [Grain read threads] -> LR size per example or
   per global batch, bicubic down-then-up of the whole block (skipped when degrading on device)
   -> [worker processes]
@@ -55,7 +55,7 @@ from ipsr_jax.data import image_io
 from ipsr_jax.data.sources import FaceSource, make_source
 
 # Distinct streams of default_rng([seed, index, stream]) per random decision.
-_FLIP_STREAM, _CROP_STREAM = 1, 2
+_FLIP_STREAM, _CROP_STREAM, _GREY_STREAM = 1, 2, 3
 # data.worker_handoff='pipe': no array is this large, so none goes through shared memory.
 _NEVER_SHARED_MEMORY = 1 << 62
 
@@ -86,6 +86,7 @@ class PrepareExample:
   seed: int
   random_flip: bool = False
   crop_padding: int = 0
+  grey_probability: float = 0.0
 
   def load(self, record_index: int) -> dict[str, Any]:
     n = len(self.source)
@@ -107,6 +108,9 @@ class PrepareExample:
       top, left = np.random.default_rng([self.seed, index, _CROP_STREAM]).integers(0, 2 * p + 1, 2)
       padded = np.pad(hr, ((p, p), (p, p), (0, 0)), mode='reflect')
       hr = padded[top:top + self.image_size, left:left + self.image_size]
+    if self.grey_probability > 0 and (
+        np.random.default_rng([self.seed, index, _GREY_STREAM]).random() < self.grey_probability):
+      hr = image_io.to_grey(hr)  # the HR face itself, so its LR input and its target are grey alike
     return {'hr': np.ascontiguousarray(hr), 'label': np.int32(element['label']),
             'sample_index': np.int64(index)}
 
@@ -150,7 +154,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
   ds = ds.repeat(None)
   ds = ds.map_with_index(PrepareExample(
       source, image_size=int(data.image_size), seed=seed, random_flip=bool(data.random_flip),
-      crop_padding=int(data.random_crop_padding)))
+      crop_padding=int(data.random_crop_padding), grey_probability=float(data.random_grey)))
   # Blocks of the one global stream, dealt round-robin: disjoint shards, each 1/n of every epoch,
   # and together, block by block, the global batches of a one-process run.
   ds = ds.batch(batch_size, drop_remainder=True)

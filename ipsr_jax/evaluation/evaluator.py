@@ -21,6 +21,7 @@ import ml_collections
 
 from ipsr_jax import api
 from ipsr_jax import console
+from ipsr_jax.data import image_io
 from ipsr_jax.data import sources
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import protocols
@@ -30,7 +31,8 @@ from ipsr_jax.evaluation import steps
 DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
                 compare={}, judges=(), judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
                 synthetic_images_per_identity=0,
-                align=False, align_pad=0.0)  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/demo.py)
+                align=False, align_pad=0.0,  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/demo.py)
+                grey=False)  # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
 
 
 def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -87,7 +89,10 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
                                  where=f'config.evals.{name}')
   spec = protocols.get_protocol(settings.protocol)
   trials = None if settings.trials < 0 else settings.trials
-  load = lambda record: source.load_image(record)
+  load, image_key = source.load_image, source.image_key
+  if settings.grey:  # the same faces in grey: their own cache keys, so colour rows are never reused
+    load = lambda record: image_io.to_grey(source.load_image(record))
+    image_key = lambda record: 'grey:' + source.image_key(record)
   records = source.records
   tags = {}
   if cache_dir:
@@ -100,7 +105,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
         resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials,
         judges={n: j.embed for n, j in judges.items()},
         max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
-        cache_dir=cache_dir or None, cache_tags=tags, image_key=source.image_key, label=name)
+        cache_dir=cache_dir or None, cache_tags=tags, image_key=image_key, label=name)
   finally:
     judge_lib.close_judges(judges)
   extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
