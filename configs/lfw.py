@@ -80,9 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # every scorer and behind 0.003. On the grey dev set (lfw_dev_grey, below; 11x8 / 14x12 / 16x16)
   # 0.003's gain over pixel-only mostly goes for the judges (dlib +0.1 / +1.7 / +0.5, SFace +2.1 /
   # -0.7 / +1.3), as on ORL; grey training faces (data.random_grey=0.5, both generators) lost on
-  # colour dev for both judges (SFace -4.6 at 14x12 against 0.003) and were not kept (docs/method.md). Test (LFW, 10 trials, the finalists only; docs/results.md): 0.003 -
-  # pixel-only +4.9 / +5.6 / +4.6 (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib;
-  # neither judge is in any loss).
+  # colour dev for both judges (SFace -4.6 at 14x12 against 0.003) and were not kept; FaceNet + SFace
+  # in the loss (extra_recognizers, 0.003) put dlib ahead by > 2 std at all three colour sizes (+3.2 /
+  # +5.4 / +3.9) but not in grey (-0.1 / -0.6 / +0.6), at 3x the training time (docs/method.md).
+  # Test (LFW, 10 trials, the finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
+  # (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib; neither judge is in any loss).
   config.loss.identity_distance = 'contrastive'
   config.loss.identity_weight = 0.003
   config.loss.temperature = 0.1
