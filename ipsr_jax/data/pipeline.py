@@ -154,7 +154,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
   ds = ds.repeat(None)
   ds = ds.map_with_index(PrepareExample(
       source, image_size=int(data.image_size), seed=seed, random_flip=bool(data.random_flip),
-      crop_padding=int(data.random_crop_padding), grey_probability=float(data.random_grey)))
+      crop_padding=int(data.random_crop_padding), grey_probability=float(data.get('random_grey', 0.0))))
   # Blocks of the one global stream, dealt round-robin: disjoint shards, each 1/n of every epoch,
   # and together, block by block, the global batches of a one-process run.
   ds = ds.batch(batch_size, drop_remainder=True)
