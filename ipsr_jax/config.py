@@ -96,8 +96,8 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   validate_lr_sizes(d.lr_sizes, 'data.lr_sizes', d.image_size)
   validate_lr_sizes(t.image_summary_lr_sizes, 'train.image_summary_lr_sizes', d.image_size)
   random_grey = d.get('random_grey', 0.0)
-  _need(isinstance(random_grey, (int, float)) and not isinstance(random_grey, bool) and 0.0 <= random_grey <= 1.0,
-        'data.random_grey', random_grey, 'must be a probability in [0, 1]')
+  _need(isinstance(random_grey, (int, float)) and not isinstance(random_grey, bool)
+        and 0.0 <= random_grey <= 1.0, 'data.random_grey', random_grey, 'must be a probability in [0, 1]')
   _need(0.0 <= d.max_bad_fraction < 1.0, 'data.max_bad_fraction', d.max_bad_fraction, 'must be in [0, 1)')
   _need(t.optimizer in ('adam', 'adamw', 'sgd'), 'train.optimizer', t.optimizer, "must be 'adam', 'adamw' or 'sgd'")
   _need(t.schedule in ('constant', 'cosine', 'warmup_cosine'), 'train.schedule', t.schedule,
@@ -145,8 +145,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 _OPTIMISER = tuple(f'train.{k}' for k in ('batch_size', 'optimizer', 'learning_rate', 'b1', 'b2', 'eps',
                                           'weight_decay', 'schedule', 'warmup_steps', 'grad_clip_norm'))
 _DATA_STREAM = tuple(f'data.{k}' for k in ('source', 'split', 'image_size', 'lr_sizes', 'lr_per', 'round_lr',
-                                           'shuffle', 'random_flip', 'random_crop_padding', 'random_grey', 'tfds_name',
-                                           'synthetic_identities', 'synthetic_images_per_identity'))
+                                           'shuffle', 'random_flip', 'random_crop_padding', 'random_grey',
+                                           'tfds_name', 'synthetic_identities', 'synthetic_images_per_identity'))
 _EMBEDDER_SHAPE = tuple(f'embedder.{k}' for k in ('width', 'embedding_size', 'input_size', 'bn_epsilon',
                                                   'dropout_rate'))
 RESUME_LOCKED = {
