@@ -127,3 +127,27 @@ def test_gains_pair_every_variant_with_bicubic_and_pixel_only():
   assert out['ipsr - pixel_only']['std'] == pytest.approx(5.0)
   assert out['views - pixel_only']['mean'] == pytest.approx(0.0)
   assert report.gains(results, 'judge_dlib_') == report.gains(results)
+
+
+def test_gains_of_repeated_runs_pair_run_by_run_and_average():
+  # Two training runs each of pixel_only and ipsr (e.g. seeds 0 and 1), 2 trials.
+  trials = {'14x12': {'bicubic': [0.1, 0.1], 'pixel_only': [0.3, 0.3], 'pixel_only#2': [0.2, 0.4],
+                      'ipsr': [0.35, 0.45], 'ipsr#2': [0.3, 0.3]}}
+  results = {'methods': ['hr', 'bicubic', 'pixel_only', 'pixel_only#2', 'ipsr', 'ipsr#2'],
+             'rank1_trials': trials,
+             'repeats': {'pixel_only': ['pixel_only', 'pixel_only#2'], 'ipsr': ['ipsr', 'ipsr#2']}}
+  out = report.gains(results)['14x12']
+  assert set(out) == {'pixel_only - bicubic', 'pixel_only#2 - bicubic', 'ipsr - bicubic',
+                      'ipsr#2 - bicubic', 'ipsr - pixel_only', 'pixel_only#2 - pixel_only',
+                      'ipsr#2 - ipsr', 'ipsr#2 - pixel_only#2', 'ipsr - pixel_only (mean of 2 runs)'}
+  assert out['ipsr#2 - pixel_only#2']['mean'] == pytest.approx(0.0)  # +10, -10 points
+  assert out['ipsr#2 - pixel_only#2']['std'] == pytest.approx(10.0)
+  assert out['pixel_only#2 - pixel_only']['std'] == pytest.approx(10.0)
+  # Per trial: ((5 + 10) / 2, (15 - 10) / 2) = (7.5, 2.5) points.
+  mean = out['ipsr - pixel_only (mean of 2 runs)']
+  assert (mean['mean'], mean['std']) == (pytest.approx(5.0), pytest.approx(2.5))
+  # Without a second pixel_only run there is no run-by-run pair and no mean.
+  one = dict(results, repeats={'ipsr': ['ipsr', 'ipsr#2']})
+  assert set(report.gains(one)['14x12']) == {
+      'pixel_only - bicubic', 'pixel_only#2 - bicubic', 'ipsr - bicubic', 'ipsr#2 - bicubic',
+      'ipsr - pixel_only', 'pixel_only#2 - pixel_only', 'ipsr#2 - ipsr'}

@@ -69,13 +69,20 @@ def make_embedder(config, settings) -> api.Embedder:
 
 def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
              step: int | None, embedder: api.Embedder | None = None, *,
-             judges: Sequence[str] | None = None, cache_dir: str | None = None) -> dict:
+             judges: Sequence[str] | None = None, cache_dir: str | None = None,
+             repeats: Mapping[str, Sequence[str]] | None = None) -> dict:
   """Runs one `config.evals` entry with the given SR callables and writes its report.
 
   judges: overrides the entry's `judges` (() for the embedder alone). cache_dir: keep the
   embeddings there (keyed by the fingerprints of the embedder, each judge and each generator),
   so an interrupted evaluation resumes and a rerun with judges reuses the embedder's part.
+  repeats: {method: [label, ...]}, the labels of `sr_fns` that are one method trained several
+  times; the report pairs them run by run and averages (`report.gains`).
   """
+  repeats = {k: list(v) for k, v in (repeats or {}).items()}
+  unknown = sorted({m for group in repeats.values() for m in group} - set(sr_fns))
+  if unknown:
+    raise ValueError(f'repeats name runs that are not among the generators: {unknown}')
   settings = eval_settings(config, name)
   if judges is not None:
     settings.judges = judge_lib.check_names(judges, f'judges of {name}')
@@ -108,6 +115,8 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
         cache_dir=cache_dir or None, cache_tags=tags, image_key=image_key, label=name)
   finally:
     judge_lib.close_judges(judges)
+  if repeats:
+    results['repeats'] = repeats
   extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
            'judge_models': {n: repr(j) for n, j in judges.items()},  # results['judges'] lists the names
            # A judge is independent only of generators that did not train against it.

@@ -95,21 +95,44 @@ def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, d
   'std'}}} for every SR method against bicubic, the first SR method ('sr') against the others
   (e.g. 'sr - pixel_only': the identity term's own effect), and, when a 'pixel_only' row is
   there, every other SR method against it (the variants of `tools/compare`). Each trial's difference is
-  taken on the same gallery and probes, so its std is the spread of the effect, not of the split."""
+  taken on the same gallery and probes, so its std is the spread of the effect, not of the split.
+
+  results['repeats'] ({name: [name, name#2, ...]}: one method trained several times, e.g. with
+  other seeds) adds, per repeat i >= 2: 'name#i - bicubic', 'name#i - name' (how far a second
+  training run moves the method: the training noise the trials' std leaves out) and, when
+  pixel_only has as many runs, 'name#i - pixel_only#i' and 'name - pixel_only (mean of k runs)':
+  each trial's difference averaged over the k pairs of runs."""
   per_trial = results.get(f'{prefix}rank1_trials') or {}
+  repeats = {k: list(v) for k, v in (results.get('repeats') or {}).items() if len(v) > 1}
+  again = {m for group in repeats.values() for m in group[1:]}  # paired only as below
   sr_methods = [m for m in results.get('methods') or [] if m not in ('hr', 'native', 'bicubic')
                 and not m.endswith('_concat')]
   pairs = [(m, 'bicubic') for m in sr_methods]
-  if 'sr' in sr_methods:
-    pairs += [('sr', m) for m in sr_methods if m != 'sr']
-  if 'pixel_only' in sr_methods:
-    pairs += [(m, 'pixel_only') for m in sr_methods if m not in ('sr', 'pixel_only')]
+  firsts = [m for m in sr_methods if m not in again]
+  if 'sr' in firsts:
+    pairs += [('sr', m) for m in firsts if m != 'sr']
+  if 'pixel_only' in firsts:
+    pairs += [(m, 'pixel_only') for m in firsts if m not in ('sr', 'pixel_only')]
+  means = {}  # label: the pairs of runs whose per-trial differences it averages
+  for name, group in repeats.items():
+    pairs += [(m, name) for m in group[1:]]
+    base = repeats.get('pixel_only')
+    if name != 'pixel_only' and base and len(base) == len(group):
+      pairs += list(zip(group[1:], base[1:]))
+      means[f'{name} - pixel_only (mean of {len(group)} runs)'] = list(zip(group, base))
   out = {}
   for cond, values in per_trial.items():
-    for a, b in pairs:
+    def diff(a, b):
       if a in values and b in values and len(values[a]) == len(values[b]):
-        diff = 100.0 * (np.asarray(values[a]) - np.asarray(values[b]))
-        out.setdefault(cond, {})[f'{a} - {b}'] = {'mean': float(diff.mean()), 'std': float(diff.std())}
+        return 100.0 * (np.asarray(values[a]) - np.asarray(values[b]))
+      return None
+    rows = [(f'{a} - {b}', diff(a, b)) for a, b in pairs]
+    for label, runs in means.items():
+      diffs = [diff(a, b) for a, b in runs]
+      rows.append((label, None if any(d is None for d in diffs) else np.mean(diffs, axis=0)))
+    for label, d in rows:
+      if d is not None:
+        out.setdefault(cond, {})[label] = {'mean': float(d.mean()), 'std': float(d.std())}
   return out
 
 

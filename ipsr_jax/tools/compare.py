@@ -11,6 +11,11 @@ and judges score all of them; HR and bicubic are embedded once. The report says 
 recognizers each generator trained against. Embeddings are cached under `--out`/cache, so adding
 a run later embeds only its own rows.
 
+One training run per method leaves the training noise out of the trials' std. Name several runs
+of a method (`--runs=pixel_only=runs/dev/pixel+runs/dev/pixel_s1,ipsr=runs/dev/ipsr+runs/dev/ipsr_s1`,
+e.g. trained with `--config.seed=1`): the report adds each run's gain over pixel_only's run of the
+same index, how far the second run moved each method, and the gain averaged over the runs.
+
 Choose on the dev protocol (`configs/lfw.py:dev`, `lfw_dev`); run the test protocol (`lfw`, `orl`)
 for the finalists only.
 """
@@ -34,26 +39,36 @@ def define_flags() -> dict[str, flags.FlagHolder]:
                                              'naming the evaluation (overrides as --config.a.b=v).'),
       eval=flags.DEFINE_string('eval', None, 'The config.evals entry to run, e.g. lfw_dev.'),
       runs=flags.DEFINE_list('runs', None, 'name=workdir pairs, one per generator; a name is a '
-                             "report row ('pixel_only' is the ablation the others are paired with)."),
+                             "report row ('pixel_only' is the ablation the others are paired with); "
+                             'name=dir+dir2: one method trained twice (e.g. two seeds), paired run '
+                             'by run and averaged.'),
       judges=flags.DEFINE_list('judges', None, "Override the entry's judges (e.g. dlib,sface); "
                                "'none' for the embedder alone."),
       out=flags.DEFINE_string('out', None, 'Report directory (report.md, report.json, cache/).'),
   )
 
 
-def parse_runs(values: Sequence[str]) -> dict[str, str]:
-  """--runs: ['name=dir', ...] -> {name: dir}, in order; names unique and not a reference row."""
-  runs = {}
+def parse_runs(values: Sequence[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+  """--runs: ['name=dir', 'name=dir+dir2', ...] -> ({label: dir}, {name: [labels]}), in order.
+
+  Several workdirs joined by '+' are one method trained several times (other seeds): they
+  become the rows name, name#2, ... and the report pairs them run by run with pixel_only's
+  runs and averages over them (`report.gains`). Names are unique and not a reference row.
+  """
+  runs, repeats = {}, {}
   for value in values:
-    name, sep, workdir = value.partition('=')
-    if not sep or not name or not workdir:
-      raise app.UsageError(f'--runs entries are name=workdir, got {value!r}')
-    if name in runs or name in ('hr', 'native', 'bicubic') or name.endswith('_concat'):
+    name, sep, workdirs = value.partition('=')
+    dirs = workdirs.split('+')
+    if not sep or not name or not all(dirs):
+      raise app.UsageError(f'--runs entries are name=workdir or name=workdir+workdir, got {value!r}')
+    if (name in repeats or name in ('hr', 'native', 'bicubic') or name.endswith('_concat')
+        or '#' in name):
       raise app.UsageError(f'--runs: the name {name!r} is taken or reserved')
-    runs[name] = workdir
+    repeats[name] = [name] + [f'{name}#{i}' for i in range(2, len(dirs) + 1)]
+    runs.update(zip(repeats[name], dirs))
   if not runs:
     raise app.UsageError('--runs needs at least one name=workdir')
-  return runs
+  return runs, {k: v for k, v in repeats.items() if len(v) > 1}
 
 
 def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
@@ -66,7 +81,7 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   name, out = holders['eval'].value, holders['out'].value
   if name not in config.get('evals', {}):
     raise app.UsageError(f'--eval={name}: not in config.evals (has {sorted(config.get("evals", {}))})')
-  runs = parse_runs(holders['runs'].value)
+  runs, repeats = parse_runs(holders['runs'].value)
   judges = holders['judges'].value
   if judges is not None:
     judges = () if judges == ['none'] else tuple(judges)
@@ -81,7 +96,7 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
     console.say(f'{label}: {workdir} step {sr_fns[label].info["step"]}, trained against '
                 f'{", ".join(sr_fns[label].info["trained_against"]) or "no recognizer"}')
   results = evaluator.run_eval(config, name, sr_fns, out, None, judges=judges,
-                               cache_dir=os.path.join(out, 'cache'))
+                               cache_dir=os.path.join(out, 'cache'), repeats=repeats)
   evaluator.announce(results, out)
 
 

@@ -1,0 +1,40 @@
+"""tools/compare: several generators (and several training runs of one) on one evaluation."""
+
+import json
+import types
+
+import pytest
+from absl import app
+
+from configs import base
+from ipsr_jax.tools import compare
+
+
+def test_parse_runs_names_and_repeats():
+  runs, repeats = compare.parse_runs(['pixel_only=a+b', 'ipsr=c+d+e', 'views=f'])
+  assert runs == {'pixel_only': 'a', 'pixel_only#2': 'b', 'ipsr': 'c', 'ipsr#2': 'd', 'ipsr#3': 'e',
+                  'views': 'f'}
+  assert repeats == {'pixel_only': ['pixel_only', 'pixel_only#2'],
+                     'ipsr': ['ipsr', 'ipsr#2', 'ipsr#3']}
+  for bad in (['ipsr'], ['=a'], ['ipsr=a+'], ['ipsr=a', 'ipsr=b'], ['bicubic=a'], ['a#2=b'],
+              ['x_concat=a'], []):
+    with pytest.raises(app.UsageError):
+      compare.parse_runs(bad)
+
+
+def test_compare_two_runs_each_writes_the_run_by_run_and_mean_gains(run_dir, embedder_dir, tmp_path):
+  config = base.get_config('tiny')
+  config.evals.synthetic.embedder = embedder_dir
+  config.evals.synthetic.trials = 2
+  holders = {'config': config, 'eval': 'synthetic', 'judges': None, 'out': str(tmp_path / 'cmp'),
+             'runs': [f'pixel_only={run_dir}+{run_dir}', f'ipsr={run_dir}+{run_dir}']}
+  compare.main(['compare'], {k: types.SimpleNamespace(value=v) for k, v in holders.items()})
+  doc = json.loads((tmp_path / 'cmp' / 'report.json').read_text())
+  assert doc['repeats'] == {'pixel_only': ['pixel_only', 'pixel_only#2'], 'ipsr': ['ipsr', 'ipsr#2']}
+  assert set(doc['rank1']['8x6']) >= {'bicubic', 'pixel_only', 'pixel_only#2', 'ipsr', 'ipsr#2'}
+  gains = doc['gains']['8x6']
+  # The same checkpoint four times: every run-to-run and paired difference is exactly zero.
+  for label in ('ipsr - pixel_only', 'ipsr#2 - pixel_only#2', 'ipsr#2 - ipsr',
+                'pixel_only#2 - pixel_only', 'ipsr - pixel_only (mean of 2 runs)'):
+    assert gains[label] == {'mean': 0.0, 'std': 0.0}, label
+  assert 'ipsr - pixel_only (mean of 2 runs)' in (tmp_path / 'cmp' / 'report.md').read_text()
