@@ -83,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # colour dev for both judges (SFace -4.6 at 14x12 against 0.003) and were not kept; FaceNet + SFace
   # in the loss (extra_recognizers, 0.003) put dlib ahead by > 2 std at all three colour sizes (+3.2 /
   # +5.4 / +3.9) but not in grey (-0.1 / -0.6 / +0.6), at 3x the training time (docs/method.md).
+  # All of the above is seed 0. A second seed (--config.seed=1) of pixel-only and 0.003 moved a
+  # method by up to 4 points; over the two seeds 0.003 - pixel-only is dlib +1.9 / +2.6 / +0.9, SFace
+  # +1.9 / +2.7 / +1.0 on colour dev (half of seed 0's), about nil in grey (dlib +0.1 / +0.5 / +0.8).
   # Test (LFW, 10 trials, the finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
   # (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib; neither judge is in any loss).
   config.loss.identity_distance = 'contrastive'
