@@ -90,6 +90,13 @@ def _rank1_rows(protocol: str, results: Mapping[str, Any], columns: list[str], p
   return rows
 
 
+def _points_apart(values: Mapping[str, Sequence[float]], a: str, b: str) -> np.ndarray | None:
+  """Per-trial rank-1 of `a` minus `b`, in points; None when either is missing or unpaired."""
+  if a in values and b in values and len(values[a]) == len(values[b]):
+    return 100.0 * (np.asarray(values[a]) - np.asarray(values[b]))
+  return None
+
+
 def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, dict[str, float]]]:
   """Paired differences of rank-1 over the trials, in points: {cond: {'sr - bicubic': {'mean',
   'std'}}} for every SR method against bicubic, the first SR method ('sr') against the others
@@ -114,21 +121,17 @@ def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, d
   if 'pixel_only' in firsts:
     pairs += [(m, 'pixel_only') for m in firsts if m not in ('sr', 'pixel_only')]
   means = {}  # label: the pairs of runs whose per-trial differences it averages
+  base = repeats.get('pixel_only')
   for name, group in repeats.items():
     pairs += [(m, name) for m in group[1:]]
-    base = repeats.get('pixel_only')
     if name != 'pixel_only' and base and len(base) == len(group):
       pairs += list(zip(group[1:], base[1:]))
       means[f'{name} - pixel_only (mean of {len(group)} runs)'] = list(zip(group, base))
   out = {}
   for cond, values in per_trial.items():
-    def diff(a, b):
-      if a in values and b in values and len(values[a]) == len(values[b]):
-        return 100.0 * (np.asarray(values[a]) - np.asarray(values[b]))
-      return None
-    rows = [(f'{a} - {b}', diff(a, b)) for a, b in pairs]
+    rows = [(f'{a} - {b}', _points_apart(values, a, b)) for a, b in pairs]
     for label, runs in means.items():
-      diffs = [diff(a, b) for a, b in runs]
+      diffs = [_points_apart(values, a, b) for a, b in runs]
       rows.append((label, None if any(d is None for d in diffs) else np.mean(diffs, axis=0)))
     for label, d in rows:
       if d is not None:
