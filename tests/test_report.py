@@ -146,6 +146,14 @@ def test_gains_of_repeated_runs_pair_run_by_run_and_average():
   # Per trial: ((5 + 10) / 2, (15 - 10) / 2) = (7.5, 2.5) points.
   mean = out['ipsr - pixel_only (mean of 2 runs)']
   assert (mean['mean'], mean['std']) == (pytest.approx(5.0), pytest.approx(2.5))
+  # Run by run over the trials: run 1 (5 + 15) / 2 = 10, run 2 (10 - 10) / 2 = 0 points; their
+  # sample std (ddof=1) is 10 / sqrt(2), the training noise the trials' 2.5 does not see.
+  assert mean['runs'] == [pytest.approx(10.0), pytest.approx(0.0)]
+  assert mean['runs_std'] == pytest.approx(10.0 / np.sqrt(2))
+  md = report.markdown('lfw', dict(results, rank1={'14x12': {m: 0.5 for m in results['methods']}},
+                                   trials=[0, 1]), 800)
+  assert '+5.00 ± 2.50 (runs +10.00 / +0.00; ± 7.07)' in md
+  assert 'ipsr#2 - pixel_only#2 | +0.00 ± 10.00 |' in md
   # Without a second pixel_only run there is no run-by-run pair and no mean.
   one = dict(results, repeats={'ipsr': ['ipsr', 'ipsr#2']})
   assert set(report.gains(one)['14x12']) == {

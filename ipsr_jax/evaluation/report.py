@@ -108,7 +108,10 @@ def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, d
   other seeds) adds, per repeat i >= 2: 'name#i - bicubic', 'name#i - name' (how far a second
   training run moves the method: the training noise the trials' std leaves out) and, when
   pixel_only has as many runs, 'name#i - pixel_only#i' and 'name - pixel_only (mean of k runs)':
-  each trial's difference averaged over the k pairs of runs."""
+  each trial's difference averaged over the k pairs of runs. That row also carries 'runs' (each
+  pair's mean over the trials) and 'runs_std' (their sample std, ddof=1): the trials' std holds the
+  split's noise, 'runs_std' the training noise, which is what decides whether a gain of a few
+  points is the method's or the seed's."""
   per_trial = results.get(f'{prefix}rank1_trials') or {}
   repeats = {k: list(v) for k, v in (results.get('repeats') or {}).items() if len(v) > 1}
   again = {m for group in repeats.values() for m in group[1:]}  # paired only as below
@@ -130,12 +133,16 @@ def gains(results: Mapping[str, Any], prefix: str = '') -> dict[str, dict[str, d
   out = {}
   for cond, values in per_trial.items():
     rows = [(f'{a} - {b}', _points_apart(values, a, b)) for a, b in pairs]
-    for label, runs in means.items():
-      diffs = [_points_apart(values, a, b) for a, b in runs]
-      rows.append((label, None if any(d is None for d in diffs) else np.mean(diffs, axis=0)))
     for label, d in rows:
       if d is not None:
         out.setdefault(cond, {})[label] = {'mean': float(d.mean()), 'std': float(d.std())}
+    for label, runs in means.items():
+      diffs = [_points_apart(values, a, b) for a, b in runs]
+      if all(d is not None for d in diffs):
+        d = np.mean(diffs, axis=0)
+        per_run = [float(x.mean()) for x in diffs]
+        out.setdefault(cond, {})[label] = {'mean': float(d.mean()), 'std': float(d.std()),
+                                           'runs': per_run, 'runs_std': float(np.std(per_run, ddof=1))}
   return out
 
 
@@ -146,10 +153,21 @@ def _gain_lines(results: Mapping[str, Any], columns: list[str], prefix: str, tit
     names += [k for k in per if k not in names]
   if not names:
     return []
-  rows = [[n] + ['-' if n not in table.get(c, {}) else
-                 f"{table[c][n]['mean']:+.2f} ± {table[c][n]['std']:.2f}" for c in columns]
+  rows = [[n] + ['-' if n not in table.get(c, {}) else _gain_cell(table[c][n]) for c in columns]
           for n in names]
-  return ['', f'## {title}', ''] + _table(['Difference (points)'] + columns, rows)
+  lines = ['', f'## {title}', ''] + _table(['Difference (points)'] + columns, rows)
+  if any('runs' in g for per in table.values() for g in per.values()):
+    lines += ['', 'Mean of k runs: ± is over the trials; in brackets each run\'s own mean, then '
+              'their std over the runs (ddof=1): the training noise.']
+  return lines
+
+
+def _gain_cell(g: Mapping[str, Any]) -> str:
+  signed = lambda x: f'{round(x, 2) + 0.0:+.2f}'  # + 0.0: no '-0.00' for a difference of 0
+  cell = f"{signed(g['mean'])} ± {g['std']:.2f}"
+  if 'runs' in g:
+    cell += f" (runs {' / '.join(signed(r) for r in g['runs'])}; ± {g['runs_std']:.2f})"
+  return cell
 
 
 def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | None,
