@@ -21,6 +21,9 @@ import ml_collections
 from configs import base
 from configs import demo
 
+# The paper's LFW probe sizes (Table 2; the 'lfw' and 'lfw_dev' protocols' own), written out so a
+# run can score fewer: --config.evals.lfw.resolutions='((14,12),)'.
+LFW_LR_SIZES = ((7, 6), (14, 12), (16, 14), (18, 16))
 ORL_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 16), (21, 15), (32, 32))
 ORL_DEV_SIZES = ((11, 8), (14, 12), (16, 16))  # ORL's sizes the identity term is judged at
 # Recognizers the generators never train against, each scoring every evaluation beside FaceNet:
@@ -107,14 +110,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The dev protocol (choices are made here): the dev people, gallery one image each, 381 probes
   # at the test protocol's sizes, 10 seeded trials; scored by FaceNet and both judges.
   config.evals.lfw_dev = ml_collections.ConfigDict(dict(
-      protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES, max_rank=100))
+      protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES, max_rank=100,
+      resolutions=LFW_LR_SIZES))
   # The same dev people in grey at ORL's sizes: an ORL-like dev set (ORL's faces are grey), so
   # what is chosen for ORL is chosen without reading ORL.
   config.evals.lfw_dev_grey = ml_collections.ConfigDict(dict(
       protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES, max_rank=100, grey=True,
       resolutions=ORL_DEV_SIZES))
   config.evals.lfw = ml_collections.ConfigDict(dict(
-      protocol='lfw', source='lfw', split='test', trials=10, judges=JUDGES, max_rank=100))
+      protocol='lfw', source='lfw', split='test', trials=10, judges=JUDGES, max_rank=100,
+      resolutions=LFW_LR_SIZES))
   # A second real test set the training never saw: ORL's 40 people (tight 92x112 grey crops, so
   # padded before detection). --config.evals.orl.root=<ORL>; left empty, ORL is skipped.
   config.evals.orl = ml_collections.ConfigDict(dict(

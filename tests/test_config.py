@@ -4,7 +4,9 @@ import sys
 import pytest
 
 from configs import base
+from configs import lfw
 from ipsr_jax import config as config_lib
+from ipsr_jax.evaluation import protocols
 from tests.conftest import REPO
 
 
@@ -58,3 +60,18 @@ def test_cli_rejects_bad_and_unknown_values_before_compiling():
   assert unknown.returncode != 0 and 'not_a_field' in unknown.stderr
   variant = _main('--config=configs/base.py:nope')
   assert variant.returncode != 0 and 'unknown variant' in variant.stderr
+
+
+def test_lfw_sizes_are_the_protocols_and_a_flag_scores_fewer():
+  config = lfw.get_config()
+  for name in ('lfw', 'lfw_dev'):
+    assert config.evals[name].resolutions == protocols.PROTOCOLS[name].resolutions
+  # The flag parses a tuple of sizes (one size of the test protocol, e.g. for a further seed).
+  script = ('from absl import app, flags\nfrom ml_collections import config_flags\n'
+            "config_flags.DEFINE_config_file('config')\n"
+            'app.run(lambda _: print(flags.FLAGS.config.evals.lfw.resolutions))')
+  out = subprocess.run([sys.executable, '-c', script, '--config=configs/lfw.py',
+                        '--config.evals.lfw.resolutions=((14,12),(18,16))'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '((14, 12), (18, 16))'
