@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # method by up to 5 points; over the three seeds 0.003 - pixel-only is dlib +1.3 / +2.3 / +1.1,
   # SFace +1.3 / +2.1 / +0.7 on colour dev (seed 0 was the best; std over the seeds 0.5-2), FaceNet
   # +4.4 / +6.2 / +3.6; about nil in grey (dlib +0.3 / +0.6 / +0.5, SFace -0.2 / -1.5 / +0.7).
-  # Test, seed 0 (LFW, 10 trials, the finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
+  # Test, seed 0 (LFW, 10 trials, finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
   # (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib; neither judge is in any loss).
   # Over three seeds, LFW 14x12: +3.45 (FaceNet), +1.99 (SFace), +1.55 (dlib, every seed > 0); ORL
   # >= 0 at 11x8 / 14x12 / 16x16 for both judges but dlib 11x8 (-0.15).
