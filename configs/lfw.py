@@ -92,8 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # +4.4 / +6.2 / +3.6; about nil in grey (dlib +0.3 / +0.6 / +0.5, SFace -0.2 / -1.5 / +0.7).
   # Test, seed 0 (LFW, 10 trials, finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
   # (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib; neither judge is in any loss).
-  # Over three seeds, LFW 14x12: +3.45 (FaceNet), +1.99 (SFace), +1.55 (dlib, every seed > 0); ORL
-  # >= 0 at 11x8 / 14x12 / 16x16 for both judges but dlib 11x8 (-0.15).
+  # Over three seeds, LFW 14x12: +3.45 (FaceNet), +1.99 (SFace), +1.55 (dlib, every seed > 0); 16x14:
+  # +4.58 (FaceNet), +2.50 (SFace, every seed > 0); ORL >= 0 at 11x8 / 14x12 / 16x16 for both
+  # judges but dlib 11x8 (-0.15).
   config.loss.identity_distance = 'contrastive'
   config.loss.identity_weight = 0.003
   config.loss.temperature = 0.1
