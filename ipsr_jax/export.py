@@ -14,7 +14,8 @@ either the model's S (callers bicubic-upsample first, as the evaluation protocol
 size (`lr_size`) whose bicubic resize is then part of the function.
 
 File layout: the 8-byte magic `IPSRJAX1`, a little-endian uint64 header length, the UTF-8 JSON
-header (what each function computes, its input/output shapes and dtypes, where its blobs lie),
+header (what each function computes, its input/output shapes and dtypes, where its blobs lie, and
+'input_contract': the API's input contract, `ipsr_jax.data.contract.INPUT_CONTRACT`),
 then the blobs: each function's `Exported.serialize()` and one `.npz` of the weights. The weights
 are arguments of the programs, not constants, so the StableHLO stays small and loads fast.
 """
@@ -32,6 +33,7 @@ import jax
 from jax import export as jax_export
 import numpy as np
 
+from ipsr_jax.data import contract
 from ipsr_jax.ops.batching import PaddedBatcher
 
 MAGIC = b'IPSRJAX1'
@@ -160,6 +162,7 @@ def save(path: str | os.PathLike, functions: Mapping[str, tuple[Any, dict, dict]
       format=FORMAT, version=FORMAT_VERSION, jax_version=jax.__version__,
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       default=default, buckets=[int(b) for b in buckets], functions=header_functions,
+      input_contract=contract.INPUT_CONTRACT,
       weights=dict(offset=offset, length=len(weights_blob),
                    groups={g: dict(arrays=len(a), parameters=int(sum(x.size for x in a)))
                            for g, a in weights.items()}),
@@ -215,12 +218,10 @@ class ExportedFunction:
   def compiled_sizes(self) -> set[int]:
     return set(self._batcher.compiled_sizes)
 
-  def __call__(self, images: Any) -> Any:
-    images = np.asarray(images)
-    single = images.ndim == 3
-    if single:
-      images = images[None]
-    if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape[1:]:
+  def __call__(self, images: Any, *, input_range: Sequence[float] | None = None) -> Any:
+    """[N, H, W, 3] (or one [H, W, 3]) images under `contract.as_image_batch`'s contract."""
+    images, single = contract.as_image_batch(images, input_range=input_range)
+    if tuple(images.shape[1:]) != self.input_shape[1:]:
       raise ValueError(
           f'{self.name!r} takes [N, {", ".join(map(str, self.input_shape[1:]))}] images '
           f'({self.info["input"]["range"]}), got {images.shape}; bicubic-resize them first '

@@ -28,8 +28,9 @@ shape with a symbolic batch dimension ('batch'):
     Output 'embedding' float32 [batch, D], unit norm.
 
 Everything is float32 (a bfloat16 SuperResolver exports its float32 weights). The opset, the input
-convention, the run's step, the sizes, the mode and the embedder are in `metadata_props` (read
-them back with `read_metadata`) and, in words, in the model's `doc_string`.
+convention ('input_contract': the API's, `ipsr_jax.data.contract.INPUT_CONTRACT`), the run's step,
+the sizes, the mode and the embedder are in `metadata_props` (read them back with
+`read_metadata`) and, in words, in the model's `doc_string`.
 
 Why not a generic converter: jax2onnx 0.17.1 (the newest) requires orbax-checkpoint<0.11.37, and
 this project needs orbax-checkpoint>=0.12.4, so they cannot be installed together; the two models
@@ -47,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ipsr_jax.data import contract
 from ipsr_jax.models import inception_resnet_v1 as irv1
 from ipsr_jax.ops import resize as resize_lib
 
@@ -413,6 +415,7 @@ def _common_metadata(kind: str, input_dtype: str, hw: tuple[int, int], size: int
       'format': FORMAT, 'format_version': FORMAT_VERSION, 'opset': OPSET, 'function': kind,
       'input_name': INPUT_NAME, 'input_layout': 'NHWC', 'input_dtype': input_dtype,
       'input_range': '0..255', 'input_shape': [BATCH, hw[0], hw[1], 3],
+      'input_contract': contract.INPUT_CONTRACT,
       'image_size': size, 'lr_size': list(lr_size) if lr_size else None,
       'sr_dtype': input_dtype, 'sr_range': '0..255 (rounded)' if input_dtype == 'uint8' else '0..255',
   }

@@ -14,6 +14,9 @@ S is the run's `config.model.image_size` (128 in the paper). Inputs are bicubic-
 device with the PIL-exact weights: uint8 inputs are rounded between the two passes, exactly as the
 training pipeline and the evaluation protocols make their uint8 bicubic faces; float inputs are
 resized unrounded. uint8 in -> uint8 out (rounded); float in -> float32 0..255 out (unrounded).
+Every call first checks its input against the one contract in `ipsr_jax.data.contract` (uint8, or
+finite float in 0..255; other dtypes, NaN or inf, and float 0..1 images without `input_range` are
+refused with an error saying how to convert).
 
 All three are `BatchedModel`s: calls are jitted, sharded over the local devices and padded to a
 few fixed batch sizes (`ipsr_jax.ops.batching.PaddedBatcher`): a new N never recompiles, each
@@ -37,7 +40,9 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
+from ipsr_jax import paths
 from ipsr_jax.checkpointing import Checkpointer
+from ipsr_jax.data import contract
 from ipsr_jax.models import convert, embedder_store
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionResnetV1, embed_images
@@ -60,7 +65,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: is {workdir} the --workdir of a training run?')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(paths.read_json(path))
 
 
 def trained_against(config: ml_collections.ConfigDict) -> list[str]:
@@ -104,24 +109,6 @@ def unit_concat(a: jax.Array, b: jax.Array) -> jax.Array:
   """[unit(a), unit(b)] / sqrt(2): the paper's SCface 'concat' embedding, itself unit norm."""
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   return unit(jnp.concatenate([unit(a), unit(b)], axis=-1))
-
-
-def _as_batch(images: Any, float_only: bool = False) -> tuple[np.ndarray, bool]:
-  """[N, H, W, 3] (or one [H, W, 3]) -> (batch, single). uint8 and float32 pass through;
-  other floats become float32; `float_only` turns every real dtype into float32."""
-  images = np.asarray(images)
-  single = images.ndim == 3
-  if single:
-    images = images[None]
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f'expected [N, H, W, 3] RGB images, got shape {images.shape}')
-  if float_only and (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
-    return images.astype(np.float32), single
-  if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-    raise ValueError(f'images must be uint8 or float in 0..255, got dtype {images.dtype}')
-  if images.dtype != np.uint8 and images.dtype != np.float32:
-    images = images.astype(np.float32)
-  return images, single
 
 
 def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -182,8 +169,9 @@ class BatchedModel:
   batch sharded over `mesh`, default all local devices), the weights put on device once and
   reused, one compiled program per (bucket, H, W, dtype), `stream` for data larger than memory.
   """
-  # True: every input becomes float32, so uint8 and float share one program (the embedder sees
-  # float pixels either way). False: uint8 stays uint8 (its bicubic resize rounds, like PIL).
+  # True: uint8 input becomes float32 before the program, so uint8 and float share one program
+  # (the embedder sees float pixels either way). False: uint8 stays uint8 (its bicubic resize
+  # rounds, like PIL). Either way the input passed `contract.as_image_batch` first.
   float_input = False
   output_dtype: Any = None  # None: whatever apply_fn returns
   # Compile with cpu_devices.EMBEDDER_FUSION on CPU: only for programs whose every elementwise op
@@ -238,22 +226,31 @@ class BatchedModel:
       self._fingerprint = digest.hexdigest()[:16]
     return self._fingerprint
 
-  def __call__(self, images: Any) -> np.ndarray:
-    """[N, H, W, 3] (or one [H, W, 3]) uint8 or float images in 0..255 -> [N, ...]."""
-    batch, single = _as_batch(images, float_only=self.float_input)
+  def __call__(self, images: Any, *, input_range: tuple[float, float] | None = None
+               ) -> np.ndarray:
+    """[N, H, W, 3] (or one [H, W, 3]) uint8 or float images in 0..255 -> [N, ...].
+
+    The input contract is `ipsr_jax.data.contract.as_image_batch`: wrong dtypes, NaN or inf
+    pixels and float 0..1 images are refused; `input_range=(lo, hi)` maps float pixels in
+    [lo, hi] to 0..255 (e.g. (0, 1)).
+    """
+    batch, single = contract.as_image_batch(images, input_range=input_range)
+    if self.float_input and batch.dtype == np.uint8:
+      batch = batch.astype(np.float32)
     out = self._batcher(batch, self.variables)
     if self.output_dtype is not None:
       out = np.asarray(out, self.output_dtype)
     return out[0] if single else out
 
-  def stream(self, batches: Iterable[Any], prefetch_batches: int = 2) -> Iterator[np.ndarray]:
+  def stream(self, batches: Iterable[Any], prefetch_batches: int = 2, *,
+             input_range: tuple[float, float] | None = None) -> Iterator[np.ndarray]:
     """The outputs of each batch of an iterable (e.g. a generator reading files), in order.
 
     Inputs are pulled `prefetch_batches` ahead in a thread, so reading overlaps the device; only
-    a few batches are ever in memory.
+    a few batches are ever in memory. Each batch is checked as `__call__` checks it.
     """
     for batch in prefetch(batches, prefetch_batches):
-      yield self(batch)
+      yield self(batch, input_range=input_range)
 
 
 class Embedder(BatchedModel):
