@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from ipsr_jax.data import align
+from ipsr_jax.data import image_io
 from ipsr_jax.models import mtcnn
 from tests.conftest import facenet_pytorch_module, facenet_pytorch_root
 
@@ -78,7 +79,7 @@ def detector():
 
 
 def _read(path) -> np.ndarray:
-  return align.read_image(path)
+  return image_io.decode_image(path)
 
 
 def _lfw_sample(n: int) -> list[pathlib.Path]:

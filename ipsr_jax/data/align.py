@@ -12,6 +12,9 @@ nose, mouth corners) to the standard ArcFace 112x112 template scaled by size/112
 warp to size x size. Scaled to 128 the template puts the eyes at y=59 and 40 px apart: the face
 fills the frame from the eyebrows to the chin and ear to ear, like the paper's 128x128 MTCNN
 crops (a loose facenet-style box crop), and in-plane rotation is removed.
+
+Whole folders (`align_tree`, the `tools.align` command) are listed and decoded by
+`data.image_folder`, like every other tool's input, and written through `data.outputs`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -33,14 +35,14 @@ import numpy as np
 from PIL import Image
 
 from ipsr_jax import console
+from ipsr_jax.data import image_folder
 from ipsr_jax.models import mtcnn
+from ipsr_jax.data import outputs
 
 # ArcFace / insightface 5-point template for 112x112 crops: left eye, right eye, nose tip, left and
 # right mouth corners (x, y) in pixel-index coordinates.
 ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                                  [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
-IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.pgm', '.ppm', '.pbm', '.bmp', '.tif', '.tiff',
-                              '.webp', '.gif'})
 # RNet/ONet batch sizes: a few fixed shapes, so no recompilation whatever the number of boxes
 # (on LFW RNet sees 18-150 boxes an image, median 49; ONet 2-25, median 9).
 RNET_BUCKETS = (32, 64, 128, 256)
@@ -462,26 +464,27 @@ def align_face(image_uint8: np.ndarray, size: int = 128, pad: float = 0) -> Alig
 # Whole folders.
 
 
-def list_images(root: str | os.PathLike) -> list[pathlib.Path]:
-  """Image files under root (any depth; identity folders in practice), sorted, as relative paths."""
-  root = pathlib.Path(root)
-  return sorted(p.relative_to(root) for p in root.rglob('*')
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+TOOL = 'align'
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-  with Image.open(path) as im:
-    return np.asarray(im.convert('RGB'))
+def output_names(names: Sequence[str], suffix: str) -> dict[str, str]:
+  """Relative input path -> relative output path: the same layout, the output format's suffix."""
+  return {n: os.path.splitext(n)[0] + suffix for n in names}
 
 
 def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, size: int = 128,
                workers: int | None = None, pad: float = 0, *, image_format: str = 'png',
                aligner: FaceAligner | None = None, weights_dir: str | os.PathLike | None = None,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, overwrite: bool = False,
+               max_side: int | None = None) -> dict[str, Any]:
   """Align every image of `<input_root>/<identity>/<image>` into the same layout under output_root.
 
-  Writes PNG (or JPEG q=95) faces and `<output_root>/report.json` with the counts, the failures
-  (relative path + reason: 'no face' or 'unreadable: ...') and the wall time; returns the report.
+  Images are listed and decoded as every tool does (`image_folder.ImageFolder`, capped at
+  `max_side` as `--max_side`: None is `image_folder.MAX_SIDE`, 0 none). Writes PNG (or JPEG q=95)
+  faces and `<output_root>/report.json` with the counts, the failures (relative path + reason:
+  'no face' or 'unreadable: ...', broken links included) and the wall time; returns the report.
+  The input and output_root are checked before the detector loads (`outputs.prepare_folder`): a
+  non-empty output_root that align did not write is refused unless `overwrite`.
   Resumable: faces already in output_root are kept, not aligned again (each face is written to a
   temporary name and renamed, so a killed run leaves no half-written face); they count as
   aligned, with `resumed` saying how many.
@@ -491,40 +494,40 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
     raise ValueError(f'image_format must be png or jpg, got {image_format!r}')
   suffix = '.png' if image_format == 'png' else '.jpg'
   input_root, output_root = pathlib.Path(input_root), pathlib.Path(output_root)
-  if not input_root.is_dir():
-    raise FileNotFoundError(f'input folder {input_root} does not exist')
+  folder = image_folder.as_image_folder(input_root, max_side)
+  if aligner is not None and (aligner.size != size or aligner.pad != float(pad)):
+    raise ValueError(f'aligner has size={aligner.size}, pad={aligner.pad}; asked for {size}, {pad}')
+  names = output_names(folder.names, suffix)
+  # The tool's own earlier output (its report.json, or only faces it writes) resumes.
+  outputs.prepare_folder(str(output_root), tool=TOOL, overwrite=overwrite,
+                         expected={*names.values(), outputs.REPORT_FILE})
   if aligner is None:
     aligner = FaceAligner(size, pad=pad, weights_dir=weights_dir)
-  elif aligner.size != size or aligner.pad != float(pad):
-    raise ValueError(f'aligner has size={aligner.size}, pad={aligner.pad}; asked for {size}, {pad}')
   workers = workers or os.cpu_count() or 1
   start = time.perf_counter()
-  files = list_images(input_root)
-  output_root.mkdir(parents=True, exist_ok=True)
 
-  def one(rel: pathlib.Path) -> tuple[str, str, float | None]:
-    out = output_root / rel.with_suffix(suffix)
+  def one(name: str) -> tuple[str, str, float | None]:
+    out = output_root.joinpath(*names[name].split('/'))
     if out.exists():
-      return str(rel), '', None
+      return name, '', None
     try:
-      image = read_image(input_root / rel)
+      image = folder.read(name)
     except Exception as e:  # pylint: disable=broad-except
-      return str(rel), f'unreadable: {type(e).__name__}: {e}', 0.0
+      return name, f'unreadable: {type(e).__name__}: {e}', 0.0
     result = aligner(image)
     if result.face is None:
-      return str(rel), result.reason, 0.0
+      return name, result.reason, 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f'.{out.name}.partial')
-    Image.fromarray(result.face).save(partial, format='PNG' if suffix == '.png' else 'JPEG',
-                                      **({} if suffix == '.png' else {'quality': 95}))
-    os.replace(partial, out)
-    return str(rel), '', result.score
+    with outputs.atomic_path(out) as partial:
+      Image.fromarray(result.face).save(partial, format='PNG' if suffix == '.png' else 'JPEG',
+                                        **({} if suffix == '.png' else {'quality': 95}))
+    return name, '', result.score
 
   failures, scores, resumed = [], [], 0
   # A bar on a terminal, plain lines in a file (no carriage-return redraws in a log).
-  bar = console.Progress(len(files), f'align {input_root.name}', unit='img', quiet=not progress)
+  bar = console.Progress(len(folder), f'align {input_root.name}', unit='img', quiet=not progress)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool, bar:
-    for done, (rel, reason, score) in enumerate(pool.map(one, files), 1):
+    for done, (rel, reason, score) in enumerate(pool.map(one, folder.names), 1):
       bar.update(done)
       if reason:
         failures.append({'path': rel, 'reason': reason})
@@ -535,20 +538,21 @@ def align_tree(input_root: str | os.PathLike, output_root: str | os.PathLike, si
         scores.append(score)
   seconds = time.perf_counter() - start
   failures.sort(key=lambda f: f['path'])
+  total = len(folder)
   report = {
-      'input_root': str(input_root), 'output_root': str(output_root), 'size': size, 'pad': pad,
-      'format': suffix[1:], 'template': 'arcface_112x112 * size/112',
+      'tool': TOOL, 'input_root': str(input_root), 'output_root': str(output_root), 'size': size,
+      'pad': pad, 'format': suffix[1:], 'template': 'arcface_112x112 * size/112',
       'template_points': template(size).round(3).tolist(),
-      'total': len(files), 'aligned': len(scores) + resumed, 'resumed': resumed,
+      'total': total, 'aligned': len(scores) + resumed, 'resumed': resumed,
       'failed': len(failures),
       'no_face': sum(f['reason'] == 'no face' for f in failures),
       'unreadable': sum(f['reason'].startswith('unreadable') for f in failures),
-      'success_rate': (len(scores) + resumed) / len(files) if files else 0.0,
+      'success_rate': (len(scores) + resumed) / total if total else 0.0,
       'mean_score': float(np.mean(scores)) if scores else 0.0,  # of the faces aligned by this run
       'seconds': round(seconds, 6), 'workers': workers,  # a tiny tree takes under 5 ms
-      'images_per_second': round(len(files) / seconds, 2) if seconds > 0 else 0.0,
+      'images_per_second': round(total / seconds, 2) if seconds > 0 else 0.0,
+      **folder.reduced_report(),
       'failures': failures,
   }
-  with open(output_root / 'report.json', 'w') as f:
-    json.dump(report, f, indent=1)
+  outputs.write_json(output_root / outputs.REPORT_FILE, report)
   return report

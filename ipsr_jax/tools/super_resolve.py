@@ -7,25 +7,36 @@ Reads `--input` recursively (or one image file) and writes each SR face as PNG u
 at the same relative path (`a/b.jpg` -> `a/b.png`; when two inputs would share a name, the
 original extension is kept: `a/b.jpg.png`). Inputs of any size are bicubic-resized on the host to
 the model's size first (PIL-exact uint8, as the training data), so one compiled program serves a
-folder of mixed sizes. Unreadable files are listed on stderr and in `<output>/report.json`;
-they do not stop the run.
+folder of mixed sizes; images larger than `--max_side` are reduced on decode first, with one line
+saying so (`data.image_folder`). Unreadable files (broken links included) are listed on stderr and
+in `<output>/report.json`; they do not stop the run.
+
+The output folder is checked before the model loads (`data.outputs`): an unwritable path fails
+at once, and a non-empty folder that super_resolve did not write (no report.json of its own, files
+it would not write) is refused unless `--overwrite`. Files are written under a temporary name and
+renamed into place. This module also holds the terminal lines about a folder's inputs that every
+folder tool prints (`report_unreadable`, `report_reduced`).
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from absl import app
 from absl import flags
 
 from ipsr_jax import console
 from ipsr_jax import paths
+from ipsr_jax.data import outputs
 
-REPORT_FILE = 'report.json'
+TOOL = 'super_resolve'
+REPORT_FILE = outputs.REPORT_FILE
+
+if TYPE_CHECKING:  # imported when used: it loads JAX
+  from ipsr_jax.data.image_folder import ImageFolder
 
 
 def output_names(names: list[str]) -> dict[str, str]:
@@ -35,18 +46,24 @@ def output_names(names: list[str]) -> dict[str, str]:
               else n + '.png') for n in names}
 
 
-def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_size: int = 64,
-                         workers: int = 4, progress: bool = True) -> dict[str, Any]:
-  """Writes SR PNGs of every readable image under `input_path`; returns (and writes) the report."""
+def super_resolve_folder(sr: Any, input_path: str | ImageFolder, output_dir: str, *,
+                         batch_size: int = 64, workers: int = 4, progress: bool = True,
+                         overwrite: bool = False, max_side: int | None = None) -> dict[str, Any]:
+  """Writes SR PNGs of every readable image under `input_path`; returns (and writes) the report.
+
+  `input_path`: a folder or file, or an `ImageFolder` already listed (its own cap holds);
+  `max_side`: the cap on decode, as `--max_side` (None: `image_folder.MAX_SIDE`, 0: none).
+  `output_dir` is checked first (`prepare_output`).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from ipsr_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
-  folder = ImageFolder(input_path)
+  folder = image_folder.as_image_folder(input_path, max_side)
   names = output_names(folder.names)
-  os.makedirs(output_dir, exist_ok=True)
+  prepare_output(output_dir, names, overwrite=overwrite)
   written = 0
   batches = folder.batches(batch_size, image_size=sr.image_size, workers=workers)
   with console.Progress(len(folder), 'super-resolve', unit='img', quiet=not progress) as bar:
@@ -56,21 +73,29 @@ def super_resolve_folder(sr: Any, input_path: str, output_dir: str, *, batch_siz
       for name, face in zip(batch.names, faces):
         path = os.path.join(output_dir, *names[name].split('/'))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(face).save(path)
+        with outputs.atomic_path(path) as partial:
+          Image.fromarray(face).save(partial, format='PNG')
         written += 1
       done += len(batch.names)
       bar.update(done, postfix=f'unreadable {len(folder.unreadable)}')
     bar.update(len(folder))
   report = dict(
-      input=os.path.abspath(input_path), output=os.path.abspath(output_dir), total=len(folder),
-      written=written, image_size=sr.image_size, source=sr.info,
+      tool=TOOL, input=os.path.abspath(folder.input), output=os.path.abspath(output_dir),
+      total=len(folder), written=written, image_size=sr.image_size, source=sr.info,
       unreadable=[dict(path=u.name, reason=u.reason) for u in folder.unreadable],
       outputs={n: names[n] for n in folder.names if n not in {u.name for u in folder.unreadable}},
-      seconds=round(time.perf_counter() - start, 3))
-  with open(os.path.join(output_dir, REPORT_FILE), 'w', encoding='utf-8') as f:
-    json.dump(report, f, indent=1, sort_keys=True)
+      **folder.reduced_report(), seconds=round(time.perf_counter() - start, 3))
+  outputs.write_json(os.path.join(output_dir, REPORT_FILE), report, sort_keys=True)
   report_unreadable(report['unreadable'])
+  report_reduced(report)
   return report
+
+
+def prepare_output(output_dir: str, names: dict[str, str], *, overwrite: bool = False) -> str:
+  """`outputs.prepare_folder` for super_resolve's output: its own earlier output (a report.json
+  of super_resolve, or only the PNGs `names` maps to) is written into again."""
+  return outputs.prepare_folder(output_dir, tool=TOOL, overwrite=overwrite,
+                                expected={*names.values(), REPORT_FILE})
 
 
 def report_unreadable(unreadable: list[dict[str, str]]) -> None:
@@ -78,6 +103,14 @@ def report_unreadable(unreadable: list[dict[str, str]]) -> None:
     print(f'{len(unreadable)} unreadable file(s) skipped:', file=console.terminal())
     for u in unreadable:
       print(f"  {u['path']}: {u['reason']}", file=console.terminal())
+
+
+def report_reduced(report: dict[str, Any]) -> None:
+  """One terminal line when images were reduced on decode (`image_folder.reduced_summary`)."""
+  from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+  line = image_folder.reduced_summary(report)
+  if line:
+    print(line, file=console.terminal())
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -90,6 +123,11 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       output=paths.DEFINE_path('output', None, 'Output folder (created); mirrors the input.'),
       batch_size=flags.DEFINE_integer('batch_size', 64, 'Images per device call.'),
       workers=flags.DEFINE_integer('workers', 4, 'Threads decoding images.'),
+      max_side=flags.DEFINE_integer('max_side', None, 'Reduce images whose larger side exceeds '
+                                    'this on decode (default: image_folder.MAX_SIDE, 2048; 0: '
+                                    'never).'),
+      overwrite=flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --output folder '
+                                  'that super_resolve did not write.'),
       bfloat16=flags.DEFINE_bool('bfloat16', False, 'Compute in bfloat16 (faster on TPU/GPU).'),
       progress=flags.DEFINE_bool('progress', True, 'Show progress (a bar on a terminal, else plain lines).'),
   )
@@ -98,15 +136,21 @@ def define_flags() -> dict[str, flags.FlagHolder]:
 def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
+
+  v = {k: h.value for k, h in flag_values.items()}
+  # The input listed and the output proved writable before the model loads or any image is read.
+  folder = image_folder.as_image_folder(v['input'], v['max_side'])
+  prepare_output(v['output'], output_names(folder.names), overwrite=v['overwrite'])
+
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (after flag parsing)
 
   from ipsr_jax.inference import SuperResolver  # pylint: disable=g-import-not-at-top
-
-  v = {k: h.value for k, h in flag_values.items()}
   sr = SuperResolver.from_checkpoint(v['workdir'], v['step'],
                                      dtype=jnp.bfloat16 if v['bfloat16'] else jnp.float32)
-  report = super_resolve_folder(sr, v['input'], v['output'], batch_size=v['batch_size'],
-                                workers=v['workers'], progress=v['progress'])
+  report = super_resolve_folder(sr, folder, v['output'], batch_size=v['batch_size'],
+                                workers=v['workers'], progress=v['progress'],
+                                overwrite=v['overwrite'])
   print(f"super-resolved {report['written']}/{report['total']} images to "
         f"{report['image_size']}x{report['image_size']} in {report['seconds']:.1f} s "
         f"(step {sr.info['step']}); unreadable: {len(report['unreadable'])}; "

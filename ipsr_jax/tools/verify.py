@@ -14,6 +14,8 @@ about half a point on LFW); `--flip` and `--subtract_mean` add the test-time tri
 `validate_on_lfw.py`. The plain protocol (the default) is neither: one face, one embedding, cosine.
 
 Writes report.json, report.md, roc.png and scores.npz (per-method pair scores) under `--out`.
+Before any model loads, `--root` must hold images (the same `NoImagesError` line as every tool:
+`data.image_folder`) and `--out` must be writable (`data.outputs`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import numpy as np
 from ipsr_jax import console
 from ipsr_jax import inference
 from ipsr_jax import paths
+from ipsr_jax.data import image_folder
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import verification
+from ipsr_jax.data import outputs
 
 FLAGS = flags.FLAGS
 
@@ -100,6 +104,8 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   frame = parse_frame(FLAGS.frame)
   transform = verification.reframe(frame, FLAGS.frame_mode)  # bad values fail before any work
+  image_folder.require_images(FLAGS.root)  # an empty or missing --root, before any model loads
+  outputs.make_writable_dir(FLAGS.out, flag='--out')
   methods, extra = build_methods(FLAGS.weights, FLAGS.standardization)
   try:
     names = judge_lib.check_names(FLAGS.judges, '--judges')
@@ -124,9 +130,11 @@ def main(argv: Sequence[str]) -> None:
     judge_lib.close_judges(judges)
   extra['wall_seconds'] = round(time.perf_counter() - start, 1)
   paths = verification.write_report(FLAGS.out, results, extra=extra)
-  np.savez(os.path.join(FLAGS.out, 'scores.npz'), same=results['same'], fold=results['fold'],
-           pairs=np.asarray(results['pair_lines']),
-           **{f'scores/{m}': results['scores'][m] for m in results['scores']})
+  # A file object: np.savez would append .npz to the temporary name.
+  scores_path = os.path.join(FLAGS.out, 'scores.npz')
+  with outputs.atomic_path(scores_path) as partial, open(partial, 'wb') as f:
+    np.savez(f, same=results['same'], fold=results['fold'], pairs=np.asarray(results['pair_lines']),
+             **{f'scores/{m}': results['scores'][m] for m in results['scores']})
   for name, r in results['methods'].items():
     logging.info('%s: accuracy %.2f +- %.2f %%, TAR@FAR=1e-3 %.2f %%', name, 100 * r['accuracy'],
                  100 * r['accuracy_std'], 100 * r['tar_at_far']['0.001'])
