@@ -7,6 +7,7 @@ Arrays restore onto whatever mesh the caller gives: a run saved on N devices res
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,17 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = 'state', 'data_iter'
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Orbax warns 'Given directory is read only' whenever a read-only manager opens a folder, which
+  is how every model is loaded: a user's script would print it on each load."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+logging.getLogger('absl').addFilter(_ReadOnlyNotice())
 
 
 class ConsumedIteratorState:
@@ -69,19 +81,39 @@ UNREADABLE_SUFFIX = '.unreadable'
 COMMIT_MARKER = 'commit_success.txt'
 
 
-def _reason(exc: BaseException) -> str:
-  """The root cause in one line: Orbax wraps TensorStore's precise message ("... Requested byte
-  range [197331, 227095) is not valid for value of size 100") in generic ones."""
-  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+def _root_cause(exc: BaseException) -> tuple[BaseException, int | None]:
+  """The innermost exception and its errno: Orbax wraps TensorStore's precise message ("...
+  Requested byte range [197331, 227095) is not valid for value of size 100") in generic ones."""
   while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
     exc = exc.__cause__ or exc.__context__
   code = getattr(exc, 'errno', None)
   found = re.search(r"os_error_code='(\d+)'", str(exc))  # TensorStore's way of passing errno on
   if code is None and found:
     code = int(found.group(1))
+  return exc, code
+
+
+def _reason(exc: BaseException) -> str:
+  """The root cause in one line."""
+  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+  exc, code = _root_cause(exc)
   if code:
     return f'{os.strerror(code)} [errno {code}]'
   return f'{type(exc).__name__}: {console.one_line(str(exc), limit=240)}'
+
+
+_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _remedy(exc: BaseException) -> str:
+  """When running the same command again will work, from the failure's errno."""
+  code = _root_cause(exc)[1]
+  if code in _SPACE:
+    return 'once there is space again'
+  if code in _PERMISSION:
+    return 'once the folder is writable again'
+  return 'once the cause above is fixed'
 
 
 class Checkpointer:
@@ -157,7 +189,7 @@ class Checkpointer:
             f'resumes from it' if intact else 'no earlier checkpoint exists, so a restart begins at step 0')
     return CheckpointSaveError(
         f'checkpoint step {step} was not saved ({_reason(exc)}) in {self.directory}; training stopped. '
-        f'Nothing was deleted: {kept} once there is space (or write permission) again.')
+        f'Nothing was deleted: {kept} {_remedy(exc)}.')
 
   def _committed(self, step: int | str) -> bool:
     """Whether a local step folder holds its commit marker (remote folders: trust Orbax)."""

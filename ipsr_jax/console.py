@@ -65,7 +65,7 @@ def setup(workdir: str, level: str = 'warning', process_index: int | None = None
   what the launcher put in the environment, `set_process_index` corrects it later.
   """
   if process_index is None:
-    process_index = next((int(os.environ[k]) for k in _PROCESS_ENV if os.environ.get(k, '').isdigit()), 0)
+    process_index = launcher_process_index()
   _STATE['primary'] = process_index == 0
   local = workdir if '://' not in workdir else TOOL_LOG_DIR
   os.makedirs(local, exist_ok=True)
@@ -98,6 +98,11 @@ def setup(workdir: str, level: str = 'warning', process_index: int | None = None
   logging.getLogger().addHandler(to_file)
   logging.captureWarnings(True)  # Python warnings: once per place (the default filter), in both
   return path
+
+
+def launcher_process_index() -> int:
+  """This process's index as its launcher set it in the environment (0 when none did)."""
+  return next((int(os.environ[k]) for k in _PROCESS_ENV if os.environ.get(k, '').isdigit()), 0)
 
 
 def set_process_index(process_index: int) -> None:

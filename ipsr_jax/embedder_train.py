@@ -19,6 +19,7 @@ from clu import metrics as clu_metrics
 from ipsr_jax import checkpointing
 from ipsr_jax import config as config_lib
 from ipsr_jax import console
+from ipsr_jax import preemption as preemption_lib
 from ipsr_jax import sharding
 from ipsr_jax import summaries
 from ipsr_jax import train as train_lib
@@ -162,7 +163,6 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   train_lib.record_run_config(config, workdir, 'pretrain_embedder')
-  writer = summaries.create_writer(workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterator = pipeline.make_train_iterator(config, source, seed=config.seed)
   consumed = checkpointing.ConsumedIteratorState(iterator)
@@ -171,6 +171,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   else:
     state = sharding.put_global(jax.jit(init)(), state_sharding)
   step = int(jax.device_get(state.step))
+  writer = summaries.create_writer(workdir, resume_step=step)
   console.say(f'Pretraining the embedder ({config.pretrain.head} head, {num_classes} identities, width '
               f'{config.embedder.width}) for {num_steps} steps' + (f' from step {step}' if step else '') + '.')
   report = summaries.periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -178,7 +179,7 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
   progress = console.TrainProgress(num_steps, 'step', start=step)
   metrics = None
   try:
-    with mesh, progress:
+    with preemption_lib.Preemption() as preemption, mesh, progress:
       while step < num_steps:
         batch = sharding.to_global(next(iterator), mesh)
         state, m = step_fn(state, batch)
@@ -192,16 +193,22 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
           logged = {f'embedder/{k}': v for k, v in metrics.compute().items()}
           writer.write_scalars(step, logged)
           metrics = None
-        saved = step % config.train.checkpoint_every_steps == 0 or step == num_steps
+        stopping = preemption.poll()
+        final = step == num_steps or stopping
+        saved = step % config.train.checkpoint_every_steps == 0 or final
         if saved:
           train_lib.check_finite(state, ckpt)
           ckpt.save(step, state, consumed, force=True)
-          if step == num_steps:
+          if final:
             ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
-        progress.step(step, logged, checkpoint=('saved' if step == num_steps else 'started') if saved else '')
+        progress.step(step, logged, checkpoint=('saved' if final else 'started') if saved else '')
+        if stopping:
+          break
   finally:
     ckpt.close()
     writer.close()
+  if step < num_steps:
+    preemption.stop(step)
   variables = jax.device_get({'params': state.params['embedder'], 'batch_stats': state.batch_stats})
   variables = jax.tree.map(np.asarray, variables)
   embedder_store.save_embedder(out, variables, module_kwargs=kwargs,

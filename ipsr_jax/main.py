@@ -4,7 +4,10 @@
       [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo] [--log_level=info]
 
 The terminal shows stage headers, progress, metrics and results; WORKDIR/log.txt holds everything,
-the libraries' INFO logs included (`ipsr_jax.console`).
+the libraries' INFO logs included (`ipsr_jax.console`). The workdir is claimed first
+(`ipsr_jax.workdir`): a folder holding files but no run, or one another process is writing, is
+refused before anything is written. Exit codes: 0 done, 1 an error (one `Error:` line),
+75 stopped by SIGTERM or Ctrl-C after saving a checkpoint (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -33,20 +36,43 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors stay instant, and TF never grabs the GPU.
-  import jax  # pylint: disable=g-import-not-at-top
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ipsr_jax import console  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import preemption  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   mode = FLAGS.mode or config.get('mode', 'train')
   workdir = FLAGS.workdir
-  log_file = console.setup(workdir, FLAGS.log_level)
+  preemption.interrupt_ends_process()  # training loops save first (ipsr_jax.preemption)
+  # A bad config or a workdir that is not free stops here, before anything is written there.
   try:
     with config.unlocked():
       config.mode = mode
     config_lib.validate(config)
+    lock = workdir_lib.claim(workdir) if console.launcher_process_index() == 0 else None
+  except (config_lib.ConfigError, workdir_lib.WorkdirError, OSError) as e:
+    if FLAGS.log_level in ('debug', 'info'):
+      raise
+    print(f'Error: {type(e).__name__}: {console.one_line(str(e), limit=1000)}', file=sys.stderr, flush=True)
+    sys.exit(1)
+  try:
+    _run(config, mode, workdir)
+  finally:  # every way out but a kill: a lock still naming this process marks a dead one
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, mode, workdir):
+  """Sets up logging and devices, runs the mode; errors become one line and exit code 1."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import preemption  # pylint: disable=g-import-not-at-top
+  from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  log_file = console.setup(workdir, FLAGS.log_level)
+  try:
     paths.resolve_config(config)
     cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
     sharding.initialize_distributed()
@@ -55,6 +81,9 @@ def main(argv):
     logging.info('JAX process %d/%d, local devices: %s; CPU embedder fusion: %s', jax.process_index(),
                  jax.process_count(), jax.local_devices(), cpu_devices.embedder_fusion())
     _dispatch(mode, config, workdir)
+  except preemption.Preempted as e:
+    console.say(str(e))
+    sys.exit(preemption.EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
     if FLAGS.log_level in ('debug', 'info'):
       raise

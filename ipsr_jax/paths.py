@@ -1,4 +1,4 @@
-"""User-given paths, made absolute once at the entry points.
+"""User-given paths, made absolute once at the entry points; and the project's JSON files read back.
 
 Orbax (and anything run after a `chdir`) needs absolute paths, so `main` and every CLI resolve
 what the user typed, relative to the working directory the command started in. Remote URLs
@@ -7,7 +7,9 @@ what the user typed, relative to the working directory the command started in. R
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from absl import flags
 import ml_collections
@@ -27,6 +29,18 @@ def resolve(path: str | os.PathLike | None) -> str | None:
   if not path or '://' in path or path in PACKAGE_SOURCES:
     return path
   return os.path.abspath(os.path.expanduser(path))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON document in a local or gs:// file; a file that is not valid JSON raises a ValueError
+  naming it (json's own error names only a line and column)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  text = epath.Path(path).read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'{os.fspath(path)} is not valid JSON ({e}); restore it from a copy, or delete the '
+                     'folder it belongs to and make it again') from None
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -47,12 +47,45 @@ def _load_clu():
 metric_writers, periodic_actions, HAS_TENSORBOARD = _load_clu()
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends every scalar to `<workdir>/metrics.jsonl`: one JSON object per line with its step."""
+METRICS_FILE = 'metrics.jsonl'
 
-  def __init__(self, path: str):
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Removes the rows of steps after `step` from a metrics.jsonl (and a torn last line); returns
+  how many went. A run resumed from checkpoint `step` replays the later steps and logs them again,
+  so without this a step would have two records. The file is replaced atomically."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        late = line.endswith('\n') and json.loads(line).get('step', 0) > step
+      except (ValueError, AttributeError):  # a line not written by this writer: kept as it is
+        late = False
+      if late or not line.endswith('\n'):
+        dropped += 1
+      else:
+        kept.append(line)
+  if dropped:
+    partial = path + '.partial'
+    with open(partial, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(partial, path)
+  return dropped
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends every scalar to `<workdir>/metrics.jsonl`: one JSON object per line with its step.
+
+  `resume_step`: the run resumes from that checkpoint, so rows of later steps are dropped first.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    if resume_step is not None:
+      drop_rows_after(path, resume_step)
     self._file = open(path, 'a', encoding='utf-8')
 
   def write_summaries(self, step, values, metadata=None):
@@ -96,26 +129,30 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of `metrics.jsonl`; for a step logged twice (a resumed run), the last row wins."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   rows: dict[tuple, dict] = {}
   with open(path, encoding='utf-8') as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if not line.endswith('\n'):
         break  # a line still being written
       if line.strip():
-        row = json.loads(line)
+        try:
+          row = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f'{path}, line {number}, is not valid JSON ({e})') from None
         rows[(row['step'], tuple(sorted(row)))] = row
   return sorted(rows.values(), key=lambda r: r['step'])
 
 
-def create_writer(workdir: str, subdir: str = '') -> metric_writers.MetricWriter:
-  """TensorBoard (with TF) + logging + metrics.jsonl on process 0; nothing on other processes."""
+def create_writer(workdir: str, subdir: str = '', resume_step: int | None = None) -> metric_writers.MetricWriter:
+  """TensorBoard (with TF) + logging + metrics.jsonl on process 0; nothing on other processes.
+  `resume_step`: the step the run resumes from (metrics.jsonl keeps one record per step)."""
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   logdir = os.path.join(workdir, subdir) if subdir else workdir
-  writers = [metric_writers.LoggingWriter(), JsonlWriter(os.path.join(logdir, 'metrics.jsonl'))]
+  writers = [metric_writers.LoggingWriter(), JsonlWriter(os.path.join(logdir, METRICS_FILE), resume_step)]
   if HAS_TENSORBOARD:
     writers.insert(0, metric_writers.SummaryWriter(os.path.join(logdir, 'tensorboard')))
   return metric_writers.MultiWriter(writers)

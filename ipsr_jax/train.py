@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import signal
 from typing import Any, Callable, Mapping, Sequence
 
 import flax
@@ -24,7 +23,10 @@ from clu import metrics as clu_metrics
 from ipsr_jax import checkpointing
 from ipsr_jax import config as config_lib
 from ipsr_jax import console
+from ipsr_jax import environment
 from ipsr_jax import losses
+from ipsr_jax import paths
+from ipsr_jax import preemption as preemption_lib
 from ipsr_jax import sharding
 from ipsr_jax import summaries
 from ipsr_jax.data import degrade
@@ -38,6 +40,7 @@ from ipsr_jax.ops import pixels as pixels_lib
 
 
 RUN_CONFIG = 'config.json'  # what `inference.load_run_config` reads back
+ENVIRONMENT_KEY = 'environment'  # config.json's record of the installed versions, not a setting
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -303,30 +306,6 @@ class Trainer:
     return summaries.image_grid(rows + [hr])
 
 
-class _Preemption:
-  """SIGTERM (preemption, `kill`) asks the loop to save a checkpoint and stop."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _prefetch(iterator, mesh):
   """Yields (global device batch, iterator state after it): the next batch is put on the devices
   while the current step runs."""
@@ -356,12 +335,13 @@ def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str
 
   Before any checkpoint is touched: a field that shapes the checkpoints (`config.RESUME_LOCKED`)
   that differs stops the run with both values (ConfigError); other differences are said on the
-  terminal and in log.txt, and config.json then holds the new values.
+  terminal and in log.txt, and config.json then holds the new values. Beside the config, its
+  `environment` entry records the installed versions the run used (`ipsr_jax.environment`).
   """
   path = os.path.join(workdir, RUN_CONFIG)
   if checkpointing.has_checkpoints(workdir) and os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
+    saved = paths.read_json(path)
+    saved.pop(ENVIRONMENT_KEY, None)
     changes = config_lib.resume_changes(saved, config, mode, workdir)
     if changes:
       console.say('Resuming with changed settings: ' +
@@ -369,8 +349,10 @@ def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     partial = path + '.partial'  # a kill mid-write must not leave a torn config.json
+    document = json.loads(config_lib.to_json(config))
+    document[ENVIRONMENT_KEY] = environment.installed_versions()
     with open(partial, 'w', encoding='utf-8') as f:
-      f.write(config_lib.to_json(config))
+      f.write(json.dumps(document, indent=2, sort_keys=True, default=str))
     os.replace(partial, path)
 
 
@@ -382,7 +364,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     evaluate_fn = evaluator.make_periodic_evaluator(config, workdir)
   record_run_config(config, workdir, 'train')
-  writer = summaries.create_writer(workdir)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterator = pipeline.make_train_iterator(config, trainer.source, seed=config.seed)
   consumed = checkpointing.ConsumedIteratorState(iterator)
@@ -390,9 +371,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _, state = ckpt.restore(trainer.abstract_state, consumed)
   else:
     state = trainer.initial_state()
-    if trainer.embedder is not None:
-      writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
   start = int(jax.device_get(state.step))
+  writer = summaries.create_writer(workdir, resume_step=start)
+  if trainer.embedder is not None and not start:
+    writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
   logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
                jax.device_count(), jax.devices()[0].platform, config.train.batch_size)
   console.say(f'Training {trainer.num_steps} steps' + (f' from step {start}' if start else '') +
@@ -412,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                  'train/cosine_similarity')
                                    + (('train/features',) if config.loss.get('feature_weight', 0.0) else ()))
   try:
-    with _Preemption() as preemption, trainer.mesh, progress:
+    with preemption_lib.Preemption() as preemption, trainer.mesh, progress:
       while step < trainer.num_steps:
         batch, iter_state = next(batches)
         state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars, trainer.extra_vars)
@@ -433,7 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write_images(step, {'lr_sr_hr': grid[None]})
           if jax.process_index() == 0:
             summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
-        final = last or preemption.requested
+        stopping = preemption.poll()
+        final = last or stopping
         saved = step % t.checkpoint_every_steps == 0 or final
         if saved:
           check_finite(state, ckpt)
@@ -444,11 +427,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
           writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
         writer.flush()
-        if preemption.requested:
+        if stopping:
           break
   finally:
     ckpt.close()  # waits for an async save in flight
     writer.close()
+  if step < trainer.num_steps:
+    preemption.stop(step)
   return state
 
 

@@ -29,6 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEREDOC_END = 'IPSR_SBATCH_EOF'
 # Coordinator port: one per job id, so two jobs sharing a first node do not collide.
 PORT_BASE, PORT_RANGE = 12000, 20000
+# ipsr_jax.main's exit code after SIGTERM/Ctrl-C stopped it at a saved checkpoint
+# (ipsr_jax.preemption.EXIT_PREEMPTED; this script runs without the project installed).
+EXIT_PREEMPTED = 75
 
 
 def sbatch_script(args) -> str:
@@ -42,6 +45,7 @@ def sbatch_script(args) -> str:
       f'--time={args.time}',
       f'--chdir={args.repo}',
       f'--output={os.path.join(args.log_dir, "%x-%j.out")}',
+      '--requeue',
   ]
   if args.partition:
     directives.append(f'--partition={args.partition}')
@@ -64,8 +68,15 @@ def sbatch_script(args) -> str:
       f':$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_RANGE} ))"',
       'echo "job $SLURM_JOB_ID: $SLURM_NTASKS processes, coordinator $JAX_COORDINATOR_ADDRESS"',
       # The training command travels as arguments of `bash -c`, never re-parsed by a shell.
+      'status=0',
       'srun --kill-on-bad-exit=1 bash -c \'export JAX_PROCESS_ID="$SLURM_PROCID"; exec "$@"\' '
-      f'ipsr_task {shlex.join(main)}',
+      f'ipsr_task {shlex.join(main)} || status=$?',
+      # Preempted (SIGTERM at the time limit or by the scheduler) after saving: run again, resuming.
+      f'if [ "$status" -eq {EXIT_PREEMPTED} ]; then',
+      '  echo "job $SLURM_JOB_ID stopped at a saved checkpoint: requeued, it resumes there"',
+      '  scontrol requeue "$SLURM_JOB_ID"',
+      'fi',
+      'exit "$status"',
   ]
   return '\n'.join(lines) + '\n'
 

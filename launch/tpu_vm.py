@@ -36,6 +36,9 @@ REMOTE_DIR = 'ipsr_jax'            # relative to the remote home directory (ssh 
 REMOTE_VENV = 'ipsr_venv'
 REMOTE_ARCHIVE = 'ipsr_jax_src.tar.gz'
 COORDINATOR_PORT = 8476
+# ipsr_jax.main's exit code after SIGTERM/Ctrl-C stopped it at a saved checkpoint
+# (ipsr_jax.preemption.EXIT_PREEMPTED; this script runs without the project installed).
+EXIT_PREEMPTED = 75
 METADATA_URL = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes'
 # Paths of a checkout not worth shipping to the workers.
 EXCLUDES = ('.git', '.venv', 'venv', '__pycache__', '*.egg-info', '.pytest_cache', 'runs')
@@ -196,6 +199,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument('--python', default='3.11', help='Python version of the remote venv.')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
                  help='Environment variable for the training processes (repeatable).')
+  p.add_argument('--requeue', type=int, default=3,
+                 help=f'train without --detach: when training stops at a saved checkpoint on SIGTERM (exit '
+                      f'{EXIT_PREEMPTED}: maintenance, preemption), start it again, resuming, up to this many times.')
   p.add_argument('--detach', action='store_true',
                  help='Start training in the background (log: ~/ipsr_train.log on each worker).')
   p.add_argument('--copy_back_to', default='.', help='copy-back: local destination folder.')
@@ -226,15 +232,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
+def run_requeued(command: list[str], requeue: int) -> None:
+  """Runs `command`; while it exits with EXIT_PREEMPTED (training stopped at a saved checkpoint),
+  runs it again, up to `requeue` more times: each run resumes from the last checkpoint."""
+  for attempt in range(requeue + 1):
+    status = subprocess.run(command).returncode
+    if status != EXIT_PREEMPTED or attempt == requeue:
+      break
+    print(f'# training stopped at a saved checkpoint (exit {EXIT_PREEMPTED}): starting it again to resume '
+          f'({attempt + 1}/{requeue})', flush=True)
+  if status:
+    raise subprocess.CalledProcessError(status, command)
+
+
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   tpu = tpu_type(args.accelerator)
   print(f'# {tpu.accelerator}: {tpu.chips} chips on {tpu.workers} worker(s) '
         f'({tpu.chips_per_worker} per worker); steps: {",".join(args.steps)}')
+  train = train_command(args, tpu) if 'train' in args.steps else None
   for command in commands(args):
     print(shlex.join(command), flush=True)
     if not args.dry_run:
-      subprocess.run(command, check=True)
+      run_requeued(command, args.requeue if command == train and not args.detach else 0)
   return 0
 
 

@@ -163,6 +163,27 @@ def test_tpu_real_run_runs_the_printed_commands(tmp_path):
   assert 'nohup ../ipsr_venv/bin/python -m ipsr_jax.main' in ran[-2][-1]
 
 
+def test_tpu_train_step_runs_again_after_a_preemption(tmp_path):
+  """The train step exits 75 (stopped at a saved checkpoint) twice, then 0: it ran three times;
+  an error (exit 1) is not retried."""
+  sys.path.insert(0, str(TPU.parent))
+  import tpu_vm  # pylint: disable=import-outside-toplevel
+  from ipsr_jax import preemption  # pylint: disable=import-outside-toplevel
+  assert tpu_vm.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  executable(bin_dir / 'gcloud', '#!/bin/bash\n'  # exits with the next code of $CODES, then 0
+             'echo run >> "$RECORD_DIR/runs"; n=$(wc -l < "$RECORD_DIR/runs")\n'
+             'codes=($CODES); exit "${codes[$((n - 1))]:-0}"\n')
+  for codes, runs, status in (('75 75 0', 3, 0), ('75 75 75 75 75', 4, 1), ('1 0', 1, 1)):
+    (tmp_path / 'runs').unlink(missing_ok=True)
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', RECORD_DIR=str(tmp_path), CODES=codes)
+    result = launch(TPU, *TPU_ARGS, '--steps=train', '--', *MAIN_ARGS, env=env, check=False)
+    assert (tmp_path / 'runs').read_text().count('run') == runs, (codes, result.stdout)
+    assert (result.returncode == 0) == (status == 0), result.stderr
+    assert result.stdout.count('starting it again to resume') == min(runs - 1, 3)
+
+
 def test_tpu_refuses_local_workdir_on_multi_host():
   args = [a for a in TPU_ARGS if not a.startswith('--workdir')]
   args += ['--workdir=/tmp/run', '--dry-run']
@@ -189,12 +210,12 @@ def slurm_dry_run(tmp_path, python, *extra):
   return split_commands(head + "<<'IPSR_SBATCH_EOF'"), script + '\n', split_commands(tail), out
 
 
-def run_sbatch_script(tmp_path, script, first_node, job_id, ntasks=2):
+def run_sbatch_script(tmp_path, script, first_node, job_id, ntasks=2, srun=None, scontrol=None):
   """Runs the batch script as SLURM would on 2 nodes: scontrol and srun are stand-ins."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir(exist_ok=True)
-  executable(bin_dir / 'scontrol', f'#!/bin/sh\necho {first_node}\necho node-b\n')
-  executable(bin_dir / 'srun', '#!/bin/bash\n'
+  executable(bin_dir / 'scontrol', scontrol or f'#!/bin/sh\necho {first_node}\necho node-b\n')
+  executable(bin_dir / 'srun', srun or '#!/bin/bash\n'
              'while [[ "$1" == --* ]]; do shift; done\n'
              'for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" & done\n'
              'status=0; for job in $(jobs -p); do wait "$job" || status=1; done; exit $status\n')
@@ -218,7 +239,7 @@ def test_slurm_dry_run_two_nodes(tmp_path):
   directives = [line.split(' ', 1)[1] for line in script.splitlines() if line.startswith('#SBATCH')]
   assert directives == ['--job-name=ipsr', '--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=8',
                         '--cpus-per-task=32', '--time=12:00:00', f'--chdir={REPO}',
-                        f'--output={tmp_path / "logs" / "%x-%j.out"}', '--partition=gpu',
+                        f'--output={tmp_path / "logs" / "%x-%j.out"}', '--requeue', '--partition=gpu',
                         '--account=ml', '--exclusive']
   assert script.startswith('#!/bin/bash\n') and 'echo setting up\n' in script
   subprocess.run(['bash', '-n', '-c', script], check=True)  # syntax
@@ -273,3 +294,25 @@ def test_slurm_script_starts_jax_distributed(tmp_path):
   assert all(r['count'] == 2 and r['devices'] == 2 for r in records)
   assert all(r['argv'][:2] == ['--config=configs/base.py', '--workdir=/shared/runs/ipsr']
              for r in records)
+
+
+def test_slurm_requeues_a_preempted_run_and_not_a_failed_one(tmp_path):
+  """Exit code 75 (stopped at a saved checkpoint) requeues the job; 1 (an error) does not."""
+  from ipsr_jax import preemption  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(SLURM.parent))
+  import slurm_gpu  # pylint: disable=import-outside-toplevel
+  assert slurm_gpu.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75
+  for code, requeued in ((75, True), (1, False)):
+    run_dir = tmp_path / str(code)
+    run_dir.mkdir()
+    python = executable(run_dir / 'python-exit', f'#!/bin/sh\nexit {code}\n')
+    _, script, _, _ = slurm_dry_run(run_dir, python)
+    result = run_sbatch_script(
+        run_dir, script, 'node-a', job_id=77, ntasks=1,
+        srun='#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_PROCID=0 "$@"\n',  # one task
+        scontrol='#!/bin/sh\nif [ "$1" = requeue ]; then echo "$2" >> "$RECORD_DIR/requeued"; else echo node-a; fi\n')
+    assert result.returncode == code, result.stderr
+    assert (run_dir / 'requeued').exists() == requeued
+    if requeued:
+      assert (run_dir / 'requeued').read_text() == '77\n'
+      assert 'job 77 stopped at a saved checkpoint: requeued' in result.stdout

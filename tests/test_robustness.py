@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from ipsr_jax import workdir as workdir_lib
 from tests.conftest import REPO
 from tests.test_train import _env, _losses, _train_cmd, make_embedder
 
@@ -107,13 +108,15 @@ def test_allowed_changed_field_is_recorded_and_the_run_goes_on(reference, embedd
 def test_bad_config_value_is_one_line(tmp_path, embedder_dir, flag, text):
   rc, lines = _run(tmp_path / 'run', embedder_dir, flag)
   assert rc == 1 and len(lines) == 1, lines
-  assert lines[0].startswith('Error: ConfigError: ') and text in lines[0] and 'traceback in' in lines[0]
+  assert lines[0].startswith('Error: ConfigError: ') and text in lines[0]
+  assert not (tmp_path / 'run').exists()  # checked before the workdir is made: nothing written
 
 
 def test_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes_exactly(reference, embedder_dir,
                                                                                  tmp_path):
   workdir = tmp_path / 'run'
   mount = workdir / 'checkpoints'
+  workdir_lib.check_owned(str(workdir))  # a run's folder, with its checkpoints on a small disk of their own
   mount.mkdir(parents=True)
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(reference / 'checkpoints' / '3')
              for f in fs)
@@ -127,7 +130,7 @@ def test_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes_exact
     errors = [l for l in lines if l.startswith('Error:')]
     assert len(errors) == 1 and not any('Traceback' in l or 'Event loop' in l for l in lines), lines
     assert 'checkpoint step 6 was not saved (No space left on device' in errors[0]
-    assert 'previous checkpoint (step 3) is intact' in errors[0]
+    assert 'previous checkpoint (step 3) is intact' in errors[0] and 'once there is space again.' in errors[0]
     assert (mount / '3' / 'commit_success.txt').exists() and not (mount / '6').exists()
     subprocess.run(['mount', '-o', f'remount,size={int(size * 4)}', str(mount)], check=True)
     rc, lines = _run(workdir, embedder_dir)

@@ -18,12 +18,14 @@ import pytest
 
 from configs import base
 from ipsr_jax import checkpointing
+from ipsr_jax import preemption
 from ipsr_jax import losses
 from ipsr_jax import summaries
 from ipsr_jax import train
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
+from tests import test_workdir
 from tests.conftest import REPO
 
 EMBEDDER_KWARGS = dict(width=0.125, embedding_size=64)
@@ -289,7 +291,12 @@ def test_sigkill_then_resume_is_exact(tmp_path, straight_run, embedder_dir):
   (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234').mkdir()
   (tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234' / 'garbage').write_text('partial')
   assert checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step() == 3
-  subprocess.run(cmd, cwd=REPO, env=_env(1), check=True, timeout=600)
+  resume = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert resume.returncode == 0, resume.stderr[-3000:]
+  # The killed process left its name in the lock: taken over, said once.
+  assert f'Warning: taking over the lock of {tmp_path} from process {proc.pid} ' in resume.stderr
+  # Steps 4-6, logged before the kill and again after the resume, have one record each.
+  assert test_workdir.one_record_per_step(tmp_path) == 6
   straight, resumed = _losses(straight_run), _losses(tmp_path)
   np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)], rtol=1e-6)
   _, a = _final_params(straight_run)
@@ -306,8 +313,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, embedder_dir):
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  assert 'SIGTERM received' in err
+  assert proc.returncode == preemption.EXIT_PREEMPTED, err[-3000:]  # a scheduler requeues on it
+  assert 'Warning: SIGTERM received: saving a checkpoint and stopping.' in err
   step = checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step()
   assert 2 <= step < 1000
 

@@ -130,7 +130,7 @@ def saved_module(directory: str | epath.PathLike) -> InceptionResnetV1 | None:
   info_path = epath.Path(paths.resolve(os.fspath(directory))) / INFO_FILE
   if not info_path.exists():
     return None
-  return InceptionResnetV1(**_module_kwargs_from_json(json.loads(info_path.read_text())['module_kwargs']))
+  return InceptionResnetV1(**_module_kwargs_from_json(paths.read_json(info_path)['module_kwargs']))
 
 
 def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
@@ -145,14 +145,18 @@ def load_embedder(directory: str | epath.PathLike, **module_overrides: Any
   if not directory.exists() or not info_path.exists():
     raise EmbedderNotFoundError(f'No embedder checkpoint at {directory} (no {INFO_FILE}).\n'
                                 + HOW_TO_GET_WEIGHTS)
-  info = json.loads(info_path.read_text())
+  info = paths.read_json(info_path)
   kwargs = _module_kwargs_from_json(info['module_kwargs'])
   kwargs.update(module_overrides)
   module = InceptionResnetV1(**kwargs)
   abstract = abstract_variables(module)
   target = {c: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract[c])
             for c in ('params', 'batch_stats') if c in abstract}
-  variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
+  try:
+    variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
+  except json.JSONDecodeError as e:  # Orbax's _METADATA or _CHECKPOINT_METADATA, unnamed in its error
+    raise ValueError(f'a metadata file of {directory / VARIABLES_DIR} is not valid JSON ({e}); restore the '
+                     'folder from a copy, or convert or train the embedder again') from None
   # Orbax does not check shapes against a numpy target: do it here.
   _check_tree(variables, abstract, directory)
   return module, dict(variables), info
