@@ -219,13 +219,15 @@ class ExportedFunction:
     return set(self._batcher.compiled_sizes)
 
   def __call__(self, images: Any, *, input_range: Sequence[float] | None = None) -> Any:
-    """[N, H, W, 3] (or one [H, W, 3]) images under `contract.as_image_batch`'s contract."""
-    images, single = contract.as_image_batch(images, input_range=input_range)
-    if tuple(images.shape[1:]) != self.input_shape[1:]:
+    """[N, H, W, 3] (or one [H, W, 3]) images of the exported size, under `contract.as_image_batch`'s
+    contract (its dtypes, 0..255, finite)."""
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or tuple(images.shape[-3:]) != self.input_shape[1:]:
       raise ValueError(
           f'{self.name!r} takes [N, {", ".join(map(str, self.input_shape[1:]))}] images '
           f'({self.info["input"]["range"]}), got {images.shape}; bicubic-resize them first '
           'or export with --lr_size matching your inputs')
+    images, single = contract.as_image_batch(images, input_range=input_range)
     if self.input_dtype == np.uint8 and images.dtype != np.uint8:
       images = np.clip(np.round(images), 0, 255)
     images = images.astype(self.input_dtype, copy=False)

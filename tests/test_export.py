@@ -104,6 +104,13 @@ def test_loaded_function_checks_its_inputs(sr, tmp_path):
   np.testing.assert_allclose(fn(x[0]), fn(x)[0], atol=1e-5 * 255)  # one image
   with pytest.raises(ValueError, match='32, 32, 3'):
     fn(np.zeros((2, 16, 16, 3), np.float32))
+  bad = x.astype(np.float32)
+  bad[2, 0, 0, 1] = np.nan  # the API's input contract: no silent all-NaN face
+  with pytest.raises(ValueError, match=r'non-finite pixels \(NaN or inf\) in image 2 of 3'):
+    fn(bad)
+  with pytest.raises(TypeError, match='got int64'):
+    fn(x.astype(np.int64))
+  np.testing.assert_allclose(fn(x / 255.0, input_range=(0, 1)), fn(x.astype(np.float32)), atol=1e-3)
   with pytest.raises(KeyError):
     export_lib.load(path, 'sr_embed')
   bogus = tmp_path / 'bogus.bin'
