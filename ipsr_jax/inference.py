@@ -304,6 +304,25 @@ class Embedder(BatchedModel):
     module, variables, info = embedder_store.load_embedder(directory)
     return cls(module, variables, info=info, **kwargs)
 
+  @classmethod
+  def from_onnx(cls, path: str | os.PathLike, input_size: int = 112, layout: str = 'nchw',
+                channels: str = 'rgb', mean: float | Sequence[float] = 127.5,
+                std: float | Sequence[float] = 127.5, **kwargs: Any) -> 'OnnxEmbedder':
+    """Any ONNX face recognizer (ArcFace IResNet, MobileFaceNet, SFace...) run in JAX by
+    `ipsr_jax.models.onnx_graph`, as an `OnnxEmbedder` (same call contract as an Embedder).
+
+    input_size: the network's square input; layout: its input's ('nchw' or 'nhwc'); channels:
+    the order it takes ('rgb' or 'bgr'); mean, std: its standardisation (x - mean) / std in 0..255
+    units, a scalar or an RGB triple (0 and 1 when the graph standardises by itself, as SFace's
+    does). Raises OnnxGraphError (a ValueError) for a file the reader cannot run.
+    """
+    from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel  (needs onnx)
+    path = os.fspath(path)
+    graph = onnx_graph.load_onnx(path)
+    info = dict(source=f'onnx:{path}', path=path, sha256=convert.file_sha256(path))
+    return OnnxEmbedder(graph, input_size=input_size, layout=layout, channels=channels, mean=mean,
+                        std=std, info=info, **kwargs)
+
   @property
   def embedding_size(self) -> int:
     return self.module.embedding_size
@@ -315,6 +334,98 @@ class Embedder(BatchedModel):
   @property
   def standardization(self) -> str:
     return self.module.standardization
+
+
+ONNX_LAYOUTS = ('nchw', 'nhwc')
+ONNX_CHANNELS = ('rgb', 'bgr')
+
+
+def _per_channel(value: float | Sequence[float], name: str) -> np.ndarray:
+  """A scalar or an RGB triple as float32 () or (3,), to broadcast over NHWC pixels."""
+  array = np.asarray(value, np.float32)
+  if array.shape not in ((), (3,)) or not np.all(np.isfinite(array)):
+    raise ValueError(f'{name} must be a finite scalar or an RGB triple, got {value!r}')
+  return array
+
+
+class OnnxEmbedder(BatchedModel):
+  """Face images -> L2-normalised embeddings with an ONNX recognizer run in JAX (an
+  `onnx_graph.OnnxGraph`: what onnxruntime computes, to float32 rounding).
+
+  uint8 or float [N, H, W, 3] RGB in 0..255, any H, W: resized on device to `input_size`
+  (PIL-exact bicubic, unrounded), standardised (x - mean) / std (0..255 units, RGB order),
+  flipped to BGR for channels='bgr', transposed for layout='nchw', run through the graph; its
+  (first) output flattened: float32 [N, D], unit norm. Buckets default as `Embedder`'s.
+  """
+  float_input = True
+  output_dtype = np.float32
+
+  def __init__(self, graph: Any, *, input_size: int = 112, layout: str = 'nchw',
+               channels: str = 'rgb', mean: float | Sequence[float] = 127.5,
+               std: float | Sequence[float] = 127.5, buckets: Sequence[int] | None = None,
+               mesh: Mesh | None = None, info: Mapping[str, Any] | None = None):
+    from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel
+    from ipsr_jax.models.sface import unit  # pylint: disable=import-outside-toplevel  (imports us)
+    if layout not in ONNX_LAYOUTS:
+      raise ValueError(f'layout must be one of {ONNX_LAYOUTS}, got {layout!r}')
+    if channels not in ONNX_CHANNELS:
+      raise ValueError(f'channels must be one of {ONNX_CHANNELS}, got {channels!r}')
+    mean_array, std_array = _per_channel(mean, 'mean'), _per_channel(std, 'std')
+    if np.any(std_array == 0):
+      raise ValueError(f'std must be nonzero, got {std!r}')
+    if buckets is None:  # default: EMBEDDER_CPU_BUCKETS on a CPU, else DEFAULT_BUCKETS
+      buckets = EMBEDDER_CPU_BUCKETS if jax.default_backend() == 'cpu' else DEFAULT_BUCKETS
+    self.graph = graph
+    self.input_size = size = int(input_size)
+    self.layout, self.channels = layout, channels
+    self.mean, self.std = mean_array.tolist(), std_array.tolist()
+
+    # The graph on a batch of 2: the size it was exported for, and a batch it does not fix.
+    shape = (2, 3, size, size) if layout == 'nchw' else (2, size, size, 3)
+    declared = graph.input_dims
+    if declared and (len(declared) != 4 or any(d not in (None, want)
+                                               for d, want in zip(declared[1:], shape[1:]))):
+      raise onnx_graph.OnnxGraphError(
+          f'{graph.path}: the graph takes {list(declared)}, not [N, '
+          f'{", ".join(map(str, shape[1:]))}] (input_size={size}, layout={layout!r})')
+    out = graph.output_shape(shape)
+    out = out[0] if out and isinstance(out[0], tuple) else out  # several outputs: the first
+    if not out or out[0] != 2:
+      raise onnx_graph.OnnxGraphError(
+          f'{graph.path}: output of shape {list(out)} for a batch of 2: the graph fixes its '
+          f'batch size; export it with a dynamic batch dimension')
+    self._embedding_size = int(np.prod(out[1:]))
+
+    def embed(images, variables):
+      x = jnp.asarray(images).astype(jnp.float32)
+      if x.shape[1:3] != (size, size):
+        x = resize_lib.resize(x, (size, size))
+      x = (x - mean_array) / std_array
+      if channels == 'bgr':
+        x = x[..., ::-1]
+      if layout == 'nchw':
+        x = jnp.transpose(x, (0, 3, 1, 2))
+      y = graph.apply(variables, x)
+      y = y[0] if isinstance(y, tuple) else y
+      return unit(jnp.reshape(y, (y.shape[0], -1)).astype(jnp.float32))
+
+    info = {**(info or {}), 'input_size': size, 'layout': layout, 'channels': channels,
+            'mean': self.mean, 'std': self.std}
+    super().__init__(embed, graph.params, buckets=buckets, mesh=mesh, info=info)
+
+  @property
+  def embedding_size(self) -> int:
+    return self._embedding_size
+
+  def fingerprint_fields(self) -> dict[str, Any]:
+    return {**super().fingerprint_fields(), 'input_size': self.input_size,
+            'layout': self.layout, 'channels': self.channels, 'mean': self.mean,
+            'std': self.std, 'graph': self.graph.fingerprint()}
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}({self.info.get("path", "graph")}, input {self.input_size}x'
+            f'{self.input_size} {self.channels.upper()} {self.layout.upper()}, '
+            f'{self.embedding_size}-d, fingerprint {self.fingerprint})')
 
 
 class SuperResolver(BatchedModel):
