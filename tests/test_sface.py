@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from ipsr_jax.models import onnx_graph
 from ipsr_jax.models import sface
 from ipsr_jax.ops import resize as resize_lib
 from tests.conftest import REPO
@@ -112,21 +113,21 @@ def test_blocked_dequantization_matches_onnxruntime():
   # The port's conventions: OIHW -> HWIO, ONNX pads [top, left, bottom, right], strides.
   conv = jax.lax.conv_general_dilated(
       x.transpose(0, 2, 3, 1), got['w1_oihw'].transpose(2, 3, 1, 0), (2, 1),
-      sface.onnx_pads([1, 0, 0, 1]), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      onnx_graph.onnx_pads([1, 0, 0, 1]), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       precision=jax.lax.Precision.HIGHEST)
   np.testing.assert_allclose(np.asarray(conv).transpose(0, 3, 1, 2), want['y1'], atol=1e-5)
   np.testing.assert_allclose(x2 @ got['w2'], want['y2'], atol=1e-5)
-  assert sface.onnx_pads([1, 0, 0, 1]) == ((1, 0), (0, 1))
+  assert onnx_graph.onnx_pads([1, 0, 0, 1]) == ((1, 0), (0, 1))
 
 
 def test_dequantize_rejects_what_it_does_not_handle():
   q = np.zeros((4, 12), np.int8)
   with pytest.raises(ValueError, match='needs scales of shape'):
-    sface.dequantize_linear(q, np.ones((4, 2), np.float32), np.zeros((4, 2), np.int8), block_size=5)
+    onnx_graph.dequantize_linear(q, np.ones((4, 2), np.float32), np.zeros((4, 2), np.int8), block_size=5)
   with pytest.raises(ValueError, match='dtype'):
-    sface.dequantize_linear(q.astype(np.int32), np.ones((), np.float32))
+    onnx_graph.dequantize_linear(q.astype(np.int32), np.ones((), np.float32))
   with pytest.raises(ValueError, match='zero point'):
-    sface.dequantize_linear(q, np.ones((4, 3), np.float32), np.zeros((4, 3), np.uint8),
+    onnx_graph.dequantize_linear(q, np.ones((4, 3), np.float32), np.zeros((4, 3), np.uint8),
                             block_size=5)
 
 

@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipsr_jax.models.sface import _attrs, _reshape, dequantize_linear, onnx_pads
 from ipsr_jax.ops.depthwise import depthwise_conv
 from ipsr_jax.ops.pooling import max_pool
 
@@ -80,6 +79,81 @@ ATTRIBUTES: dict[str, dict[str, Any]] = {}
 ANY = None
 AUTO_PADS = ('NOTSET', 'SAME_UPPER', 'SAME_LOWER', 'VALID')
 _POOL = dict(auto_pad=AUTO_PADS, kernel_shape=ANY, pads=ANY, strides=ANY, dilations=([1, 1],))
+
+
+# ---------------------------------------------------------------------------------------------
+# Array helpers the SFace port (models/sface.py) shares.
+
+_INTEGER_TYPES = (np.int8, np.uint8, np.int16, np.uint16)
+
+
+def dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, *,
+                      axis: int = 1, block_size: int = 0) -> np.ndarray:
+  """ONNX DequantizeLinear (opset 21): y = (x - zero_point) * scale in float32.
+
+  Per tensor (scale a scalar or one value), per axis (scale 1-D along `axis`) or blocked
+  (`block_size` > 0: scale and zero_point have x's rank, with ceil(x.shape[axis] / block_size)
+  entries along `axis`; the last block may be short). The integer difference is exact in
+  float32 and the one product is correctly rounded, so this is onnxruntime's result bit for bit.
+  """
+  x = np.asarray(x)
+  scale = np.asarray(scale)
+  if x.dtype.type not in _INTEGER_TYPES:
+    raise ValueError(f'DequantizeLinear input dtype {x.dtype} is not handled '
+                     f'(only {[np.dtype(t).name for t in _INTEGER_TYPES]})')
+  if scale.dtype != np.float32:
+    raise ValueError(f'DequantizeLinear scale dtype {scale.dtype} is not handled (only float32)')
+  if zero_point is None:
+    zero_point = np.zeros(scale.shape, x.dtype)
+  zero_point = np.asarray(zero_point)
+  if zero_point.shape != scale.shape or zero_point.dtype != x.dtype:
+    raise ValueError(f'DequantizeLinear zero point {zero_point.dtype}{list(zero_point.shape)} '
+                     f'must match the scale\'s shape {list(scale.shape)} and the input\'s dtype '
+                     f'{x.dtype}')
+  if not -x.ndim <= axis < max(x.ndim, 1):
+    raise ValueError(f'DequantizeLinear axis {axis} out of range for rank {x.ndim}')
+  axis %= max(x.ndim, 1)
+  if block_size < 0:
+    raise ValueError(f'DequantizeLinear block_size must be >= 0, got {block_size}')
+  if block_size:
+    blocks = -(-x.shape[axis] // block_size)
+    want = x.shape[:axis] + (blocks,) + x.shape[axis + 1:]
+    if scale.shape != want:
+      raise ValueError(f'blocked DequantizeLinear of {list(x.shape)} (axis {axis}, block_size '
+                       f'{block_size}) needs scales of shape {list(want)}, got {list(scale.shape)}')
+    index = np.arange(x.shape[axis]) // block_size  # the block of each element along `axis`
+    scale, zero_point = (np.take(a, index, axis=axis) for a in (scale, zero_point))
+  elif scale.ndim == 0 or scale.shape == (1,):
+    scale, zero_point = scale.reshape(()), zero_point.reshape(())
+  elif scale.ndim == 1 and scale.shape[0] == x.shape[axis]:
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+  else:
+    raise ValueError(f'DequantizeLinear of {list(x.shape)} (axis {axis}): scale of shape '
+                     f'{list(scale.shape)} is neither per tensor, per axis nor blocked')
+  diff = x.astype(np.int32) - zero_point.astype(np.int32)
+  return diff.astype(np.float32) * scale
+
+
+def reshape_array(data: np.ndarray, shape: np.ndarray, allowzero: int = 0) -> np.ndarray:
+  """ONNX Reshape: 0 copies the input's dimension (unless allowzero), -1 is inferred."""
+  shape = [int(s) for s in np.asarray(shape).reshape(-1)]
+  if not allowzero:
+    shape = [data.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+  return data.reshape(shape)
+
+
+def node_attributes(node) -> dict[str, Any]:
+  """A NodeProto's attributes as Python values."""
+  import onnx  # pylint: disable=g-import-not-at-top  (optional: only the reader needs it)
+  return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def onnx_pads(pads: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """ONNX 2-D conv `pads` [top, left, bottom, right] -> lax's ((top, bottom), (left, right))."""
+  top, left, bottom, right = (int(p) for p in pads)
+  return ((top, bottom), (left, right))
 
 
 def op(name: str, **attributes: Any) -> Callable[[Callable], Callable]:
@@ -322,7 +396,7 @@ def flatten(inputs, attrs, node):
 
 @op('Reshape', allowzero=ANY)
 def reshape(inputs, attrs, node):
-  return _reshape(inputs[0], _static(inputs[1], 'Reshape\'s shape'), int(attrs.get('allowzero', 0)))
+  return reshape_array(inputs[0], _static(inputs[1], 'Reshape\'s shape'), int(attrs.get('allowzero', 0)))
 
 
 @op('Transpose', perm=ANY)
@@ -634,7 +708,7 @@ class OnnxGraph:
 def _read_attrs(proto) -> dict[str, Any]:
   decode = lambda v: v.decode() if isinstance(v, bytes) else v
   return {k: [decode(u) for u in v] if isinstance(v, list) else decode(v)
-          for k, v in _attrs(proto).items()}
+          for k, v in node_attributes(proto).items()}
 
 
 def _check_node(node: Node, domain: str) -> None:

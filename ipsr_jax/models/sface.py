@@ -46,6 +46,7 @@ import numpy as np
 
 from ipsr_jax import inference
 from ipsr_jax.models import convert
+from ipsr_jax.models.onnx_graph import dequantize_linear, node_attributes, onnx_pads, reshape_array
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.ops.depthwise import DepthwiseConv
 
@@ -235,71 +236,6 @@ def _resolve(path: str | os.PathLike | None) -> str:
   return found
 
 
-_INTEGER_TYPES = (np.int8, np.uint8, np.int16, np.uint16)
-
-
-def dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, *,
-                      axis: int = 1, block_size: int = 0) -> np.ndarray:
-  """ONNX DequantizeLinear (opset 21): y = (x - zero_point) * scale in float32.
-
-  Per tensor (scale a scalar or one value), per axis (scale 1-D along `axis`) or blocked
-  (`block_size` > 0: scale and zero_point have x's rank, with ceil(x.shape[axis] / block_size)
-  entries along `axis`; the last block may be short). The integer difference is exact in
-  float32 and the one product is correctly rounded, so this is onnxruntime's result bit for bit.
-  """
-  x = np.asarray(x)
-  scale = np.asarray(scale)
-  if x.dtype.type not in _INTEGER_TYPES:
-    raise ValueError(f'DequantizeLinear input dtype {x.dtype} is not handled '
-                     f'(only {[np.dtype(t).name for t in _INTEGER_TYPES]})')
-  if scale.dtype != np.float32:
-    raise ValueError(f'DequantizeLinear scale dtype {scale.dtype} is not handled (only float32)')
-  if zero_point is None:
-    zero_point = np.zeros(scale.shape, x.dtype)
-  zero_point = np.asarray(zero_point)
-  if zero_point.shape != scale.shape or zero_point.dtype != x.dtype:
-    raise ValueError(f'DequantizeLinear zero point {zero_point.dtype}{list(zero_point.shape)} '
-                     f'must match the scale\'s shape {list(scale.shape)} and the input\'s dtype '
-                     f'{x.dtype}')
-  if not -x.ndim <= axis < max(x.ndim, 1):
-    raise ValueError(f'DequantizeLinear axis {axis} out of range for rank {x.ndim}')
-  axis %= max(x.ndim, 1)
-  if block_size < 0:
-    raise ValueError(f'DequantizeLinear block_size must be >= 0, got {block_size}')
-  if block_size:
-    blocks = -(-x.shape[axis] // block_size)
-    want = x.shape[:axis] + (blocks,) + x.shape[axis + 1:]
-    if scale.shape != want:
-      raise ValueError(f'blocked DequantizeLinear of {list(x.shape)} (axis {axis}, block_size '
-                       f'{block_size}) needs scales of shape {list(want)}, got {list(scale.shape)}')
-    index = np.arange(x.shape[axis]) // block_size  # the block of each element along `axis`
-    scale, zero_point = (np.take(a, index, axis=axis) for a in (scale, zero_point))
-  elif scale.ndim == 0 or scale.shape == (1,):
-    scale, zero_point = scale.reshape(()), zero_point.reshape(())
-  elif scale.ndim == 1 and scale.shape[0] == x.shape[axis]:
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-  else:
-    raise ValueError(f'DequantizeLinear of {list(x.shape)} (axis {axis}): scale of shape '
-                     f'{list(scale.shape)} is neither per tensor, per axis nor blocked')
-  diff = x.astype(np.int32) - zero_point.astype(np.int32)
-  return diff.astype(np.float32) * scale
-
-
-def _reshape(data: np.ndarray, shape: np.ndarray, allowzero: int = 0) -> np.ndarray:
-  """ONNX Reshape: 0 copies the input's dimension (unless allowzero), -1 is inferred."""
-  shape = [int(s) for s in np.asarray(shape).reshape(-1)]
-  if not allowzero:
-    shape = [data.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-  return data.reshape(shape)
-
-
-def _attrs(node) -> dict[str, Any]:
-  import onnx  # pylint: disable=g-import-not-at-top  (optional: only the reader needs it)
-  return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 # Ops evaluated on the host when all their inputs are constants (the weight subgraph).
 CONSTANT_OPS = ('Constant', 'DequantizeLinear', 'Reshape')
 # Ops the network is made of (the path from `data` to `fc1`).
@@ -320,7 +256,7 @@ def graph_constants(graph) -> dict[str, np.ndarray]:
     inputs = [i for i in node.input if i]
     if node.op_type != 'Constant' and not all(i in values for i in inputs):
       continue
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     where = f'{node.op_type} node {node.name!r}'
     if node.op_type == 'Constant':
       if 'value' not in attrs:
@@ -338,19 +274,13 @@ def graph_constants(graph) -> dict[str, np.ndarray]:
         raise ValueError(f'{where}: {e}') from None
     elif node.op_type == 'Reshape':
       try:
-        out = _reshape(values[node.input[0]], values[node.input[1]], int(attrs.get('allowzero', 0)))
+        out = reshape_array(values[node.input[0]], values[node.input[1]], int(attrs.get('allowzero', 0)))
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
     else:
       raise ValueError(f'{where} has only constant inputs: constant ops handled are {CONSTANT_OPS}')
     values[node.output[0]] = out
   return values
-
-
-def onnx_pads(pads: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
-  """ONNX 2-D conv `pads` [top, left, bottom, right] -> lax's ((top, bottom), (left, right))."""
-  top, left, bottom, right = (int(p) for p in pads)
-  return ((top, bottom), (left, right))
 
 
 def _dims(value_info) -> list[Any]:
@@ -390,7 +320,7 @@ class _Reader:
   def expect_attrs(self, node, allowed: Mapping[str, Any]) -> dict[str, Any]:
     """The node's attributes; each must be one `allowed` lists (with its only accepted value,
     or None for any value)."""
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     for key, value in attrs.items():
       if key not in allowed:
         self.problem(node, f'attribute {key}={value!r} is not handled')
@@ -431,7 +361,7 @@ class _Reader:
 
   def normalisation(self, sub, mul) -> None:
     for node, field in ((sub, 'input_mean'), (mul, 'input_scale')):
-      attrs = _attrs(node)
+      attrs = node_attributes(node)
       if attrs:
         self.problem(node, f'attributes {sorted(attrs)} are not handled')
       inputs = list(node.input)
