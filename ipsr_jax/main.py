@@ -57,13 +57,13 @@ def main(argv):
     print(f'Error: {type(e).__name__}: {console.one_line(str(e), limit=1000)}', file=sys.stderr, flush=True)
     sys.exit(1)
   try:
-    _run(config, mode, workdir)
+    _run(config, mode, workdir, lock)
   finally:  # every way out but a kill: a lock still naming this process marks a dead one
     if lock is not None:
       lock.release()
 
 
-def _run(config, mode, workdir):
+def _run(config, mode, workdir, lock):
   """Sets up logging and devices, runs the mode; errors become one line and exit code 1."""
   import jax  # pylint: disable=g-import-not-at-top
   from ipsr_jax import console  # pylint: disable=g-import-not-at-top
@@ -72,6 +72,8 @@ def _run(config, mode, workdir):
   from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
 
   log_file = console.setup(workdir, FLAGS.log_level)
+  if lock is not None and lock.taken_over:
+    console.warn(lock.taken_over)
   try:
     paths.resolve_config(config)
     cpu_devices.configure_from(config.mesh)  # before JAX starts its backends

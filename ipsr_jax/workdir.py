@@ -106,8 +106,10 @@ def check_owned(workdir: str) -> None:
 class WorkdirLock:
   """An exclusive lock on a local workdir, held until `release` or the process's exit."""
 
-  def __init__(self, workdir: str, fd: int | None):
+  def __init__(self, workdir: str, fd: int | None, taken_over: str | None = None):
     self.workdir, self._fd = workdir, fd
+    # Set when a dead process's lock was taken over: the warning to show once logging is set up.
+    self.taken_over = taken_over
 
   @property
   def held(self) -> bool:
@@ -157,9 +159,9 @@ def _alive(pid: Any) -> bool:
 def lock(workdir: str) -> WorkdirLock:
   """Takes the exclusive lock of a local workdir, or raises WorkdirLockedError naming its holder.
 
-  A holder's name left by a process that died (it never released) is taken over with a warning.
+  A holder's name left by a process that died (it never released) is taken over; the lock's
+  `taken_over` then says so, for the caller to warn (`main` does, in one terminal line).
   """
-  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
   if _is_remote(workdir):
     return WorkdirLock(workdir, None)
   key = os.path.abspath(workdir)
@@ -176,13 +178,14 @@ def lock(workdir: str) -> WorkdirLock:
     raise WorkdirLockedError(f'{workdir} is in use by {_describe(_holder(text))}; nothing was written: wait for '
                              'it to finish or stop it, or choose another --workdir.') from None
   previous = _holder(os.pread(fd, 4096, 0).decode('utf-8', 'replace'))
+  taken_over = None
   if previous:
     same_host = previous.get('host') == socket.gethostname()
     why = 'no longer running' if same_host and not _alive(previous.get('pid')) else 'it left its lock behind'
-    console.warn(f'taking over the lock of {workdir} from {_describe(previous)}: {why}.')
+    taken_over = f'taking over the lock of {workdir} from {_describe(previous)}: {why}.'
   os.ftruncate(fd, 0)
   os.pwrite(fd, (json.dumps(_about_this_process()) + '\n').encode(), 0)
-  held = _HELD[key] = WorkdirLock(key, fd)
+  held = _HELD[key] = WorkdirLock(key, fd, taken_over)
   return held
 
 

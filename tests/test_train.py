@@ -295,6 +295,7 @@ def test_sigkill_then_resume_is_exact(tmp_path, straight_run, embedder_dir):
   assert resume.returncode == 0, resume.stderr[-3000:]
   # The killed process left its name in the lock: taken over, said once.
   assert f'Warning: taking over the lock of {tmp_path} from process {proc.pid} ' in resume.stderr
+  assert resume.stderr.count('taking over the lock') == 1
   # Steps 4-6, logged before the kill and again after the resume, have one record each.
   assert test_workdir.one_record_per_step(tmp_path) == 6
   straight, resumed = _losses(straight_run), _losses(tmp_path)

@@ -20,7 +20,6 @@ import time
 import pytest
 
 from ipsr_jax import checkpointing
-from ipsr_jax import console
 from ipsr_jax import paths
 from ipsr_jax import preemption
 from ipsr_jax import summaries
@@ -119,15 +118,9 @@ def test_a_second_process_is_refused_naming_the_holder_then_takes_the_lock_once_
     holder.wait()
   # The holder died without releasing: its name is still in the file, the kernel's lock is gone.
   assert str(holder.pid) in (run / workdir_lib.LOCK).read_text()
-  shown = []
-  old_warn = console.warn
-  console.warn = shown.append
-  try:
-    lock = workdir_lib.claim(str(run))
-  finally:
-    console.warn = old_warn
-  assert len(shown) == 1 and shown[0].startswith(f'taking over the lock of {run} from process {holder.pid} ')
-  assert shown[0].endswith(': no longer running.')
+  lock = workdir_lib.claim(str(run))
+  assert lock.taken_over.startswith(f'taking over the lock of {run} from process {holder.pid} ')
+  assert lock.taken_over.endswith(': no longer running.')
   assert json.loads((run / workdir_lib.LOCK).read_text())['pid'] == os.getpid()
   assert workdir_lib.claim(str(run)) is lock  # this process holds it already
   lock.release()
