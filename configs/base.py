@@ -140,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_summary_lr_sizes=((7, 6), (16, 16), (32, 32)),
       eval_every_steps=0,         # 0 -> evaluate only at the end
       profile_steps=0,            # > 0: capture a profile of this many steps after warm-up
+      init_from='',               # a run's workdir: start from its generator (fresh optimiser)
   ))
 
   # Embedder pretraining (--mode=pretrain_embedder, configs/embedder.py): the recognizer's head.

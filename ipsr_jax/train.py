@@ -294,6 +294,25 @@ class Trainer:
     init = functools.partial(init_state, self.config, self.generator, self.tx)
     return sharding.put_global(jax.jit(init)(), self.state_sharding)
 
+  def initialised_from(self, state: TrainState, run_dir: str) -> TrainState:
+    """`state` with the generator (params, batch_stats) of another run's newest readable
+    checkpoint: fine-tuning starts from a trained generator, with this run's fresh optimiser
+    state and step 0. The run's model must have this config's shapes."""
+    step, variables = checkpointing.Checkpointer(paths.resolve(run_dir), read_only=True).restore_model(
+        sharding=sharding.replicated(self.mesh))
+    want = {'params': state.params, 'batch_stats': state.batch_stats}
+    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape)
+                           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, need = shapes(variables), shapes(want)
+    if have != need:
+      diff = sorted(k for k in set(have) | set(need) if have.get(k) != need.get(k))
+      shown = '; '.join(f'{k}: {have.get(k)} there, {need.get(k)} here' for k in diff[:3])
+      raise ValueError(f'--config.train.init_from={run_dir}: its generator does not fit this config.model '
+                       f'({len(diff)} arrays differ: {shown}); use the model settings of its config.json.')
+    console.say(f'Generator initialised from {run_dir} (its step {step}); optimiser state fresh.')
+    return state.replace(params=jax.device_put(variables['params'], self.state_sharding.params),
+                         batch_stats=jax.device_put(variables['batch_stats'], self.state_sharding.batch_stats))
+
   def image_summary(self, state: TrainState, hr: np.ndarray) -> np.ndarray:
     """Rows: per LR size, the bicubic input, the SR output; last row HR."""
     hr = np.asarray(hr[:8])
@@ -371,6 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _, state = ckpt.restore(trainer.abstract_state, consumed)
   else:
     state = trainer.initial_state()
+    if config.train.get('init_from'):
+      state = trainer.initialised_from(state, config.train.init_from)
   start = int(jax.device_get(state.step))
   writer = summaries.create_writer(workdir, resume_step=start)
   if trainer.embedder is not None and not start:

@@ -320,6 +320,28 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, embedder_dir):
   assert 2 <= step < 1000
 
 
+def test_init_from_starts_from_another_runs_generator_with_a_fresh_optimiser(tmp_path):
+  from tests.conftest import make_run  # pylint: disable=import-outside-toplevel
+  source = make_run(tmp_path / 'source')  # 2 steps
+  _, want = checkpointing.Checkpointer(source, read_only=True).restore_model()
+  config = base.get_config('tiny')
+  config.loss.identity_weight = 0.0
+  config.train.num_train_steps = 1
+  config.train.learning_rate = 1e-30  # the one step moves the parameters by ~1e-30 at most
+  config.train.image_summary_every_steps = 0
+  config.train.init_from = source
+  state = train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  assert int(state.step) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20), jax.device_get(state.params),
+               jax.device_get(want['params']))
+  counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+  assert counts and set(counts) == {1}  # Adam's step count: this run's one step, not the source's 3
+  config.model.ngf = 8
+  with pytest.raises(ValueError, match=r'--config.train.init_from=.*source: its generator does not fit this '
+                     r'config.model \(\d+ arrays differ: '):
+    train.train_and_evaluate(config, str(tmp_path / 'wider'))
+
+
 def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, embedder_dir):
   config = tiny_config(embedder_dir)
   config.train.learning_rate = 1e30  # the first update blows the generator up
