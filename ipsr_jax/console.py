@@ -156,9 +156,12 @@ def one_line(text: str, limit: int = 400) -> str:
 
 
 def error(exc: BaseException) -> None:
-  """The message on stderr in one line, the traceback in the log file."""
-  _LOGGER.error('%s', ''.join(traceback.format_exception(exc)))
-  where = f' (traceback in {_STATE["log_path"]})' if _STATE['log_path'] else ''
+  """The message on stderr in one line, the traceback in the log file. Before `setup` there is no
+  log file, and nothing else is printed (a library handler would print the whole traceback)."""
+  where = ''
+  if _STATE['log_path']:
+    _LOGGER.error('%s', ''.join(traceback.format_exception(exc)))
+    where = f' (traceback in {_STATE["log_path"]})'
   print(f'Error: {type(exc).__name__}: {one_line(str(exc), limit=1000)}{where}', file=terminal(), flush=True)
 
 

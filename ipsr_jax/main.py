@@ -54,7 +54,7 @@ def main(argv):
   except (config_lib.ConfigError, workdir_lib.WorkdirError, OSError) as e:
     if FLAGS.log_level in ('debug', 'info'):
       raise
-    print(f'Error: {type(e).__name__}: {console.one_line(str(e), limit=1000)}', file=sys.stderr, flush=True)
+    console.error(e)  # before setup: the one line, no log file in a folder not yet claimed
     sys.exit(1)
   try:
     _run(config, mode, workdir, lock)

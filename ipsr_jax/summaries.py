@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from ipsr_jax.data import outputs
+
 
 def _load_clu():
   try:
@@ -68,10 +70,8 @@ def drop_rows_after(path: str, step: int) -> int:
       else:
         kept.append(line)
   if dropped:
-    partial = path + '.partial'
-    with open(partial, 'w', encoding='utf-8') as f:
+    with outputs.atomic_path(path) as partial, open(partial, 'w', encoding='utf-8') as f:
       f.writelines(kept)
-    os.replace(partial, path)
   return dropped
 
 

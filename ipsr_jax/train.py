@@ -30,6 +30,7 @@ from ipsr_jax import preemption as preemption_lib
 from ipsr_jax import sharding
 from ipsr_jax import summaries
 from ipsr_jax.data import degrade
+from ipsr_jax.data import outputs
 from ipsr_jax.data import pipeline
 from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
@@ -367,12 +368,10 @@ def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str
                   '; '.join(f'{k} {json.dumps(a)} -> {json.dumps(b)}' for k, a, b in changes))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    partial = path + '.partial'  # a kill mid-write must not leave a torn config.json
-    document = json.loads(config_lib.to_json(config))
-    document[ENVIRONMENT_KEY] = environment.installed_versions()
-    with open(partial, 'w', encoding='utf-8') as f:
+    document = {**config.to_dict(), ENVIRONMENT_KEY: environment.installed_versions()}
+    # A kill mid-write must not leave a torn config.json.
+    with outputs.atomic_path(path) as partial, open(partial, 'w', encoding='utf-8') as f:
       f.write(json.dumps(document, indent=2, sort_keys=True, default=str))
-    os.replace(partial, path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -30,6 +30,8 @@ import socket
 import sys
 from typing import Any
 
+from etils import epath
+
 MARKER = '.ipsr_jax_run'
 LOCK = '.ipsr_jax_lock'
 # What a run may hold before process 0 marks it: the other processes' log files, written at start.
@@ -54,27 +56,9 @@ def _is_remote(path: str) -> bool:
   return '://' in path
 
 
-def _entries(path: str) -> list[str] | None:
-  """The names in `path` (None: it does not exist)."""
-  if _is_remote(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    p = epath.Path(path)
-    return [c.name for c in p.iterdir()] if p.exists() else None
-  return os.listdir(path) if os.path.isdir(path) else None
-
-
 def _holds_unmarked_run(names: list[str]) -> bool:
   """config.json and a checkpoints/ folder: a run from before runs were marked."""
   return 'config.json' in names and 'checkpoints' in names
-
-
-def _write_text(path: str, text: str) -> None:
-  if _is_remote(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_text(text)
-    return
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
 
 
 def _about_this_process() -> dict[str, Any]:
@@ -88,8 +72,8 @@ def check_owned(workdir: str) -> None:
 
   A missing or empty folder is created and marked; a marked one (or an unmarked run) is a run.
   """
-  names = _entries(workdir)
-  marker = f'{workdir.rstrip("/")}/{MARKER}' if _is_remote(workdir) else os.path.join(workdir, MARKER)
+  folder = epath.Path(workdir)  # local or gs://
+  names = [p.name for p in folder.iterdir()] if folder.exists() else None
   if names is not None and MARKER in names:
     return
   if names is not None and not _holds_unmarked_run(names):
@@ -98,9 +82,8 @@ def check_owned(workdir: str) -> None:
       shown = ', '.join(others[:3]) + (f' and {len(others) - 3} more' if len(others) > 3 else '')
       raise NotARunError(f'{workdir} holds files that are not an ipsr_jax run ({shown}); nothing was written '
                          'there: choose a new or empty --workdir.')
-  if names is None and not _is_remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
-  _write_text(marker, json.dumps(dict(_about_this_process(), what='ipsr_jax run folder'), indent=1) + '\n')
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / MARKER).write_text(json.dumps(dict(_about_this_process(), what='ipsr_jax run folder'), indent=1) + '\n')
 
 
 class WorkdirLock:
@@ -110,10 +93,6 @@ class WorkdirLock:
     self.workdir, self._fd = workdir, fd
     # Set when a dead process's lock was taken over: the warning to show once logging is set up.
     self.taken_over = taken_over
-
-  @property
-  def held(self) -> bool:
-    return self._fd is not None
 
   def release(self) -> None:
     if self._fd is None:
