@@ -158,7 +158,9 @@ def measure(source, workers: int, batch_size: int, batches: int, on_device: bool
   faces = batches * batch_size
   return {'workers': workers, 'degrade': 'device' if on_device else 'host',
           'read_threads': read_threads, 'handoff': handoff if workers else None,
-          'faces_per_s': faces / seconds, 'faces_per_cpu_s': faces / max(cpu, 1e-9),
+          'faces_per_s': faces / seconds,
+          # CPU time is counted in clock ticks: a window shorter than one tick reads 0 (None).
+          'faces_per_cpu_s': faces / cpu if cpu > 0 else None,
           'cpu_cores_busy': cpu / seconds, 'main_process_cores_busy': main_cpu / seconds,
           'page_faults_per_face': None if faults is None else faults / faces,
           'seconds': seconds, 'faces': faces, 'startup_s': startup_s,
@@ -269,6 +271,10 @@ def measure_degradation_on_cpu(batch_size: int, batches: int, lr_sizes) -> dict:
           'device_faces_per_cpu_s': device, 'winner': 'host' if host > device else 'device'}
 
 
+def _rate(x: float | None) -> str:
+  return '-' if x is None else f'{x:.0f}'
+
+
 def table(results: list[dict], in_process: dict | None, page_us: float | None = None,
           placement: dict | None = None) -> str:
   lines = ['| workers | degradation | faces/s | faces per CPU-s | cores busy | page faults a face '
@@ -276,7 +282,7 @@ def table(results: list[dict], in_process: dict | None, page_us: float | None = 
   for r in results:
     faults = r.get('page_faults_per_face')
     lines.append(f"| {_workers_label(r)} | {r['degrade']} | {r['faces_per_s']:.0f} | "
-                 f"{r['faces_per_cpu_s']:.0f} | {r['cpu_cores_busy']:.2f} | "
+                 f"{_rate(r['faces_per_cpu_s'])} | {r['cpu_cores_busy']:.2f} | "
                  f"{'-' if faults is None else f'{faults:.1f}'} | "
                  f"{' / '.join(f'{x:.1f}' for x in r['load_avg'])} |")
   for mode, ratios in speedups(results).items():
@@ -352,7 +358,7 @@ def main() -> None:
                            retain_freed_memory=args.retain_freed_memory == 'true', handoff=handoff)
         results.append(r)
         print(f"workers={_workers_label(r):17s} degrade={r['degrade']:6s} "
-              f"{r['faces_per_s']:6.0f} faces/s {r['faces_per_cpu_s']:6.0f} faces/CPU-s "
+              f"{r['faces_per_s']:6.0f} faces/s {_rate(r['faces_per_cpu_s']):>6} faces/CPU-s "
               f"({r['cpu_cores_busy']:.2f} cores busy, load {r['load_avg'][0]:.1f})", flush=True)
     in_process = None
     if 'host' in modes:
