@@ -3,7 +3,7 @@
 Each row runs `python -m ipsr_jax.tools.aot_compile` in its own process (libtpu loads once per
 process) on `configs/base.py` (UNet ngf 64 at 128, FaceNet at 160, Adam, degradation on device)
 and reads its aot.json. Figures are per device; the step time is the roofline estimate of
-`ipsr_jax.aot.roofline`, not a measurement.
+`ipsr_jax.training.aot.roofline`, not a measurement.
 
     python benchmarks/aot_table.py --out=/tmp/aot_table          # every row below
     python benchmarks/aot_table.py --rows=v5e-8,h100-8 --out=/tmp/aot_table

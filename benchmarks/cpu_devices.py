@@ -1,4 +1,4 @@
-"""The CPU device default (one XLA device per core, ipsr_jax/cpu_devices.py) against one device,
+"""The CPU device default (one XLA device per core, ipsr_jax/runtime/cpu_devices.py) against one device,
 beside torch and OpenCV, in one run.
 
 For each `--settings` entry (default `old,1,auto`) a child process times, through the public API (host transfer, padding
@@ -96,6 +96,10 @@ def _env(setting: str, old_tree: Path | None = None) -> dict[str, str]:
 def child(args: argparse.Namespace) -> dict[str, Any]:
   """The API rows under this process's CPU device count."""
   # pylint: disable=g-import-not-at-top
+  import importlib.util
+  if importlib.util.find_spec('ipsr_jax.runtime'):  # an older tree configured on import
+    from ipsr_jax.runtime import cpu_devices
+    cpu_devices.configure()
   import jax
   from benchmarks import embed_cpu
   from benchmarks import onnx_sr

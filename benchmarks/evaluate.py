@@ -316,5 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure()  # one XLA CPU device per core unless the user chose
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   main()

@@ -2,7 +2,7 @@
 # Fills .whl/ (ignored by git) with what benchmarks/gpu_check.sh needs on the GPU machine and that
 # its image lacks (/work/.library/device/README.md, KINDS.md): Python 3.12, x86_64, no network.
 #
-#   grain, array-record, portpicker    ipsr_jax.train imports the Grain pipeline and checkpointing
+#   grain, array-record, portpicker    ipsr_jax.training.train imports the Grain pipeline and checkpointing
 #   ml-collections, clu                configs, config_flags, clu.metrics / periodic_actions
 #   facenet-pytorch                    the PyTorch peer's InceptionResnetV1 (installed --no-deps; the
 #                                      peer loads its module without the package __init__)

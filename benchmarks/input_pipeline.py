@@ -387,4 +387,6 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure()  # one XLA CPU device per core unless the user chose
   main()

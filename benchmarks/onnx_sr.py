@@ -91,7 +91,7 @@ def main(argv=None) -> dict[str, Any]:
   # pylint: disable=g-import-not-at-top
   import onnxruntime as ort
   from ipsr_jax import api
-  from ipsr_jax import export_onnx
+  from ipsr_jax.serving import onnx_export
   from ipsr_jax.models import convert
   from ipsr_jax.models import inception_resnet_v1 as irv1
   from ipsr_jax.models import unet as unet_lib
@@ -137,9 +137,9 @@ def main(argv=None) -> dict[str, Any]:
   for kind in models:
     jax_model = sr if kind == 'sr' else api.Pipeline(sr, embedder, mode='sr', buckets=(args.batch,))
     path = onnx_dir / f'ipsr_{kind}.onnx'
-    export = export_onnx.export_super_resolver if kind == 'sr' else export_onnx.export_pipeline
+    export = onnx_export.export_super_resolver if kind == 'sr' else onnx_export.export_pipeline
     setup[f'export_{kind}'] = timing.timed(
-        lambda: sizes.__setitem__(kind, export_onnx.save(export(jax_model, lr_size=hw, input_dtype='uint8'), path)))
+        lambda: sizes.__setitem__(kind, onnx_export.save(export(jax_model, lr_size=hw, input_dtype='uint8'), path)))
     session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     if kind == 'sr':
       jax_run = lambda: sr(faces)
@@ -180,4 +180,6 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure()  # one XLA CPU device per core unless the user chose
   main()

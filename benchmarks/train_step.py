@@ -1,4 +1,4 @@
-"""Training-step throughput of the real jitted step (`ipsr_jax.train.Trainer.train_step`).
+"""Training-step throughput of the real jitted step (`ipsr_jax.training.train.Trainer.train_step`).
 
 For each precision (fp32, bf16 = `train.compute_dtype`) and global batch size it builds the
 Trainer of `configs/base.py` (the paper: 128x128, ngf=64, embedder at 160, Adam) with a random
@@ -61,9 +61,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from ipsr_jax import chips
-from ipsr_jax import sharding
-from ipsr_jax import train
+from ipsr_jax.runtime import chips
+from ipsr_jax.runtime import sharding
+from ipsr_jax.training import train
 from ipsr_jax.data import degrade
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
@@ -206,7 +206,7 @@ def xla_flops(cost: Any) -> float | None:
 
 def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
   """Dense peak FLOP/s of one chip for the compute dtype, or None (CPU, unknown chips)."""
-  chip = chips.for_device_kind(device_kind)  # the vendors' data sheets, ipsr_jax/chips.py
+  chip = chips.for_device_kind(device_kind)  # the vendors' data sheets, ipsr_jax/runtime/chips.py
   return chip.peak_flops[compute_dtype] if chip else None
 
 
@@ -758,5 +758,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure()  # one XLA CPU device per core unless the user chose
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   app.run(main)

@@ -156,7 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1,                    # -1 -> all remaining devices
       fsdp=1,
-      # XLA CPU devices (ipsr_jax/cpu_devices.py): 'auto' = one per core this process may use (or
+      # XLA CPU devices (ipsr_jax/runtime/cpu_devices.py): 'auto' = one per core this process may use (or
       # the user's XLA_FLAGS / JAX_NUM_CPU_DEVICES), or a number. No effect on TPU/GPU devices.
       cpu_devices='auto',
       # The FaceNet embedder's programs on CPU hand elementwise fusions to YNNPACK (~12% faster,

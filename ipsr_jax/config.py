@@ -7,8 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from ipsr_jax import cpu_devices
-from ipsr_jax import losses
+from ipsr_jax.runtime import cpu_devices
+from ipsr_jax.training import losses
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.ops import views
 
@@ -155,11 +155,12 @@ RESUME_LOCKED = {
 }
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': leaf} for a nested dict (what `ConfigDict.update_from_flattened_dict` takes)."""
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     return out
   return {prefix[:-1]: tree}
 
@@ -176,7 +177,7 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict, mode: str,
   values; returns the other differences (field, saved, now) for the caller to record. A field
   one side lacks (a config written by another version) counts as allowed.
   """
-  before, now = _flatten(saved), _flatten(json.loads(to_json(config)))
+  before, now = flatten(saved), flatten(json.loads(to_json(config)))
   missing = object()
   locked, allowed = [], []
   for key in sorted(set(before) | set(now)):

@@ -4,8 +4,8 @@
       [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo] [--log_level=info]
 
 The terminal shows stage headers, progress, metrics and results; WORKDIR/log.txt holds everything,
-the libraries' INFO logs included (`ipsr_jax.console`). The workdir is claimed first
-(`ipsr_jax.workdir`): a folder holding files but no run, or one another process is writing, is
+the libraries' INFO logs included (`ipsr_jax.runtime.console`). The workdir is claimed first
+(`ipsr_jax.runtime.workdir`): a folder holding files but no run, or one another process is writing, is
 refused before anything is written. Exit codes: 0 done, 1 an error (one `Error:` line),
 75 stopped by SIGTERM or Ctrl-C after saving a checkpoint (run the same command to resume).
 """
@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ipsr_jax import paths
+from ipsr_jax.runtime import paths
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -37,14 +37,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors stay instant, and TF never grabs the GPU.
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import preemption  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   mode = FLAGS.mode or config.get('mode', 'train')
   workdir = FLAGS.workdir
-  preemption.interrupt_ends_process()  # training loops save first (ipsr_jax.preemption)
+  preemption.interrupt_ends_process()  # training loops save first (ipsr_jax.runtime.preemption)
   # A bad config or a workdir that is not free stops here, before anything is written there.
   try:
     with config.unlocked():
@@ -66,10 +66,10 @@ def main(argv):
 def _run(config, mode, workdir, lock):
   """Sets up logging and devices, runs the mode; errors become one line and exit code 1."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import preemption  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
 
   log_file = console.setup(workdir, FLAGS.log_level)
   if lock is not None and lock.taken_over:
@@ -96,17 +96,17 @@ def _run(config, mode, workdir, lock):
 
 def _dispatch(mode, config, workdir):
   if mode == 'train':
-    from ipsr_jax import train  # pylint: disable=g-import-not-at-top
+    from ipsr_jax.training import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
   elif mode == 'eval':
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     evaluator.evaluate_checkpoint(config, workdir, step=FLAGS.checkpoint_step)
   elif mode == 'pretrain_embedder':
-    from ipsr_jax import embedder_train  # pylint: disable=g-import-not-at-top
+    from ipsr_jax.training import embedder_train  # pylint: disable=g-import-not-at-top
     embedder_train.train_embedder(config, workdir)
   elif mode == 'demo':
-    from ipsr_jax import demo  # pylint: disable=g-import-not-at-top
-    demo.run_demo(config, workdir)
+    from ipsr_jax import experiments  # pylint: disable=g-import-not-at-top
+    experiments.run_demo(config, workdir)
 
 
 def _hide_gpus_from_tensorflow() -> None:

@@ -8,7 +8,7 @@ r"""Train on several GPU nodes with SLURM: writes an sbatch script and submits i
 
 One JAX process per node drives all of that node's GPUs (`srun`, one task per node). The script
 exports JAX_COORDINATOR_ADDRESS (the job's first node), JAX_NUM_PROCESSES (SLURM_NTASKS) and, per
-task, JAX_PROCESS_ID (SLURM_PROCID); `ipsr_jax.sharding.initialize_distributed` hands them to
+task, JAX_PROCESS_ID (SLURM_PROCID); `ipsr_jax.runtime.sharding.initialize_distributed` hands them to
 `jax.distributed.initialize`. Every process runs the same `python -m ipsr_jax.main --config=...
 --workdir=...`; arguments after `--` are passed on unchanged. The workdir must be on a
 filesystem all nodes share (or gs://). `--dry-run` prints the exact commands (the script as a
@@ -30,7 +30,7 @@ HEREDOC_END = 'IPSR_SBATCH_EOF'
 # Coordinator port: one per job id, so two jobs sharing a first node do not collide.
 PORT_BASE, PORT_RANGE = 12000, 20000
 # ipsr_jax.main's exit code after SIGTERM/Ctrl-C stopped it at a saved checkpoint
-# (ipsr_jax.preemption.EXIT_PREEMPTED; this script runs without the project installed).
+# (ipsr_jax.runtime.preemption.EXIT_PREEMPTED; this script runs without the project installed).
 EXIT_PREEMPTED = 75
 
 

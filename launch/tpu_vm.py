@@ -15,7 +15,7 @@ run's local workdir to this machine) and `delete`. Everything after `--` is pass
 
 A multi-host slice needs a workdir every worker sees: a `gs://` path (Orbax writes each host's
 shards there). Each worker gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID from
-the TPU VM metadata, which `ipsr_jax.sharding.initialize_distributed` passes to
+the TPU VM metadata, which `ipsr_jax.runtime.sharding.initialize_distributed` passes to
 `jax.distributed.initialize`.
 """
 
@@ -37,7 +37,7 @@ REMOTE_VENV = 'ipsr_venv'
 REMOTE_ARCHIVE = 'ipsr_jax_src.tar.gz'
 COORDINATOR_PORT = 8476
 # ipsr_jax.main's exit code after SIGTERM/Ctrl-C stopped it at a saved checkpoint
-# (ipsr_jax.preemption.EXIT_PREEMPTED; this script runs without the project installed).
+# (ipsr_jax.runtime.preemption.EXIT_PREEMPTED; this script runs without the project installed).
 EXIT_PREEMPTED = 75
 METADATA_URL = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes'
 # Paths of a checkout not worth shipping to the workers.

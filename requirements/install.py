@@ -8,7 +8,7 @@ the one for that Python (`main-py311.txt`, ...), installed with `pip install --r
 every file is the one the suite ran with; then the project itself goes in with `--no-deps -e`.
 `test` adds the packages whose declared dependencies are wrong for this set (extras-nodeps.txt,
 `--no-deps`) and the ahead-of-time compilers, outside the venv in ~/.cache/ipsr_jax/aot where only
-`ipsr_jax.aot` looks (aot.txt). Finally the installed distributions (`pip list`, the same set as
+`ipsr_jax.training.aot` looks (aot.txt). Finally the installed distributions (`pip list`, the same set as
 `pip freeze --all`) must equal the locks' pins, beside the project and the venv's own pip,
 setuptools and wheel; any difference is named and the exit status is 1. Standard library only.
 """
@@ -35,9 +35,9 @@ PROJECT = 'ipsr-jax'
 
 
 def _environment_module():
-  """ipsr_jax/environment.py, loaded by path: its lock reader, without importing the package
+  """ipsr_jax/runtime/environment.py, loaded by path: its lock reader, without importing the package
   (whose dependencies are what this script installs)."""
-  spec = importlib.util.spec_from_file_location('ipsr_jax_environment', ROOT / 'ipsr_jax' / 'environment.py')
+  spec = importlib.util.spec_from_file_location('ipsr_jax_environment', ROOT / 'ipsr_jax' / 'runtime' / 'environment.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

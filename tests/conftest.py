@@ -64,7 +64,7 @@ EMBEDDER_INPUT = 80  # the tiny config's embedder.input_size
 
 def make_run(workdir):
   """Two steps of the tiny config (32x32 faces, ngf=4): config.json + an Orbax checkpoint."""
-  from ipsr_jax import train  # pylint: disable=import-outside-toplevel  (TF via clu: import late)
+  from ipsr_jax.training import train  # pylint: disable=import-outside-toplevel  (TF via clu: import late)
   config = base.get_config('tiny')
   config.loss.identity_weight = 0.0       # no embedder needed to train the generator
   config.train.num_train_steps = 2

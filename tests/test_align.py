@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipsr_jax.data import align
+from ipsr_jax.data import face_align
 from ipsr_jax.data import image_io
 from ipsr_jax.models import mtcnn
 from tests.conftest import facenet_pytorch_module, facenet_pytorch_root
@@ -75,7 +75,7 @@ def params():
 @pytest.fixture(scope='module')
 def detector():
   # The process-wide default detector: align_face() and every test share its compiled functions.
-  return align.default_aligner(128).detector
+  return face_align.default_aligner(128).detector
 
 
 def _read(path) -> np.ndarray:
@@ -130,13 +130,13 @@ def test_area_resampling_matches_torch():
   sat[1:, 1:] = image.astype(np.int64).cumsum(0).cumsum(1)
   crops = np.array([[0, 61, 0, 47], [5, 50, 3, 20], [10, 17, 30, 41], [40, 41, 2, 3]])  # y0 y1 x0 x1
   for out in (24, 48):
-    got = align._crop_area_resample(sat, crops, out)
+    got = face_align._crop_area_resample(sat, crops, out)
     for crop, g in zip(crops, got):
       t = torch.from_numpy(image[crop[0]:crop[1], crop[2]:crop[3]].astype(np.float32))
       want = torch.nn.functional.interpolate(t.permute(2, 0, 1)[None], size=(out, out), mode='area')
       np.testing.assert_allclose(g, want[0].permute(1, 2, 0).numpy(), atol=1e-3)
   # The pyramid's separable matrices are the same operator.
-  wy, wx = align.area_weights(61, 37), align.area_weights(47, 29)
+  wy, wx = face_align.area_weights(61, 37), face_align.area_weights(47, 29)
   got = np.einsum('oh,hwc->owc', wy, image.astype(np.float32))
   got = np.einsum('pw,owc->opc', wx, got)
   want = torch.nn.functional.interpolate(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None],
@@ -173,7 +173,7 @@ def test_blank_and_tiny_images_are_no_face(detector):
   # One size (100x90) for every blank image of this file: one PNet pyramid to compile.
   for image in (np.full((100, 90, 3), 128, np.uint8), np.full((100, 90), 200, np.uint8),
                 np.zeros((10, 8, 3), np.uint8)):
-    result = align.align_face(image)
+    result = face_align.align_face(image)
     assert result.face is None and result.box is None and result.landmarks is None
     assert result.reason == 'no face' and result.score == 0.0
   assert len(detector.detect(np.full((100, 90, 3), 60, np.uint8)).boxes) == 0
@@ -189,11 +189,11 @@ def test_similarity_transform_recovers_a_known_one():
   angle, scale, shift = 0.3, 0.7, np.array([12.0, -5.0])
   rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
   dst = src @ rot.T + shift
-  m = align.similarity_transform(src, dst)
+  m = face_align.similarity_transform(src, dst)
   np.testing.assert_allclose(m[:, :2], rot, atol=1e-9)
   np.testing.assert_allclose(m[:, 2], shift, atol=1e-9)
   # Mirrored points cannot be reached by a similarity: it must not reflect.
-  m = align.similarity_transform(src, src * np.array([-1.0, 1.0]))
+  m = face_align.similarity_transform(src, src * np.array([-1.0, 1.0]))
   assert np.linalg.det(m[:, :2]) > 0
 
 
@@ -203,15 +203,15 @@ def test_warp_puts_a_pixel_where_the_matrix_says(scale):
   y, x = 90, 70
   image[y - 2:y + 3, x - 2:x + 3] = 255  # a blob centred on index (x, y)
   m = np.array([[scale, 0.0, 64 - scale * x], [0.0, scale, 40 - scale * y]])  # (x, y) -> (64, 40)
-  out = align.warp(image, m, 128).astype(np.float64)[..., 0]
+  out = face_align.warp(image, m, 128).astype(np.float64)[..., 0]
   yy, xx = np.mgrid[:128, :128]
   cy, cx = (out * yy).sum() / out.sum(), (out * xx).sum() / out.sum()
   assert abs(cx - 64) < 0.3 and abs(cy - 40) < 0.3
 
 
 def test_template_scales_with_size():
-  np.testing.assert_allclose(align.template(112), align.ARCFACE_TEMPLATE_112)
-  np.testing.assert_allclose(align.template(128)[0], [43.765, 59.082], atol=1e-3)  # left eye
+  np.testing.assert_allclose(face_align.template(112), face_align.ARCFACE_TEMPLATE_112)
+  np.testing.assert_allclose(face_align.template(128)[0], [43.765, 59.082], atol=1e-3)  # left eye
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +219,9 @@ def test_template_scales_with_size():
 
 
 def test_lfw_sample_aligns_eyes_onto_the_template(detector):
-  aligner = align.FaceAligner(128, detector=detector)
-  redetect = align.FaceAligner(128, pad=0.25, detector=detector)
-  eyes = align.template(128)[:2]
+  aligner = face_align.FaceAligner(128, detector=detector)
+  redetect = face_align.FaceAligner(128, pad=0.25, detector=detector)
+  eyes = face_align.template(128)[:2]
   results = [aligner(_read(p)) for p in _lfw_sample(40)]
   ok = [r for r in results if r.face is not None]
   assert len(ok) >= 0.95 * len(results)
@@ -230,8 +230,8 @@ def test_lfw_sample_aligns_eyes_onto_the_template(detector):
     assert r.face.shape == (128, 128, 3) and r.face.dtype == np.uint8
     assert 0.9 <= r.score <= 1.0
     # Where the fit sends the detected eyes...
-    m = align.similarity_transform(r.landmarks, align.template(128))
-    residuals.append(np.abs(align.apply_transform(m, r.landmarks[:2]) - eyes).max())
+    m = face_align.similarity_transform(r.landmarks, face_align.template(128))
+    residuals.append(np.abs(face_align.apply_transform(m, r.landmarks[:2]) - eyes).max())
     # ... and where MTCNN finds them again in the aligned output.
     again = redetect(r.face)
     if again.face is not None:
@@ -245,7 +245,7 @@ def test_orl_sample_with_pad():
   if not ORL.is_dir():
     pytest.skip(f'ORL not found at {ORL}')
   files = sorted(ORL.glob('s*/*.pgm'))[::20]
-  aligner = align.FaceAligner(128, pad=0.25, detector=align.default_aligner(128).detector)
+  aligner = face_align.FaceAligner(128, pad=0.25, detector=face_align.default_aligner(128).detector)
   results = []
   for path in files:
     with Image.open(path) as im:
@@ -265,10 +265,10 @@ def test_no_recompilation_per_image(detector):
   files = _lfw_sample(8)
   for path in files:
     detector.detect(_read(path))
-  _, pyramid = align.pnet_pyramid(250, 250, detector.min_face_size, detector.factor)
+  _, pyramid = face_align.pnet_pyramid(250, 250, detector.min_face_size, detector.factor)
   assert pyramid._cache_size() == 1  # one compile for all 250x250 images
-  assert 1 <= align._rnet_apply._cache_size() <= len(detector.rnet_buckets)
-  assert 1 <= align._onet_apply._cache_size() <= len(detector.onet_buckets)
+  assert 1 <= face_align._rnet_apply._cache_size() <= len(detector.rnet_buckets)
+  assert 1 <= face_align._onet_apply._cache_size() <= len(detector.onet_buckets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,12 +286,12 @@ def _write_bad_files(root: pathlib.Path, blank_hw=(100, 90)):
 def test_align_tree_reports_failures(tmp_path, detector):
   raw = tmp_path / 'raw'
   _write_bad_files(raw)
-  aligner = align.FaceAligner(128, detector=detector)
+  aligner = face_align.FaceAligner(128, detector=detector)
   faces = _lfw_sample(3) if LFW.is_dir() else []
   for path in faces:
     (raw / path.parent.name).mkdir(exist_ok=True)
     (raw / path.parent.name / path.name).write_bytes(path.read_bytes())
-  report = align.align_tree(raw, tmp_path / 'out', size=128, workers=2, aligner=aligner)
+  report = face_align.align_tree(raw, tmp_path / 'out', size=128, workers=2, aligner=aligner)
   on_disk = json.loads((tmp_path / 'out' / 'report.json').read_text())
   assert on_disk == report
   assert report['total'] == 2 + len(faces)
@@ -316,19 +316,19 @@ def test_align_tree_jpeg_and_bad_arguments(tmp_path, detector):
     face = _lfw_sample(1)[0]
     (raw / 'person').mkdir()
     (raw / 'person' / face.name).write_bytes(face.read_bytes())
-  aligner = align.FaceAligner(96, detector=detector)
-  report = align.align_tree(raw, tmp_path / 'out', size=96, workers=1, image_format='jpg',
+  aligner = face_align.FaceAligner(96, detector=detector)
+  report = face_align.align_tree(raw, tmp_path / 'out', size=96, workers=1, image_format='jpg',
                             aligner=aligner)
   assert report['format'] == 'jpg' and report['failed'] == 2
   for out in (tmp_path / 'out').rglob('*.jpg'):
     with Image.open(out) as im:
       assert im.size == (96, 96) and im.format == 'JPEG'
   with pytest.raises(ValueError):
-    align.align_tree(raw, tmp_path / 'x', size=128, aligner=aligner)  # aligner is 96
+    face_align.align_tree(raw, tmp_path / 'x', size=128, aligner=aligner)  # aligner is 96
   with pytest.raises(ValueError):
-    align.align_tree(raw, tmp_path / 'x', size=96, aligner=aligner, image_format='gif')
+    face_align.align_tree(raw, tmp_path / 'x', size=96, aligner=aligner, image_format='gif')
   with pytest.raises(FileNotFoundError):
-    align.align_tree(tmp_path / 'missing', tmp_path / 'x', aligner=aligner)
+    face_align.align_tree(tmp_path / 'missing', tmp_path / 'x', aligner=aligner)
 
 
 def test_cli(tmp_path, capsys, monkeypatch):
@@ -353,8 +353,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
 def test_all_of_lfw(tmp_path, detector):
   if not LFW.is_dir():
     pytest.skip(f'LFW not found at {LFW}')
-  report = align.align_tree(LFW, tmp_path / 'lfw', size=128,
-                            aligner=align.FaceAligner(128, detector=detector))
+  report = face_align.align_tree(LFW, tmp_path / 'lfw', size=128,
+                            aligner=face_align.FaceAligner(128, detector=detector))
   assert report['total'] == 13233
   assert report['unreadable'] == 0
   assert report['success_rate'] >= 0.98
@@ -371,7 +371,7 @@ class _CountingAligner:
       raise KeyboardInterrupt  # the run is killed here
     self.seen.append(image.shape)
     face = np.full((self.size, self.size, 3), int(image.mean()), np.uint8)
-    return align.AlignResult(face, None, None, 0.99)
+    return face_align.AlignResult(face, None, None, 0.99)
 
 
 def test_align_tree_resumes_a_killed_run(tmp_path):
@@ -382,12 +382,12 @@ def test_align_tree_resumes_a_killed_run(tmp_path):
       Image.fromarray(np.full((24, 20, 3), 40 * person + n, np.uint8)).save(path)
   killed = _CountingAligner(die_after=5)
   with pytest.raises(KeyboardInterrupt):
-    align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=killed)
+    face_align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=killed)
   done = sorted(tmp_path.joinpath('out').rglob('*.png'))
   assert len(done) == 5 and not list(tmp_path.joinpath('out').rglob('*partial*'))
   assert not (tmp_path / 'out' / 'report.json').exists()
   resumed = _CountingAligner()
-  report = align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=resumed)
+  report = face_align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=resumed)
   assert len(resumed.seen) == 12 - 5  # only what the killed run had not written
   assert report['aligned'] == 12 and report['resumed'] == 5 and report['failed'] == 0
   assert len(list(tmp_path.joinpath('out').rglob('*.png'))) == 12
@@ -399,7 +399,7 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path, capsys):
     path = tmp_path / 'in' / 'p' / f'{n}.jpg'
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((24, 20, 3), 10 * n, np.uint8)).save(path)
-  align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=_CountingAligner(),
+  face_align.align_tree(tmp_path / 'in', tmp_path / 'out', size=16, workers=1, aligner=_CountingAligner(),
                    progress=True)
   out = capsys.readouterr()
   assert '\r' not in out.out + out.err

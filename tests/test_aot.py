@@ -2,7 +2,7 @@
 real step for what issue 25 found (GPU GEMM tiling, FSDP collectives, bf16 gradient sums).
 
 The compilers (libtpu, the CUDA PJRT plugin) come from README's test command, installed beside
-the project (`ipsr_jax.aot.DEFAULT_PLUGINS`); the tests that need one skip without it. Each
+the project (`ipsr_jax.training.aot.DEFAULT_PLUGINS`); the tests that need one skip without it. Each
 compile runs in its own process, as the tool does.
 """
 
@@ -72,7 +72,7 @@ def _collectives(report, kind):
 
 
 def test_collectives_are_read_from_hlo():
-  from ipsr_jax import aot  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.training import aot  # pylint: disable=import-outside-toplevel
   hlo = '\n'.join([
       'HloModule m', '',
       '%all-reduce-scatter.7 (input_0: f32[64], input_1: f32[32]) -> (f32[8], f32[4]) {',
@@ -109,7 +109,7 @@ def test_collectives_are_read_from_hlo():
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():
-  from ipsr_jax import aot, chips  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.training import aot, chips  # pylint: disable=import-outside-toplevel
   v5e = chips.by_name('v5e')
   r = aot.roofline(flops=197e12 * 0.010, bytes_accessed=0.819e12 * 0.004, per_chip_batch=64, chip=v5e,
                    dtype='bfloat16', num_chips=8)
@@ -124,7 +124,7 @@ def test_roofline_is_the_slower_of_compute_and_memory():
 @needs_tpu
 @needs_gpu
 def test_topology_names():
-  code = ('from ipsr_jax import aot\n'
+  code = ('from ipsr_jax.training import aot\n'
           'for n in ("v5e-8", "v5e-256", "v4-32", "v5p-128", "v6e-64", "h100-8", "h200-16", "a100-8"):\n'
           '  t = aot.topology(n); print(n, len(t.devices), t.chip.name, t.devices[0].device_kind)\n'
           'try:\n  aot.topology("v5e-6")\nexcept ValueError as e: print("error", e)\n')
@@ -163,7 +163,7 @@ def test_tpu_report(tmp_root):
 def _param_bytes(ngf_args=SMALL):
   """Bytes of the UNet parameters the step trains (float32), from the same config."""
   code = ('import sys, jax, numpy as np\n'
-          'from configs import base\nfrom ipsr_jax import train, sharding\n'
+          'from configs import base\nfrom ipsr_jax.runtime import sharding\nfrom ipsr_jax.training import train\n'
           'from ipsr_jax.models import unet\n'
           'c = base.get_config("tiny"); c.model.ngf = 16\n'
           'g = unet.from_config(c.model)\n'
@@ -221,7 +221,7 @@ def test_no_compile_or_no_fit_is_one_error_line(tmp_path, outcome):
   but needs more than the chip's HBM: exit 1, one Error line, aot.json says why."""
   code = f'''
 import sys
-from ipsr_jax import aot, chips
+from ipsr_jax.training import aot, chips
 from ipsr_jax.tools import aot_compile
 devices = tuple(object() for _ in range(8))
 aot.topology = lambda name: aot.Topology(name, chips.by_name('v5e'), devices, 'tpu')
@@ -263,7 +263,7 @@ def test_gpu_resize_gradient_compiles_in_both_orders_of_use():
   """The resize itself, 128 -> 160 and 128 -> 7 (the degradation), forward and backward, on H100;
   and the einsum it replaced still fails there, so the test guards what it claims to."""
   code = '''
-from ipsr_jax import aot
+from ipsr_jax.training import aot
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ipsr_jax.ops import resize

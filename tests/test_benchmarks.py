@@ -16,7 +16,7 @@ import pytest
 from benchmarks import evaluate as evaluate_bench
 from benchmarks import train_step as step_bench
 from configs import base
-from ipsr_jax import train
+from ipsr_jax.training import train
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib

@@ -1,4 +1,4 @@
-"""One XLA CPU device per core by default (ipsr_jax/cpu_devices.py), the user's choice kept, and
+"""One XLA CPU device per core by default (ipsr_jax/runtime/cpu_devices.py), the user's choice kept, and
 embeddings and SR faces that depend neither on the count nor on the inference fusion (training losses on 1 vs N CPU devices and
 a resume across a change of it: tests/test_train.py)."""
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ipsr_jax import cpu_devices
+from ipsr_jax.runtime import cpu_devices
 from tests.conftest import EMBEDDER_INPUT, REPO
 from tests.test_train import make_embedder
 
@@ -26,7 +26,8 @@ def _clean_env(**extra):
 
 
 def _device_count(env):
-  out = subprocess.run([sys.executable, '-c', 'import ipsr_jax, jax; print(jax.device_count())'],
+  out = subprocess.run([sys.executable, '-c', 'from ipsr_jax.runtime import cpu_devices; cpu_devices.configure(); '
+                        'import jax; print(jax.device_count())'],
                        env=env, capture_output=True, text=True, timeout=300, check=True)
   return int(out.stdout.split()[-1])
 
@@ -44,6 +45,13 @@ def test_resolve_and_users_choice(monkeypatch):
   assert 'XLA_FLAGS' in cpu_devices.users_choice()
 
 
+def test_importing_the_package_leaves_the_devices_alone():
+  code = 'import ipsr_jax, ipsr_jax.api, ipsr_jax.main, jax; print(jax.device_count())'
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_clean_env(),
+                       capture_output=True, text=True, timeout=300, check=True)
+  assert out.stdout.split()[-1] == '1'  # JAX's own default: the entry points configure
+
+
 def test_default_is_one_device_per_core_and_the_users_choice_wins():
   assert _device_count(_clean_env()) == cpu_devices.cores()
   assert _device_count(_clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=3')) == 3
@@ -54,7 +62,8 @@ def test_default_is_one_device_per_core_and_the_users_choice_wins():
   # Pinned to one core (taskset, a cpuset, a SLURM binding): one device.
   if hasattr(os, 'sched_setaffinity'):
     out = subprocess.run([sys.executable, '-c', 'import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); '
-                          'import ipsr_jax, jax; print(jax.device_count())'],
+                          'from ipsr_jax.runtime import cpu_devices; cpu_devices.configure(); '
+                          'import jax; print(jax.device_count())'],
                          env=_clean_env(), capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.split()[-1] == '1'
 
@@ -99,7 +108,7 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
 
 def test_cpu_mesh_uses_the_most_devices_the_batch_splits_over():
   """Batch 16 on 3 CPU devices (a 3-core machine's default) trains on 2 of them instead of failing."""
-  code = ('import ipsr_jax, jax; from ipsr_jax import sharding; from configs import base; '
+  code = ('from ipsr_jax.runtime import cpu_devices, sharding; cpu_devices.configure(); from configs import base; '
           'm = base.get_config().mesh; print(sharding.make_mesh(m, 16).devices.size, sharding.make_mesh(m, 12).devices.size, '
           'sharding.make_mesh(m).devices.size)')
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES='3'),
@@ -163,6 +172,6 @@ def test_embedder_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
 def test_only_the_embedder_compiles_with_the_fusion():
   """The YNNPACK elementwise fusion computes arctanh(clip(x)) wrongly (off by up to 3.8 with jax
   0.10.2): SuperResolver and Pipeline (the residual generator) keep XLA's fusions."""
-  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
   assert inference.Embedder.cpu_fusion
   assert not inference.SuperResolver.cpu_fusion and not inference.Pipeline.cpu_fusion

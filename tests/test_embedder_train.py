@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from configs import base
-from ipsr_jax import embedder_train
+from ipsr_jax.training import embedder_train
 from ipsr_jax.data import degrade
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ipsr_jax import api
-from ipsr_jax import export as export_lib
+from ipsr_jax.serving import jax_export as export_lib
 from ipsr_jax.tools import export as export_tool
 from tests.conftest import REPO
 from tests.conftest import EMBEDDER_INPUT
@@ -24,11 +24,11 @@ def sr(run_dir):
 FRESH = r'''
 import json, sys
 import numpy as np
-from ipsr_jax import export
+from ipsr_jax.serving import jax_export
 inputs = np.load(sys.argv[1])
 outputs = {}
 for name, path, function in json.loads(sys.argv[2]):
-  fn = export.load(path, function)
+  fn = jax_export.load(path, function)
   for n in (1, 5, 11):
     out = fn(inputs[name][:n])
     for key, value in (out.items() if isinstance(out, dict) else [('out', out)]):
@@ -37,7 +37,7 @@ for name, path, function in json.loads(sys.argv[2]):
 np.savez(sys.argv[3], **outputs)
 model_code = sorted(m for m in sys.modules
                     if m.split('.')[0] in ('flax', 'optax', 'orbax') or m.startswith(
-                        ('ipsr_jax.models', 'ipsr_jax.inference', 'ipsr_jax.train', 'ipsr_jax.api')))
+                        ('ipsr_jax.models', 'ipsr_jax.serving.inference', 'ipsr_jax.training.train', 'ipsr_jax.api')))
 print(json.dumps(model_code))
 '''
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ipsr_jax import api
-from ipsr_jax import inference
+from ipsr_jax.serving import inference
 from ipsr_jax.models import convert
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.ops import resize as resize_lib
@@ -23,7 +23,7 @@ from tests.conftest import EMBEDDER_INPUT, REPO, SHARED_DATA
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 cv2 = pytest.importorskip('cv2')
-from ipsr_jax import export_onnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ipsr_jax.serving import onnx_export  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ipsr_jax.tools import export as export_tool  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LFW_PEOPLE = ('Aaron_Peirsol', 'Adrien_Brody')  # two photos each
@@ -135,7 +135,7 @@ def test_super_resolver_matches_api(faces, tmp_path, lr_size, dtype, residual):
   x = faces if lr_size is None else resize_lib.resize_np(faces, lr_size)
   x = x.astype(dtype)
   path = tmp_path / 'sr.onnx'
-  export_onnx.save(export_onnx.export_super_resolver(sr, lr_size=lr_size, input_dtype=dtype), path)
+  onnx_export.save(onnx_export.export_super_resolver(sr, lr_size=lr_size, input_dtype=dtype), path)
   run = Runners(path)
   figures = {}
   for n in (len(x), 2):  # two batch sizes through one file: the batch dimension is symbolic
@@ -147,7 +147,7 @@ def test_super_resolver_matches_api(faces, tmp_path, lr_size, dtype, residual):
 
 def test_graph_structure_and_metadata(tmp_path):
   sr = random_sr(size=32, ngf=4, num_downs=5)
-  model = export_onnx.export_super_resolver(sr, lr_size=(8, 6), input_dtype='uint8',
+  model = onnx_export.export_super_resolver(sr, lr_size=(8, 6), input_dtype='uint8',
                                             metadata=dict(workdir='runs/x'))
   ops = {n.op_type for n in model.graph.node}
   assert 'Resize' not in ops and 'BatchNormalization' not in ops and 'Dropout' not in ops
@@ -157,17 +157,17 @@ def test_graph_structure_and_metadata(tmp_path):
   dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
   assert inp.name == 'images' and dims == ['batch', 8, 6, 3]
   assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-  assert model.opset_import[0].version == export_onnx.OPSET
-  meta = export_onnx.read_metadata(model)
-  assert meta['opset'] == export_onnx.OPSET and meta['input_layout'] == 'NHWC'
+  assert model.opset_import[0].version == onnx_export.OPSET
+  meta = onnx_export.read_metadata(model)
+  assert meta['opset'] == onnx_export.OPSET and meta['input_layout'] == 'NHWC'
   assert meta['input_dtype'] == 'uint8' and meta['input_shape'] == ['batch', 8, 6, 3]
   assert meta['step'] == 123 and meta['image_size'] == 32 and meta['lr_size'] == [8, 6]
   assert meta['workdir'] == 'runs/x' and 'NHWC' in model.doc_string
   path = tmp_path / 'm.onnx'
-  assert export_onnx.save(model, path) == os.path.getsize(path)
-  assert export_onnx.read_metadata(path) == meta
+  assert onnx_export.save(model, path) == os.path.getsize(path)
+  assert onnx_export.read_metadata(path) == meta
   with pytest.raises(ValueError, match='input_dtype'):
-    export_onnx.export_super_resolver(sr, input_dtype='float16')
+    onnx_export.export_super_resolver(sr, input_dtype='float16')
 
 
 # -------------------------------------------------------------------------------- SR + embedder
@@ -195,8 +195,8 @@ def test_pipeline_matches_api(tiny_sr, tiny_embedder, faces, tmp_path, mode, lr_
   pipe = api.Pipeline(tiny_sr, emb, mode=mode)
   x = resize_lib.resize_np(faces, lr_size or (32, 32)).astype(dtype)
   path = tmp_path / 'pipe.onnx'
-  export_onnx.save(export_onnx.export_pipeline(pipe, lr_size=lr_size, input_dtype=dtype), path)
-  meta = export_onnx.read_metadata(path)
+  onnx_export.save(onnx_export.export_pipeline(pipe, lr_size=lr_size, input_dtype=dtype), path)
+  meta = onnx_export.read_metadata(path)
   assert meta['mode'] == mode and meta['embedding_size'] == pipe.embedding_size
   assert meta['embedder_input_size'] == EMBEDDER_INPUT and meta['embedder_width'] == 0.125
   assert meta['embedder_standardization'] == standardization
@@ -229,7 +229,7 @@ def test_facenet_pipeline_matches_api(faces, tmp_path):
   pipe = api.Pipeline(random_sr(), emb, mode='concat')
   x = resize_lib.resize_np(faces[:4], (16, 16))
   path = tmp_path / 'facenet.onnx'
-  export_onnx.save(export_onnx.export_pipeline(pipe, lr_size=(16, 16), input_dtype='uint8'), path)
+  onnx_export.save(onnx_export.export_pipeline(pipe, lr_size=(16, 16), input_dtype='uint8'), path)
   want = pipe(x)
   run = Runners(path)
   for name, fn in (('onnxruntime', run.ort), ('opencv', run.opencv)):
@@ -238,7 +238,7 @@ def test_facenet_pipeline_matches_api(faces, tmp_path):
     print('facenet', name, 'embedding', diff)
     assert got['embedding'].shape == (4, 1024) and diff <= EMBEDDING_TOL, (name, diff)
     check_sr(got['sr'], pipe.sr, x, name)
-  meta = export_onnx.read_metadata(path)
+  meta = onnx_export.read_metadata(path)
   assert '20180408-102900' in meta['embedder_source'] and meta['embedding_size'] == 1024
 
 
@@ -255,13 +255,13 @@ def test_cli_writes_and_verifies_both_files(run_dir, embedder_dir, tmp_path):
   assert 'reloaded in onnxruntime; max |onnx - api|' in result.stdout
   files = {'probe.onnx': 'sr', 'probe_embed.onnx': 'sr_embed'}
   for name, function in files.items():
-    meta = export_onnx.read_metadata(tmp_path / name)
-    assert meta['function'] == function and meta['opset'] == export_onnx.OPSET
+    meta = onnx_export.read_metadata(tmp_path / name)
+    assert meta['function'] == function and meta['opset'] == onnx_export.OPSET
     assert (meta['input_name'], meta['input_layout'], meta['input_dtype'], meta['input_range']) == (
         'images', 'NHWC', 'uint8', '0..255')
     assert meta['input_shape'] == ['batch', 8, 6, 3] and meta['lr_size'] == [8, 6]
     assert meta['step'] == 2 and meta['image_size'] == 32
-  meta = export_onnx.read_metadata(tmp_path / 'probe_embed.onnx')
+  meta = onnx_export.read_metadata(tmp_path / 'probe_embed.onnx')
   assert meta['mode'] == 'concat' and meta['embedding_size'] == 128
   assert meta['embedder_input_size'] == EMBEDDER_INPUT
   assert export_tool.pipeline_path('a/b.onnx') == 'a/b_embed.onnx'
@@ -275,7 +275,7 @@ def test_tool_skips_the_check_without_onnxruntime(run_dir, tmp_path, monkeypatch
 
 
 def test_product_imports_no_reference_runtime():
-  code = ('import sys; import ipsr_jax.export_onnx, ipsr_jax.tools.export; print(sorted({m.split'
+  code = ('import sys; import ipsr_jax.serving.onnx_export, ipsr_jax.tools.export; print(sorted({m.split'
           '(".")[0] for m in sys.modules} & {"onnxruntime", "cv2", "torch"}))')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)

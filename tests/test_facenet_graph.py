@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ipsr_jax import api
-from ipsr_jax import inference
+from ipsr_jax.serving import inference
 from ipsr_jax.models import convert, embedder_store, graphdef
 from ipsr_jax.models import inception_resnet_v1 as irv1
 from ipsr_jax.tools import convert_facenet

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ipsr_jax import train
+from ipsr_jax.training import train
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.ops import frozen_conv
 from ipsr_jax.ops import pooling

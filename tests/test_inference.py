@@ -14,8 +14,8 @@ from PIL import Image
 import pytest
 
 from ipsr_jax import api
-from ipsr_jax import checkpointing
-from ipsr_jax import inference
+from ipsr_jax.runtime import checkpointing
+from ipsr_jax.serving import inference
 from ipsr_jax.data import image_io
 from ipsr_jax.data.image_folder import ImageFolder
 from ipsr_jax.models import embedder_store
@@ -47,7 +47,7 @@ def pipe(sr, embedder):
 @pytest.fixture(scope='module')
 def direct(run_dir):
   """The generator applied the training code's way, straight from the checkpoint."""
-  from ipsr_jax import train  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.training import train  # pylint: disable=import-outside-toplevel
   config = inference.load_run_config(run_dir)
   generator = unet_lib.from_config(config.model)
   _, variables = checkpointing.Checkpointer(run_dir, read_only=True).restore_model()
@@ -75,7 +75,7 @@ def test_one_batched_base_and_a_one_way_dependency(sr, embedder, pipe):
       imported |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom):
       imported |= {f'{node.module}.{a.name}' for a in node.names} | {node.module}
-  assert 'ipsr_jax.api' not in imported and 'ipsr_jax.inference' in {
+  assert 'ipsr_jax.api' not in imported and 'ipsr_jax.serving.inference' in {
       n.module for n in ast.walk(ast.parse(pathlib.Path(api.__file__).read_text()))
       if isinstance(n, ast.ImportFrom)}
   for model in (sr, embedder, pipe):

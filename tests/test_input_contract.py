@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.onnx_sr import random_variables
 from ipsr_jax import api
-from ipsr_jax import export as export_lib
+from ipsr_jax.serving import jax_export as export_lib
 from ipsr_jax.data import contract
 from ipsr_jax.models import unet as unet_lib
 from tests.conftest import EMBEDDER_INPUT
@@ -274,6 +274,6 @@ def test_exported_models_state_the_contract(models, tmp_path):
   path = tmp_path / 'sr.jaxexport'
   export_lib.save(path, {'sr': export_lib.export_super_resolver(sr, platforms=('cpu',))})
   assert export_lib.read_header(path)['input_contract'] == contract.INPUT_CONTRACT
-  export_onnx = pytest.importorskip('ipsr_jax.export_onnx')
+  export_onnx = pytest.importorskip('ipsr_jax.serving.onnx_export')
   meta = export_onnx.read_metadata(export_onnx.export_super_resolver(sr, input_dtype='uint8'))
   assert meta['input_contract'] == contract.INPUT_CONTRACT and meta['input_dtype'] == 'uint8'

@@ -19,7 +19,7 @@ import tomllib
 from packaging.requirements import Requirement
 import pytest
 
-from ipsr_jax import environment
+from ipsr_jax.runtime import environment
 from tests.conftest import REPO
 
 LOCKS = REPO / 'requirements'

@@ -168,7 +168,7 @@ def test_tpu_train_step_runs_again_after_a_preemption(tmp_path):
   an error (exit 1) is not retried."""
   sys.path.insert(0, str(TPU.parent))
   import tpu_vm  # pylint: disable=import-outside-toplevel
-  from ipsr_jax import preemption  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.runtime import preemption  # pylint: disable=import-outside-toplevel
   assert tpu_vm.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
@@ -270,12 +270,12 @@ def _free_port_in(lo, hi):
 
 
 def test_slurm_script_starts_jax_distributed(tmp_path):
-  """The script's environment is what ipsr_jax.sharding.initialize_distributed needs: two real
+  """The script's environment is what ipsr_jax.runtime.sharding.initialize_distributed needs: two real
   processes join one jax.distributed job (CPU) through the coordinator the script picks."""
   probe = tmp_path / 'probe.py'
   probe.write_text(
       'import json, os, sys\n'
-      'from ipsr_jax import sharding\n'
+      'from ipsr_jax.runtime import sharding\n'
       'import jax\n'
       'sharding.initialize_distributed()\n'
       "with open(os.path.join(os.environ['RECORD_DIR'], f'call_{jax.process_index()}.json'),"
@@ -298,7 +298,7 @@ def test_slurm_script_starts_jax_distributed(tmp_path):
 
 def test_slurm_requeues_a_preempted_run_and_not_a_failed_one(tmp_path):
   """Exit code 75 (stopped at a saved checkpoint) requeues the job; 1 (an error) does not."""
-  from ipsr_jax import preemption  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.runtime import preemption  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(SLURM.parent))
   import slurm_gpu  # pylint: disable=import-outside-toplevel
   assert slurm_gpu.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75

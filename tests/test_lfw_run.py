@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ipsr_jax import demo
+from ipsr_jax import experiments
 from tests.conftest import REPO
 from tests.test_demo import MAX_TERMINAL_LINES
 
@@ -137,7 +137,7 @@ def test_lfw_config_second_run_trains_and_embeds_nothing(lfw_run):
 
 def test_stage0_aligns_the_evaluation_sets_and_drops_an_empty_one(tmp_path, monkeypatch):
   from configs import lfw as lfw_config  # pylint: disable=import-outside-toplevel
-  from ipsr_jax.data import align  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.data import face_align  # pylint: disable=import-outside-toplevel
   calls = []
 
   def fake_align_tree(src, out, size, pad, progress):
@@ -151,13 +151,13 @@ def test_stage0_aligns_the_evaluation_sets_and_drops_an_empty_one(tmp_path, monk
   config = lfw_config.get_config()
   config.data.root = str(tmp_path / 'lfw')
   config.evals.orl.root = str(tmp_path / 'orl')
-  aligned = demo._aligned(config, str(tmp_path / 'w'))  # pylint: disable=protected-access
+  aligned = experiments._aligned(config, str(tmp_path / 'w'))  # pylint: disable=protected-access
   assert calls == [(str(tmp_path / 'lfw' / 'images_deepfunneled'), str(tmp_path / 'w' / 'aligned'), 128, 0.0),
                    (str(tmp_path / 'orl'), str(tmp_path / 'w' / 'aligned_orl'), 128, 0.25)]
   assert aligned.data.root == str(tmp_path / 'w' / 'aligned')
   assert aligned.evals.orl.root == str(tmp_path / 'w' / 'aligned_orl')
   assert config.evals.orl.root == str(tmp_path / 'orl')  # the caller's config is left alone
-  again = demo._aligned(config, str(tmp_path / 'w'))  # pylint: disable=protected-access
+  again = experiments._aligned(config, str(tmp_path / 'w'))  # pylint: disable=protected-access
   assert len(calls) == 2 and again.evals.orl.root == aligned.evals.orl.root  # done: reused
   config.evals.orl.root = ''
-  assert 'orl' not in demo._aligned(config, str(tmp_path / 'w2')).evals  # pylint: disable=protected-access
+  assert 'orl' not in experiments._aligned(config, str(tmp_path / 'w2')).evals  # pylint: disable=protected-access

@@ -16,7 +16,7 @@ from ipsr_jax.data import degrade
 from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import embedding_cache
 from ipsr_jax.evaluation import protocols
-from ipsr_jax.evaluation import steps
+from ipsr_jax.evaluation import protocol_steps
 
 REAL_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 
@@ -452,13 +452,13 @@ def _plan(**overrides):
   kwargs = dict(name='generic', natural=False, conditions=('7x6',), lr_sizes={'7x6': (7, 6)},
                 probe_group={'7x6': protocols.ALL}, methods=('hr', 'bicubic', 'sr', 'sr_concat'),
                 sr_names=('sr',), hr_size=(128, 128), hr_probe_size=None, natural_lr_size=(64, 64))
-  return steps.Plan(**{**kwargs, **overrides})
+  return protocol_steps.Plan(**{**kwargs, **overrides})
 
 
 def test_step_population_keeps_each_trial_split_apart():
   records, _ = _toy_dataset(num_ids=5, per_id=3)
   splits = [protocols.generic_identity_split(records, seed) for seed in (0, 1, 2)]
-  population = steps.Population(records, splits)
+  population = protocol_steps.Population(records, splits)
   galleries, probes = set(), set()
   for split in splits:
     g, p = set(population.indices(split.gallery)), set(population.indices(split.all_probes()))
@@ -476,8 +476,8 @@ def test_step_population_keeps_each_trial_split_apart():
 def test_step_degrade_and_super_resolve():
   rng = np.random.default_rng(0)
   hr = np.stack([_face(rng) for _ in range(3)])
-  chains = steps.degrade_probes(_plan(conditions=('7x6', '16x16'), lr_sizes={'7x6': (7, 6), '16x16': (16, 16)}),
-                                steps.Lazy(lambda: hr), steps.Lazy(lambda: pytest.fail('synthetic LR reads no raw face')))
+  chains = protocol_steps.degrade_probes(_plan(conditions=('7x6', '16x16'), lr_sizes={'7x6': (7, 6), '16x16': (16, 16)}),
+                                protocol_steps.Lazy(lambda: hr), protocol_steps.Lazy(lambda: pytest.fail('synthetic LR reads no raw face')))
   assert list(chains) == ['7x6', '16x16']
   lr, bicubic = chains['7x6']
   np.testing.assert_array_equal(lr(), degrade.bicubic_resize(hr, (7, 6)))
@@ -485,35 +485,35 @@ def test_step_degrade_and_super_resolve():
   assert chains['16x16'][1]().shape == (3, 128, 128, 3) and bicubic().dtype == np.uint8
   # Natural LR: the face as captured, to 64x64, then 128x128; one chain for every distance.
   raw = [_face(rng, 20), _face(rng, 30)]
-  natural = steps.degrade_probes(_plan(natural=True), steps.Lazy(lambda: pytest.fail('no HR')), steps.Lazy(lambda: raw))
+  natural = protocol_steps.degrade_probes(_plan(natural=True), protocol_steps.Lazy(lambda: pytest.fail('no HR')), protocol_steps.Lazy(lambda: raw))
   (key, (lr, bicubic)), = natural.items()
-  assert key == steps.ANY and lr().shape == (2, 64, 64, 3)
+  assert key == protocol_steps.ANY and lr().shape == (2, 64, 64, 3)
   np.testing.assert_array_equal(bicubic(), degrade.bicubic_resize(lr(), (128, 128)))
   # LFW's 'hr' probe goes through 112x96; elsewhere it is the HR face itself.
-  np.testing.assert_array_equal(steps.hr_probe(_plan(hr_probe_size=(112, 96)), steps.Lazy(lambda: hr))(),
+  np.testing.assert_array_equal(protocol_steps.hr_probe(_plan(hr_probe_size=(112, 96)), protocol_steps.Lazy(lambda: hr))(),
                                 degrade.degrade(hr, (112, 96), (128, 128)))
-  assert steps.hr_probe(_plan(), steps.Lazy(lambda: hr))() is hr
+  assert protocol_steps.hr_probe(_plan(), protocol_steps.Lazy(lambda: hr))() is hr
   # Super-resolution: lazy, in slices of at most `chunk`, shape-checked.
   calls = []
-  sr = steps.super_resolve(lambda x: calls.append(len(x)) or 255 - x, 'sr', steps.Lazy(lambda: hr), chunk=2)
+  sr = protocol_steps.super_resolve(lambda x: calls.append(len(x)) or 255 - x, 'sr', protocol_steps.Lazy(lambda: hr), chunk=2)
   assert calls == []
   np.testing.assert_array_equal(sr(), 255 - hr)
   assert calls == [2, 1] and sr() is sr()  # computed once
   with pytest.raises(ValueError, match=r"sr_fns\['bad'\] returned"):
-    steps.super_resolve(lambda x: x[:, ::2], 'bad', steps.Lazy(lambda: hr), chunk=2)()
+    protocol_steps.super_resolve(lambda x: x[:, ::2], 'bad', protocol_steps.Lazy(lambda: hr), chunk=2)()
 
 
 def test_step_embeddings_through_the_cache(tmp_path):
   records, load = _toy_dataset(num_ids=4, per_id=2)
   splits = [protocols.generic_identity_split(records, 0)]
-  population = steps.Population(records, splits)
+  population = protocol_steps.Population(records, splits)
   idx = population.probes
-  faces = steps.Lazy(lambda: np.stack([load(records[i]) for i in idx]))
+  faces = protocol_steps.Lazy(lambda: np.stack([load(records[i]) for i in idx]))
   calls = []
 
   def embeddings(embed):
     cache = embedding_cache.RecordCache.open(tmp_path, {'emb': 'toy', 'sr': 'g1'}, records, None, extra='x')
-    return steps.Embeddings({'emb': embed}, population, cache, chunk=3), cache
+    return protocol_steps.Embeddings({'emb': embed}, population, cache, chunk=3), cache
 
   first, cache = embeddings(_toy_embed(calls))
   first.compute(idx, faces, '7x6', 'sr')
@@ -527,7 +527,7 @@ def test_step_embeddings_through_the_cache(tmp_path):
   assert cache.path('emb', '7x6', 'sr', idx) == path and os.path.exists(path)
   # A second run reads both back and embeds nothing; 'sr_concat' joins them without a file.
   second, _ = embeddings(lambda x: pytest.fail('everything is cached'))
-  second.compute(idx, steps.Lazy(lambda: pytest.fail('a cached chunk decodes nothing')), '7x6', 'sr')
+  second.compute(idx, protocol_steps.Lazy(lambda: pytest.fail('a cached chunk decodes nothing')), '7x6', 'sr')
   second.compute(idx, faces, '7x6', 'bicubic')
   assert second.embedded == 0 and second.progress_note() == '0 faces embedded, 2 chunks from the cache'
   np.testing.assert_array_equal(second.probe('emb', '7x6', 'sr', idx), first.probe('emb', '7x6', 'sr', idx))
@@ -553,7 +553,7 @@ def test_step_ranker_against_brute_force():
   gallery = centres[g_labels] + 0.8 * rng.normal(size=(len(g_labels), 16))
   p_labels = rng.integers(0, 7, 29)
   probes = centres[p_labels] + 1.2 * rng.normal(size=(29, 16))
-  ranker = steps.GalleryRanker(gallery, g_labels, max_rank=5, gallery_block=3, probe_block=4)
+  ranker = protocol_steps.GalleryRanker(gallery, g_labels, max_rank=5, gallery_block=3, probe_block=4)
   ranks = _brute_force_ranks(probes, p_labels, gallery, g_labels)
   assert 0 < (ranks == 0).mean() < 1  # neither trivial nor hopeless
   curve = ranker.cmc(probes, p_labels)
@@ -566,21 +566,21 @@ def test_step_ranker_against_brute_force():
   mean_sim = (unit(probes) @ unit(gallery).T + unit(other) @ unit(gallery).T) / 2
   want = [sum(mean_sim[p, g_labels == g].max() >= mean_sim[p, g_labels == l].max() for g in set(g_labels) - {l})
           for p, l in enumerate(p_labels)]
-  concat = ranker.cmc(steps.concat_embeddings(probes, other), p_labels, concat=True)
+  concat = ranker.cmc(protocol_steps.concat_embeddings(probes, other), p_labels, concat=True)
   np.testing.assert_allclose(concat, [(np.array(want) < k).mean() for k in range(1, 6)])
 
 
 def test_step_summarise_averages_the_trials():
   plan = _plan(conditions=('7x6', '16x16'), methods=('hr', 'sr'))
-  scores = steps.TrialScores(
+  scores = protocol_steps.TrialScores(
       rank1={'emb': {'7x6': {'hr': [1.0, 0.5], 'sr': [0.25, 0.75]}}},  # 16x16: no probes in any trial
       cmc={'emb': {'7x6': {'hr': [np.array([1.0, 1.0]), np.array([0.5, 1.0])],
                            'sr': [np.array([0.25, 0.5]), np.array([0.75, 1.0])]}}},
       num_probes={'7x6': 4})
   records, _ = _toy_dataset(num_ids=3, per_id=2)
   splits = [protocols.generic_identity_split(records, s) for s in (0, 1)]
-  examples = steps.ExampleFaces(steps.Population(records, splits), 0, natural=False)
-  res = steps.summarise(plan, [0, 1], splits, scores, None, examples)
+  examples = protocol_steps.ExampleFaces(protocol_steps.Population(records, splits), 0, natural=False)
+  res = protocol_steps.summarise(plan, [0, 1], splits, scores, None, examples)
   assert res['conditions'] == ['7x6'] and res['methods'] == ['hr', 'sr'] and res['trials'] == [0, 1]
   assert res['rank1'] == {'7x6': {'hr': 0.75, 'sr': 0.5}}
   assert res['rank1_std'] == {'7x6': {'hr': 0.25, 'sr': 0.25}}  # ddof=0
@@ -592,7 +592,7 @@ def test_step_summarise_averages_the_trials():
 
 def test_evaluation_never_imports_the_loss():
   # Scoring must not depend on training code: inference and evaluation reach pixel ranges
-  # through ipsr_jax/ops/pixels.py, never through ipsr_jax.losses.
+  # through ipsr_jax/ops/pixels.py, never through ipsr_jax.training.losses.
   package = Path(protocols.__file__).resolve().parents[1]
   files = [package / 'inference.py', *sorted((package / 'evaluation').glob('*.py'))]
   assert len(files) > 8
@@ -604,7 +604,7 @@ def test_evaluation_never_imports_the_loss():
       elif isinstance(node, ast.ImportFrom):
         assert node.level == 0, f'{path.name}: relative import'  # absolute only, so this check sees all
         imported |= {f'{node.module}.{a.name}' for a in node.names} | {node.module}
-    assert not {m for m in imported if m == 'ipsr_jax.losses' or m.startswith('ipsr_jax.losses.')}, path.name
+    assert not {m for m in imported if m == 'ipsr_jax.training.losses' or m.startswith('ipsr_jax.training.losses.')}, path.name
 
 
 def test_evaluator_grey_entry_scores_grey_faces_under_their_own_keys(tmp_path):

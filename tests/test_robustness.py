@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from ipsr_jax import workdir as workdir_lib
+from ipsr_jax.runtime import workdir as workdir_lib
 from tests.conftest import REPO
 from tests.test_train import _env, _losses, _train_cmd, make_embedder
 
@@ -144,7 +144,7 @@ def test_full_disk_stops_in_one_line_keeps_the_last_checkpoint_and_resumes_exact
 
 
 def test_super_resolver_falls_back_without_renaming_and_names_the_step(reference, tmp_path, capsys):
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   workdir = _copy(reference, tmp_path)
   with open(_largest_file(workdir / 'checkpoints' / '6' / 'state'), 'r+b') as f:
     f.truncate(100)

@@ -228,13 +228,13 @@ def test_generated_faces_match_onnxruntime(embedder, reference):
 
 def _lfw_faces(shared_data, n=8):
   """n project-aligned 128x128 LFW faces, aligned here (tests must not depend on a cache)."""
-  from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.data import face_align  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data import image_io  # pylint: disable=g-import-not-at-top
   root = shared_data / 'lfw' / 'images_deepfunneled'
   if not root.is_dir():
     pytest.skip(f'LFW not found at {root}')
   files = sorted(root.glob('*/*.jpg'))
-  aligner = align.default_aligner(128)
+  aligner = face_align.default_aligner(128)
   faces = []
   for path in files[::max(1, len(files) // (2 * n))]:
     result = aligner(image_io.decode_image(path))

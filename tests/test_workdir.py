@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from ipsr_jax import checkpointing
-from ipsr_jax import paths
-from ipsr_jax import preemption
-from ipsr_jax import summaries
-from ipsr_jax import workdir as workdir_lib
+from ipsr_jax.runtime import checkpointing
+from ipsr_jax.runtime import paths
+from ipsr_jax.runtime import preemption
+from ipsr_jax.runtime import summaries
+from ipsr_jax.runtime import workdir as workdir_lib
 from tests.conftest import REPO
 
 
@@ -96,7 +96,7 @@ def one_record_per_step(run):
 
 HOLDER = """
 import sys, time
-from ipsr_jax import workdir
+from ipsr_jax.runtime import workdir
 workdir.claim(sys.argv[1])
 print('held', flush=True)
 time.sleep(60)

@@ -1,8 +1,8 @@
 """The one input contract for pixel arrays, checked on the host before any model runs.
 
 Every entry point that takes face images (`inference.Embedder`, `SuperResolver`, `Pipeline` and
-their `stream`) passes them through `as_image_batch`; the exported models (`ipsr_jax.export`,
-`ipsr_jax.export_onnx`) state the same contract, `INPUT_CONTRACT`, in their metadata.
+their `stream`) passes them through `as_image_batch`; the exported models (`ipsr_jax.serving.jax_export`,
+`ipsr_jax.serving.onnx_export`) state the same contract, `INPUT_CONTRACT`, in their metadata.
 
   shape   [N, H, W, 3] RGB, or one [H, W, 3] image
   dtype   uint8, or a real float (float16, bfloat16, float32, float64)

@@ -174,7 +174,7 @@ def resolve_on_device(setting, backend: str | None = None) -> bool:
   """`config.data.degrade_on_device` as a bool: True/False as given; None or 'auto' is on for a
   GPU/TPU backend and off on CPU, where the host path costs a quarter of the device path's CPU
   time (benchmarks/NOTES.md, issue 15). Call it in the main process (it starts JAX's backend), or name
-  the `backend` the step is compiled for (`ipsr_jax.aot`: 'tpu', 'cuda')."""
+  the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda')."""
   if setting is None or (isinstance(setting, str) and setting == 'auto'):
     return (backend or jax.default_backend()) != 'cpu'
   if isinstance(setting, (bool, np.bool_)):

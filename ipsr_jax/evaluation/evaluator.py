@@ -20,18 +20,18 @@ import jax
 import ml_collections
 
 from ipsr_jax import api
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 from ipsr_jax.data import image_io
 from ipsr_jax.data import sources
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation import report
-from ipsr_jax.evaluation import steps
+from ipsr_jax.evaluation import protocol_steps
 
 DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
                 compare={}, judges=(), judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
                 synthetic_images_per_identity=0,
-                align=False, align_pad=0.0,  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/demo.py)
+                align=False, align_pad=0.0,  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/experiments.py)
                 grey=False)  # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
 
 
@@ -105,7 +105,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
   if cache_dir:
     tags = {k: fn.fingerprint for k, fn in sr_fns.items() if hasattr(fn, 'fingerprint')}
     tags['emb'] = embedder.fingerprint
-    tags.update({steps.judge_scorer(n): j.fingerprint for n, j in judges.items()})
+    tags.update({protocol_steps.judge_scorer(n): j.fingerprint for n, j in judges.items()})
   try:
     results = protocols.run_protocol(
         settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
@@ -130,7 +130,7 @@ def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """--mode=eval: every `config.evals` entry on the newest (or `step`) checkpoint of `workdir`."""
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   if not config.evals:
     raise ValueError('config.evals is empty: name at least one evaluation, e.g. '
                      "--config.evals.lfw='{protocol: lfw, source: lfw, root: /data/lfw_aligned}' in the config file")
@@ -158,7 +158,7 @@ def announce(results: Mapping[str, Any], out_dir: str, *, judge_only: bool = Fal
 def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
   """The evaluator training calls every `train.eval_every_steps`: all `config.evals` on the live
   generator variables; returns scalars such as `eval/lfw/16x14/sr` (rank-1) for the writers."""
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   from ipsr_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   generator = unet_lib.from_config(config.model)
   embedders = {}

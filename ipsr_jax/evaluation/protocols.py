@@ -39,12 +39,12 @@ import numpy as np
 from ipsr_jax.data.sources import ar as ar_lib
 from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import embedding_cache
-from ipsr_jax.evaluation import steps
+from ipsr_jax.evaluation import protocol_steps
 from ipsr_jax.evaluation.embedding_cache import EmbeddingCache  # pylint: disable=unused-import  (re-exported)
 
-Size = steps.Size
-EmbedFn = steps.EmbedFn
-SRFn = steps.SRFn
+Size = protocol_steps.Size
+EmbedFn = protocol_steps.EmbedFn
+SRFn = protocol_steps.SRFn
 
 HR_SIZE: Size = (128, 128)  # the generator's input and output size (the paper's)
 SCFACE_LR_SIZE: Size = (64, 64)  # the paper resizes SCface faces to 64x64, then 128x128
@@ -236,7 +236,7 @@ def _seeds(spec: Protocol, trials: int | Sequence[int] | None) -> list[int]:
 
 
 def _plan(name: str, spec: Protocol, splits: Sequence[Split], method_names: Sequence[str],
-          sr_fns: Mapping[str, SRFn], resolutions: Sequence[Size] | None, hr_size: Size) -> steps.Plan:
+          sr_fns: Mapping[str, SRFn], resolutions: Sequence[Size] | None, hr_size: Size) -> protocol_steps.Plan:
   """What the steps compute: natural LR scores each probe group present in some split, synthetic
   LR every LR size (the protocol's unless `resolutions`), all of them on the one probe group."""
   if spec.natural:
@@ -246,7 +246,7 @@ def _plan(name: str, spec: Protocol, splits: Sequence[Split], method_names: Sequ
     sizes = tuple(tuple(int(v) for v in hw) for hw in (resolutions or spec.resolutions))
     conditions = [res_key(hw) for hw in sizes]
     lr_sizes = {res_key(hw): hw for hw in sizes}
-  return steps.Plan(
+  return protocol_steps.Plan(
       name=name, natural=spec.natural, conditions=tuple(conditions), lr_sizes=lr_sizes,
       probe_group={c: c if spec.natural else ALL for c in conditions}, methods=tuple(method_names),
       sr_names=tuple(k for k in sr_fns if any(m in method_names for m in (k, f'{k}_concat'))),
@@ -293,19 +293,19 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   # Split: one per trial, then every image any of them touches, each to be embedded only once.
   splits = [spec.split(records, seed, **dict(split_kwargs or {})) for seed in seeds]
   plan = _plan(name, spec, splits, method_names, sr_fns, resolutions, hr_size)
-  population = steps.Population(records, splits)
+  population = protocol_steps.Population(records, splits)
   # What changes every image of a condition: the protocol (LFW's HR probe is 112x96) and sizes.
   cache = embedding_cache.RecordCache.open(
       cache_dir, cache_tags or {}, records, image_key,
       extra=f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}')
-  scorers = {'emb': embed_fn} | {steps.judge_scorer(n): fn for n, fn in (judges or {}).items()}
-  embeddings = steps.Embeddings(scorers, population, cache, chunk)
-  quality = steps.QualityMeter(cache) if image_quality and not spec.natural else None  # natural LR: no HR
-  examples = steps.ExampleFaces(population, num_examples, spec.natural)
+  scorers = {'emb': embed_fn} | {protocol_steps.judge_scorer(n): fn for n, fn in (judges or {}).items()}
+  embeddings = protocol_steps.Embeddings(scorers, population, cache, chunk)
+  quality = protocol_steps.QualityMeter(cache) if image_quality and not spec.natural else None  # natural LR: no HR
+  examples = protocol_steps.ExampleFaces(population, num_examples, spec.natural)
   # Degrade, super-resolve, embed through the cache (and measure, keep examples), chunk by chunk.
-  steps.embed_population(plan, load_image, population, sr_fns, embeddings, quality, examples,
+  protocol_steps.embed_population(plan, load_image, population, sr_fns, embeddings, quality, examples,
                          chunk=chunk, label=label or name)
   # Rank each trial's probes against its gallery, then summarise over the trials.
-  scores = steps.rank_trials(plan, splits, population, embeddings, max_rank=max_rank,
+  scores = protocol_steps.rank_trials(plan, splits, population, embeddings, max_rank=max_rank,
                              gallery_block=gallery_block, probe_block=probe_block)
-  return steps.summarise(plan, seeds, splits, scores, quality, examples)
+  return protocol_steps.summarise(plan, seeds, splits, scores, quality, examples)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ipsr_jax import paths
+from ipsr_jax.runtime import paths
 from ipsr_jax.models.inception_resnet_v1 import InceptionResnetV1, abstract_variables
 
 INFO_FILE = 'embedder.json'

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipsr_jax import inference
+from ipsr_jax.serving import inference
 from ipsr_jax.models import convert
 from ipsr_jax.models.onnx_graph import dequantize_linear, node_attributes, onnx_pads, reshape_array
 from ipsr_jax.ops import resize as resize_lib

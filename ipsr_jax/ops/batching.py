@@ -20,7 +20,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from ipsr_jax import cpu_devices
+from ipsr_jax.runtime import cpu_devices
 
 
 class PaddedBatcher:

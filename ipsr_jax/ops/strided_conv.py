@@ -39,7 +39,7 @@ from jax import custom_derivatives
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ipsr_jax import sharding
+from ipsr_jax.runtime import sharding
 
 DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 PHASE_MAX_SIDE = 2  # transposed convs of inputs up to this side use the phase form

@@ -23,8 +23,8 @@ import os
 from absl import app
 from absl import flags
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 
 _INPUT = paths.DEFINE_path('input', None, 'Root of <identity>/<image> folders to align.')
 _OUTPUT = paths.DEFINE_path('output', None, 'Output root (created), mirrors the input layout.')
@@ -46,10 +46,10 @@ flags.mark_flags_as_required(['input', 'output'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top  (after flag parsing: jax)
+  from ipsr_jax.data import face_align  # pylint: disable=g-import-not-at-top  (after flag parsing: jax)
   from ipsr_jax.tools import super_resolve  # pylint: disable=g-import-not-at-top
 
-  report = align.align_tree(_INPUT.value, _OUTPUT.value, size=_SIZE.value, workers=_WORKERS.value,
+  report = face_align.align_tree(_INPUT.value, _OUTPUT.value, size=_SIZE.value, workers=_WORKERS.value,
                             pad=_PAD.value, image_format=_FORMAT.value,
                             weights_dir=_MTCNN_WEIGHTS.value, progress=True,
                             overwrite=_OVERWRITE.value, max_side=_MAX_SIDE.value)

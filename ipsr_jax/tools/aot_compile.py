@@ -14,7 +14,7 @@ compile seconds, per-device memory against the chip's HBM, FLOPs and bytes per s
 every collective, `fits`, and a roofline estimate of images/s per chip and hours for the paper's
 budget) and `<out>/hlo.txt` (the optimised HLO). Exit 1 with the compiler's message when the step
 does not compile or does not fit. The compilers: `pip install ".[aot-tpu]"` / `".[aot-gpu]"`
-(ipsr_jax/aot.py says how to keep them out of a venv that runs on CPU).
+(ipsr_jax/training/aot.py says how to keep them out of a venv that runs on CPU).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from __future__ import annotations
 import json
 import os
 
-from ipsr_jax import aot  # first: it makes the TPU/GPU compilers findable before JAX starts
+from ipsr_jax.training import aot  # first: it makes the TPU/GPU compilers findable before JAX starts
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 REPORT_FILE = 'aot.json'

@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -75,8 +75,8 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import paths  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import paths  # pylint: disable=g-import-not-at-top
   config = holders['config'].value
   name, out = holders['eval'].value, holders['out'].value
   if name not in config.get('evals', {}):
@@ -88,7 +88,7 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   config_lib.validate(config)
   paths.resolve_config(config)
   cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   sr_fns = {}
   for label, workdir in runs.items():

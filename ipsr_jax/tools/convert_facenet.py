@@ -28,8 +28,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 from ipsr_jax.models import convert, embedder_store, pt_reader
 from ipsr_jax.models.inception_resnet_v1 import (FACENET_INPUT_SIZE, STANDARDIZATIONS,
                                                  InceptionResnetV1, embed_images)

@@ -36,8 +36,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 from ipsr_jax.data import outputs
 
 FORMATS = ('.npz', '.parquet')
@@ -116,7 +116,7 @@ def embed_folder(embed: Callable[[np.ndarray], np.ndarray], input_path: str | Im
   existing `output_path` is refused unless `overwrite`.
   """
   from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
-  from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving.inference import prefetch  # pylint: disable=g-import-not-at-top
   from ipsr_jax.tools import super_resolve  # pylint: disable=g-import-not-at-top
 
   check_output(output_path)
@@ -179,7 +179,7 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
   from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
   folder = image_folder.as_image_folder(v['input'], v['max_side'])
   outputs.prepare_file(v['output'], overwrite=v['overwrite'])
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top  (after flag parsing)
 
   input_size = v['input_size']
   if input_size is None and v['sr']:  # what the run's identity loss used

@@ -8,12 +8,12 @@ r"""Export a trained run's SR generator (and SR + embedder): one `jax.export` fi
 
 The file holds the function 'sr' (LR -> SR pixels) and, with `--embedder`, 'sr_embed'
 (LR -> {'sr', 'embedding'}), both batch-polymorphic StableHLO for `--platforms`, with the
-weights and a JSON header; `ipsr_jax.export.load(FILE)` runs them without any model code. Inputs
+weights and a JSON header; `ipsr_jax.serving.jax_export.load(FILE)` runs them without any model code. Inputs
 are [N, S, S, 3] (S = the model size; bicubic-upsample first) or, with `--lr_size=HxW`, LR faces
 of that size (the bicubic resize is then inside the function). After writing, the file is
 reloaded and must reproduce the API's outputs on random inputs, or the tool exits non-zero.
 
-`--format=onnx` (`ipsr_jax.export_onnx`, needs the `onnx` extra) writes `--out` (a .onnx file:
+`--format=onnx` (`ipsr_jax.serving.onnx_export`, needs the `onnx` extra) writes `--out` (a .onnx file:
 'images' NHWC -> 'sr') and, with `--embedder`, `<out without .onnx>_embed.onnx` ('images' ->
 'sr', 'embedding'), batch dimension symbolic, the same --lr_size / --input_dtype / --mode
 conventions; `--platforms` does not apply. They are checked with onnxruntime when it is
@@ -32,8 +32,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -58,8 +58,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, embedder: str
                input_dtype: str = 'float32', platforms: Sequence[str] = ('cpu', 'cuda', 'tpu'),
                verify_batch: int = 3, seed: int = 0) -> dict[str, Any]:
   """Exports, writes, reloads and verifies; returns a summary (header + max differences)."""
-  from ipsr_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import jax_export as export_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
 
   sr = inference.SuperResolver.from_checkpoint(workdir, step)
   functions = {'sr': export_lib.export_super_resolver(
@@ -121,25 +121,25 @@ def export_run_onnx(workdir: str, out: str, *, step: int | None = None,
   """Writes the ONNX SR model (and SR + embedder) and checks them with onnxruntime when it is
   installed; returns a summary: files {name: (path, bytes)}, metadata, max differences."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import export_onnx  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import onnx_export  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
 
   sr = inference.SuperResolver.from_checkpoint(workdir, step)
   metadata = dict(workdir=os.fspath(workdir))
-  models = {'sr': (out, export_onnx.export_super_resolver(
+  models = {'sr': (out, onnx_export.export_super_resolver(
       sr, lr_size=lr_size, input_dtype=input_dtype, metadata=metadata))}
   pipeline = None
   if embedder:
     input_size = embedder_input_size or inference.load_run_config(workdir).embedder.input_size
     emb = inference.load_embedder(embedder, input_size=input_size)
     pipeline = inference.Pipeline(sr, emb, mode=mode)
-    models['sr_embed'] = (pipeline_path(out), export_onnx.export_pipeline(
+    models['sr_embed'] = (pipeline_path(out), onnx_export.export_pipeline(
         pipeline, lr_size=lr_size, input_dtype=input_dtype,
         metadata=dict(metadata, embedder=os.fspath(embedder))))
-  files = {name: (os.path.abspath(path), export_onnx.save(model, path))
+  files = {name: (os.path.abspath(path), onnx_export.save(model, path))
            for name, (path, model) in models.items()}
   summary = dict(files=files, max_abs_diff={}, uint8_mismatch={},
-                 metadata={name: export_onnx.read_metadata(model)
+                 metadata={name: onnx_export.read_metadata(model)
                            for name, (_, model) in models.items()})
   ort = _onnxruntime()
   if ort is None:
@@ -162,7 +162,7 @@ def export_run_onnx(workdir: str, out: str, *, step: int | None = None,
     outputs = [o.name for o in session.get_outputs()]
     key = 'sr' if name == 'sr' else f'{name}.sr'
     for n in sorted({verify_batch, 1}):
-      got = dict(zip(outputs, session.run(None, {export_onnx.INPUT_NAME: images[:n]})))
+      got = dict(zip(outputs, session.run(None, {onnx_export.INPUT_NAME: images[:n]})))
       diff = float(np.max(np.abs(got['sr'].astype(np.float32) - want_sr[:n])))
       diffs[key] = max(diffs.get(key, 0.0), diff)
       if want_uint8 is not None:  # share of pixels a rounding tie sent the other way
@@ -206,7 +206,7 @@ def _main_onnx(v: dict[str, Any]) -> None:
 def define_flags() -> dict[str, flags.FlagHolder]:
   return dict(
       format=flags.DEFINE_enum('format', 'jaxexport', list(FORMATS),
-                               'jaxexport: one jax.export file (ipsr_jax.export.load); onnx: '
+                               'jaxexport: one jax.export file (ipsr_jax.serving.jax_export.load); onnx: '
                                '--out .onnx for SR, plus <out stem>_embed.onnx with --embedder.'),
       workdir=paths.DEFINE_path('workdir', None, 'Training run (local or gs://).'),
       step=flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).'),

@@ -23,7 +23,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 
 
 def define_flags() -> dict[str, flags.FlagHolder]:
@@ -55,8 +55,8 @@ def measure(config, faces: int, sizes: list[tuple[int, int]], seed: int = 0) -> 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import losses  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import train  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.training import train  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data import degrade  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data import sources  # pylint: disable=g-import-not-at-top
   from ipsr_jax.models import embedder_store  # pylint: disable=g-import-not-at-top
@@ -93,8 +93,8 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from ipsr_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  from ipsr_jax import paths  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import paths  # pylint: disable=g-import-not-at-top
   config = holders['config'].value
   sizes = []
   for text in holders['sizes'].value:

@@ -28,8 +28,8 @@ from typing import Any, TYPE_CHECKING
 from absl import app
 from absl import flags
 
-from ipsr_jax import console
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import paths
 from ipsr_jax.data import outputs
 
 TOOL = 'super_resolve'
@@ -58,7 +58,7 @@ def super_resolve_folder(sr: Any, input_path: str | ImageFolder, output_dir: str
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from ipsr_jax.data import image_folder  # pylint: disable=g-import-not-at-top
-  from ipsr_jax.inference import prefetch  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving.inference import prefetch  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   folder = image_folder.as_image_folder(input_path, max_side)
@@ -145,7 +145,7 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]) -> None:
 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (after flag parsing)
 
-  from ipsr_jax.inference import SuperResolver  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving.inference import SuperResolver  # pylint: disable=g-import-not-at-top
   sr = SuperResolver.from_checkpoint(v['workdir'], v['step'],
                                      dtype=jnp.bfloat16 if v['bfloat16'] else jnp.float32)
   report = super_resolve_folder(sr, folder, v['output'], batch_size=v['batch_size'],

@@ -29,9 +29,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from ipsr_jax import console
-from ipsr_jax import inference
-from ipsr_jax import paths
+from ipsr_jax.runtime import console
+from ipsr_jax.serving import inference
+from ipsr_jax.runtime import paths
 from ipsr_jax.data import image_folder
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import verification

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import metrics

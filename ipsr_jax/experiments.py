@@ -22,26 +22,19 @@ import time
 
 import ml_collections
 
-from ipsr_jax import checkpointing
-from ipsr_jax import console
-from ipsr_jax import embedder_train
-from ipsr_jax import train
+from ipsr_jax import config as config_lib
+from ipsr_jax.runtime import checkpointing
+from ipsr_jax.runtime import console
+from ipsr_jax.training import embedder_train
+from ipsr_jax.training import train
 from ipsr_jax.evaluation import evaluator
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """The demo config with the nested overrides of `config.demo.<stage>` merged in."""
   out = ml_collections.ConfigDict(config.to_dict())
-  out.update_from_flattened_dict(dict(_flatten(config.demo[stage].to_dict())))
+  out.update_from_flattened_dict(config_lib.flatten(config.demo[stage].to_dict()))
   return out
-
-
-def _flatten(tree: dict, prefix: str = ''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
 
 
 def _complete(workdir: str, num_steps: int) -> bool:
@@ -52,12 +45,12 @@ def _complete(workdir: str, num_steps: int) -> bool:
 
 def _align_folder(source: str, root: str, out: str, size: int, pad: float) -> None:
   """MTCNN-align `root` into `out` unless done (report.json); a killed run resumes."""
-  from ipsr_jax.data import align  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.data import face_align  # pylint: disable=g-import-not-at-top
   from ipsr_jax.data.sources import folders  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(out, 'report.json')):
     return
   console.header(f'Demo stage 0: aligning {root} into {out} with MTCNN')
-  summary = align.align_tree(folders.find_lfw_images(root) if source == 'lfw' else root, out,
+  summary = face_align.align_tree(folders.find_lfw_images(root) if source == 'lfw' else root, out,
                              size=size, pad=pad, progress=True)
   console.say(f"Aligned {summary['aligned']}/{summary['total']} images; failures listed in {out}/report.json")
 
@@ -88,7 +81,7 @@ def _aligned(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from ipsr_jax import inference  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   started = time.time()
   stages = ('embedder', 'ipsr', 'pixel_only')
   dirs = {s: os.path.join(workdir, s) for s in stages}

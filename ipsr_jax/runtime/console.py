@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 LOG_FILE = 'log.txt'
 # Where command-line tools (and runs whose workdir is remote) keep their complete log.
 TOOL_LOG_DIR = os.path.join(tempfile.gettempdir(), 'ipsr_jax_logs')
-_LOGGER = logging.getLogger('ipsr_jax.console')
+_LOGGER = logging.getLogger('ipsr_jax.runtime.console')
 _STATE: dict[str, Any] = dict(primary=True, log_path=None, bar=None, terminal=None)
 
 
@@ -200,6 +200,8 @@ def run_tool(main: Callable[[list[str]], Any], name: str) -> None:
       sys.exit(1)
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.configure()  # one XLA CPU device per core unless the user chose; before JAX starts
   app.run(wrapped, flags_parser=parse)
 
 

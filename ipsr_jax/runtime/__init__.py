@@ -1,0 +1,1 @@
+"""What every entry point runs on: devices, meshes, the console, paths, run folders, checkpoints, summaries."""

@@ -1,0 +1,1 @@
+"""Trained models as functions: batched inference, jax.export and ONNX export."""

@@ -1,0 +1,1 @@
+"""Training: the generator trainer, the embedder pretraining, the losses and the ahead-of-time compile of the step."""
