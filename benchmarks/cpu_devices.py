@@ -11,10 +11,10 @@ and standardisation included), interleaved, best of `--rounds`:
 - train:    (with --train) `benchmarks/train_step.py` for `--train_config`'s real step
             (configs/lfw.py: batch 16, fp32), in its own child process.
 
-A setting is `old` (the code at `--baseline`, default bce2b08^: the commit before the CPU work of
-issue 26, one device and XLA:CPU's slow strided-convolution paths; its ipsr_jax and its own
-train_step.py, extracted with `git archive`) or an `IPSR_CPU_DEVICES` value with today's code
-(`1`: one device, `auto`: the default).
+A setting is `old` (the code at `--baseline`, default bce2b08^: the revision before the
+one-device-per-core default and the CPU paths of ops/strided_conv.py and ops/frozen_conv.py; its
+ipsr_jax and its own train_step.py, extracted with `git archive`) or an `IPSR_CPU_DEVICES` value
+with this checkout's code (`1`: one device, `auto`: the default).
 
 Then this process times torch (facenet-pytorch's module, our weights) and OpenCV DNN on the same
 embedding (`benchmarks/embed_cpu.py`). Rows give img/s, img per CPU-second and threads busy
@@ -39,14 +39,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if os.environ.get('IPSR_BENCH_CODE'):  # a baseline child: the old revision's ipsr_jax, today's benchmarks
+if os.environ.get('IPSR_BENCH_CODE'):  # a baseline child: the baseline's ipsr_jax, this checkout's benchmarks
   sys.path.insert(0, os.environ['IPSR_BENCH_CODE'])
   import ipsr_jax  # pylint: disable=g-import-not-at-top,unused-import  # imported now: the other
   # benchmark modules put this checkout first on the path again when they load
 from benchmarks import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 API_ROWS = ('embed', 'sr', 'pipeline')
-BASELINE = 'bce2b08^'  # the last commit before issue 26's CPU work: what "the old default" means
+# The revision the 'old' setting times: one CPU device, before ops/strided_conv.py's and
+# ops/frozen_conv.py's CPU paths.
+BASELINE = 'bce2b08^'
 OLD = 'old'
 
 
@@ -148,7 +150,7 @@ def _load_config(path: str, arg: str):
 
 def _train_row(args: argparse.Namespace, setting: str, tmp: str, old_tree: Path | None) -> dict[str, Any] | None:
   out = Path(tmp) / f'train_{setting}.json'
-  tree = old_tree if setting == OLD else REPO  # the old revision times its own step with its own script
+  tree = old_tree if setting == OLD else REPO  # the baseline times its own step with its own script
   cmd = [sys.executable, str(tree / 'benchmarks' / 'train_step.py'), f'--config={tree / args.train_config}',
          '--batch_sizes=16', '--precisions=fp32', f'--steps={args.train_steps}', '--warmup=1',
          '--host_fed=false', f'--out={out}']

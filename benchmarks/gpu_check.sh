@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's one prepared device check: the JAX training step against the PyTorch peer, same card.
+# The one prepared device check: the JAX training step against the PyTorch peer, on the same card.
 #
 # Prepare on the workstation (once; needs the package index and ../shared/bench/torch_peer.py):
 #   bash benchmarks/fetch_gpu_wheels.sh        # .whl/: grain, clu, ml-collections, ... + torch_peer.py

@@ -10,8 +10,8 @@ by `jax.block_until_ready` (what the PyTorch peer measures, with `cuda.synchroni
   img_s_host_fed    as pipelined, but every batch comes from host memory through the training
                     loop's own prefetch (`train._prefetch`): shows whether transfers are hidden
   flops_per_image   'jaxpr': conv + matmul FLOPs in the step's jaxpr (model FLOPs, the MFU basis);
-                    'xla': the compiled step's `cost_analysis()`; 'reference': 17.5e9, DESIGN.md's
-                    count for the paper's config (torch FlopCounter in the peer); 'unet_fwd' and
+                    'xla': the compiled step's `cost_analysis()`; 'reference': 17.5e9, the count
+                    for the paper's config in docs/design.md (torch FlopCounter in the peer); 'unet_fwd' and
                     'embedder_fwd' per image
   tflops, mfu       model FLOP/s, and their share of the chip's dense peak (GPU/TPU table below;
                     CPU: TFLOP/s only); `--measure_peak` adds a timed bf16 matmul as a second basis
@@ -70,7 +70,7 @@ from ipsr_jax.models import inception_resnet_v1
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
-# DESIGN.md section 6: one training step of the paper's config, per image (UNet fwd 3.0 GFLOP,
+# docs/design.md, "The cost of a training step": the paper's config, per image (UNet fwd 3.0 GFLOP,
 # embedder fwd at 160x160 2.8 GFLOP; fwd+bwd of the UNet, 2 embedder fwd + its input gradient).
 PAPER_FLOPS_PER_IMAGE = 17.5e9
 PEER_BEST_MODE = 'bf16_cl_compile_ro'
@@ -612,7 +612,7 @@ def table(results: Sequence[dict], peer: dict | None, device: str = '') -> str:
     reference = _num(f['reference'] and f['reference'] / 1e9, 'n/a (not the paper\'s model: no ratio)')
     lines.append(f"GFLOP/img: jaxpr (model FLOPs, the MFU basis) {_num(f['jaxpr'] / 1e9)} = conv "
                  f"{_num(f['jaxpr_conv'] / 1e9)} + matmul {_num(f['jaxpr_matmul'] / 1e9)}; XLA cost "
-                 f"analysis {_num(f['xla'] and f['xla'] / 1e9)}; DESIGN.md {reference}; UNet fwd "
+                 f"analysis {_num(f['xla'] and f['xla'] / 1e9)}; docs/design.md {reference}; UNet fwd "
                  f"{_num(f['unet_fwd'] / 1e9)}, embedder fwd {_num(f.get('embedder_fwd') and f['embedder_fwd'] / 1e9)}")
     if results[0].get('mfu_measured_peak') is not None:
       lines.append('MFU vs the measured bf16 matmul rate: ' + ', '.join(

@@ -4,16 +4,17 @@ Two implementations of the same operation:
   * host (`degrade`, `degrade_batch`, numpy, in the Grain pipeline): PIL's
     `img.resize(lr).resize(out)` as four rounded float32 matmul passes. Each pass is within one
     grey level of PIL's fixed-point pass; the four-pass chain differs from PIL's in ~0.1% of
-    values, by at most 2 (200 LFW faces, the paper's 10 sizes; benchmarks/NOTES.md, issue 15);
+    values, by at most 2 (200 LFW faces, the paper's 10 sizes; benchmarks/NOTES.md, "Input
+    pipeline");
   * device (`DeviceDegrader`, inside the jitted step): per-example gathered resize matrices.
 They share `ipsr_jax.ops.resize.resize_weights`, so they agree to float rounding.
 
 `degrade_batch` issues, face by face, the very matmuls `degrade` does on one face (numpy's einsum),
 as one stacked matmul per pass and size, without einsum's copies, and with one BLAS thread:
 OpenBLAS threads spin while idle, and beside decoding threads or other workers that spinning
-cost ten times the work itself (benchmarks/NOTES.md, issue 15). Each face's float32 sums are
-those of `degrade(face)`, bit for bit, whatever else is in the batch: a BLAS call over a whole
-group rounds a few sums differently depending on the group's size (its tail rows), which made
+cost ten times the work itself (benchmarks/NOTES.md, "Input pipeline"). Each face's float32 sums
+are those of `degrade(face)`, bit for bit, whatever else is in the batch: a BLAS call over a whole
+group rounds a few sums differently depending on the group's size (its tail rows), which would make
 pixels depend on the batch's composition, hence on the number of processes sharing it.
 
 `LRSampler` picks the LR size from a stateless generator keyed on (seed, key): the choice for a
@@ -173,8 +174,8 @@ def one_blas_thread():
 def resolve_on_device(setting, backend: str | None = None) -> bool:
   """`config.data.degrade_on_device` as a bool: True/False as given; None or 'auto' is on for a
   GPU/TPU backend and off on CPU, where the host path costs a quarter of the device path's CPU
-  time (benchmarks/NOTES.md, issue 15). Call it in the main process (it starts JAX's backend), or name
-  the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda')."""
+  time (benchmarks/NOTES.md, "Input pipeline"). Call it in the main process (it starts JAX's
+  backend), or name the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda')."""
   if setting is None or (isinstance(setting, str) and setting == 'auto'):
     return (backend or jax.default_backend()) != 'cpu'
   if isinstance(setting, (bool, np.bool_)):

@@ -4,7 +4,7 @@ Every batch the pipeline allocates and frees the same large buffers: decoded ima
 batch, the float32 passes of the degradation. glibc serves blocks above its mmap threshold with
 fresh mappings and trims free heap tops back to the kernel, so each batch faults its buffers in
 again, page by page: 43 faults per 128x128 face on the host path, at 2.4-3.8 us each on the 2-core
-VM this was measured on, a quarter of the face's CPU (benchmarks/NOTES.md, issue 15). Raising both
+VM this was measured on, a quarter of the face's CPU (benchmarks/NOTES.md, "Input pipeline"). Raising both
 thresholds keeps those pages: glibc then faults only once, as tcmalloc or jemalloc would.
 """
 

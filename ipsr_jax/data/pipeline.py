@@ -28,7 +28,7 @@ whole pipeline in the consuming thread (one core: the baseline worker scaling is
 every batch, in this process and in the workers (`host_memory`: a quarter of the host path's CPU
 went to faulting them in again).
 `data.degrade_on_device` None or 'auto' means on for a GPU/TPU backend and off on CPU, where the
-host path costs a quarter of the CPU time (benchmarks/NOTES.md, issue 15).
+host path costs a quarter of the CPU time (benchmarks/NOTES.md, "Input pipeline").
 
 Process p's k-th batch is rows p*B/n..(p+1)*B/n of the k-th global batch of a one-process run,
 so the assembled global batch, row for row, does not depend on how many hosts read it.

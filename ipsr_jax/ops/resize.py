@@ -103,7 +103,7 @@ def _apply(weights: np.ndarray, x: jax.Array, axis: int) -> jax.Array:
   XLA's GPU compiler without autotuning, as ahead-of-time compiles run, fails on the backward
   pass: "Couldn't find output tile sizes" for the Triton GEMM of the [N*W*C, 128] input gradient
   of the embedder's 128 -> 160 resize (H100, `ipsr_jax.tools.aot_compile --topology=h100-8`;
-  issue 25). This order compiles on every backend and computes the same sums.
+  docs/scale.md). This order compiles on every backend and computes the same sums.
   """
   return _apply_matrix(jnp.asarray(weights, x.dtype), x, axis)
 

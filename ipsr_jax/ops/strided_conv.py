@@ -20,8 +20,8 @@ tests/test_unet.py), on every backend; gradients are those of the same sums.
 Mixed precision: the kernel (and bias) come in their parameter dtype (float32) and are cast to
 the input's compute dtype (bfloat16) inside, and their gradients are summed over the batch with
 float32 accumulators and leave in float32. Autodiff of a bf16 convolution instead yields a bf16
-kernel gradient, so the data-parallel all-reduce that XLA places right after it summed the
-gradients of 256 chips with an 8-bit mantissa (issue 25, the compiled v5e-256 step).
+kernel gradient, and the data-parallel all-reduce that XLA places right after it would sum the
+gradients of 256 chips with an 8-bit mantissa (the compiled v5e-256 step; docs/scale.md).
 
 FSDP (`mesh` with an 'fsdp' axis > 1): the kernel arrives split over that axis; the op gathers
 it whole, in the compute dtype, where it uses it (forward, and again in the backward pass: ZeRO-3, nothing whole is kept

@@ -6,7 +6,7 @@ features), which other recognizers do not see. Drawn anew every step and applied
 faces, a random view keeps what matters for identity (the two faces still match) and takes away
 what does not survive a sub-pixel shift, a slight rotation or a blur: an expectation over
 transformations, so the SR face must match HR in ways any recognizer would read
-(`config.loss.views`; issue 23).
+(`config.loss.views`; docs/method.md).
 
 Pixels are 0..255 float images [N, H, W, 3]; every draw is per example, from one key.
 """

@@ -8,17 +8,18 @@ without touching a kernel (benchmarks/NOTES.md, "CPU devices and the UNet's stri
 convolutions"). Results do not depend on it beyond float summation order (tests/test_cpu_devices.py,
 tests/test_train.py).
 
-In a multi-process job (jax.distributed) 'auto' is one device per process, as before: several
-processes may share a machine's cores. The count is decided once, before JAX starts its
-backends: importing `ipsr_jax` applies the default, and `ipsr_jax.main` applies
-`config.mesh.cpu_devices` (recorded in the run's config.json and log). A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
+In a multi-process job (jax.distributed) 'auto' is one device per process: several processes may
+share a machine's cores. The count is decided once, before JAX starts its backends, by the entry
+points: `ipsr_jax.main` applies `config.mesh.cpu_devices` (recorded in the run's config.json and
+log), the command-line tools and the `api` loaders apply the default; importing `ipsr_jax` applies
+nothing. A choice the user already made wins over the default: `IPSR_CPU_DEVICES=<n|auto>`,
 `JAX_NUM_CPU_DEVICES`, or `--xla_force_host_platform_device_count` in XLA_FLAGS.
 
 The FaceNet `Embedder`'s programs (the API, the evaluation's embedder, tools/embed) also ask
 XLA:CPU to hand elementwise fusions to YNNPACK, the library that already runs its convolutions:
 FaceNet at 160 embeds ~12% faster, the same values to 6e-8 (benchmarks/NOTES.md). Nothing else
 does. That fusion type is experimental in XLA, and under it `arctanh(clip(x))` is off by up to 3.8
-(jax 0.10.2), which put the residual generator's SR faces up to 209 grey levels off; the
+(jax 0.10.2), which puts the residual generator's SR faces up to 209 grey levels off; the
 training step also runs ~5% slower with it. `config.mesh.cpu_embedder_fusion` /
 `IPSR_CPU_FUSION=0|1` turn it off or on; XLA_FLAGS that name the fusion types themselves win.
 """

@@ -7,7 +7,7 @@ second Ctrl-C ends the process at once. Outside a loop (`interrupt_ends_process`
 there is nothing to save, and Ctrl-C ends the process at once too.
 
 A handler that only sets a flag cannot be lost: a KeyboardInterrupt raised inside a callback of
-XLA's (its garbage-collection hook, for one) was swallowed there, and the run went on.
+XLA's (its garbage-collection hook, for one) is swallowed there, and the run would go on.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 
 `claim` refuses a folder that holds files but no run (the user's own folder, a source checkout):
 one error line, nothing written. A run marks its folder with `MARKER` when it creates it; a folder
-that holds a run's `config.json` and `checkpoints/` without the marker (a run written before runs
-were marked) is taken as a run and marked.
+that holds a run's `config.json` and `checkpoints/` without the marker (written by a version that
+did not mark its runs) is taken as a run and marked.
 
 The lock is an exclusive `flock` on `LOCK`, so the kernel releases it when its process dies however
 it dies; the file also names its holder (host, pid, start, command), which a second process shows
@@ -57,7 +57,7 @@ def _is_remote(path: str) -> bool:
 
 
 def _holds_unmarked_run(names: list[str]) -> bool:
-  """config.json and a checkpoints/ folder: a run from before runs were marked."""
+  """config.json and a checkpoints/ folder: a run written by a version that did not mark its runs."""
   return 'config.json' in names and 'checkpoints' in names
 
 
