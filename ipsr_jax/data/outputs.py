@@ -11,7 +11,7 @@ An existing output file, or a non-empty folder that the same tool did not write,
 `overwrite` (the tools' `--overwrite`). Files are written under a temporary name in the same folder
 and renamed into place (`atomic_path`, `write_json`): a run killed mid-write leaves the previous
 file or none, never a torn one. This module needs nothing but the standard library, so the library
-functions behind the tools (`data.align.align_tree`) use it too.
+functions behind the tools (`data.face_align.align_tree`) use it too.
 """
 
 from __future__ import annotations
