@@ -1,5 +1,5 @@
 """Ahead-of-time compilation for TPU/GPU topologies: the tool's report, and the compiled HLO of the
-real step for what issue 25 found (GPU GEMM tiling, FSDP collectives, bf16 gradient sums).
+real step for what it must do on those chips (docs/scale.md): GPU GEMM tiling, FSDP collectives, bf16 gradient sums.
 
 The compilers (libtpu, the CUDA PJRT plugin) come from README's test command, installed beside
 the project (`ipsr_jax.training.aot.DEFAULT_PLUGINS`); the tests that need one skip without it. Each
@@ -197,7 +197,7 @@ def test_tpu_fsdp_gathers_parameters_and_reduce_scatters_gradients(tmp_root):
   # What is still all-reduced is the small replicated rest (BatchNorm, biases, the loss).
   assert sum(c['bytes'] for c in _collectives(report, 'all-reduce')) < 0.1 * split_bytes
   _, dp, _ = _cached(tmp_root, 'v5e-8', *SMALL)
-  # Parameters and Adam's two moments: 7/8 of the split part no longer on each device.
+  # Parameters and Adam's two moments: 7/8 of the split part is off each device.
   assert dp['memory']['arguments'] - report['memory']['arguments'] >= 0.9 * 3 * split_bytes * 7 / 8
 
 
@@ -250,7 +250,7 @@ aot_compile.run()
 @needs_gpu
 def test_gpu_step_compiles_with_the_project_defaults(tmp_root):
   """H100, no autotuning (as every ahead-of-time compile): the step of 128x128 faces with FaceNet
-  at 160 compiles with XLA's default GEMM path (issue 25: the bicubic resize's backward failed)."""
+  at 160 compiles with XLA's default GEMM path (the einsum form of the bicubic resize's backward does not: docs/scale.md)."""
   proc, report, _ = _cached(tmp_root, 'h100-8', *GPU_SHAPES)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert report['platform'] == 'cuda' and 'H100' in report['device_kind'] and report['fits']

@@ -82,7 +82,7 @@ def test_train_step_benchmark_runs_tiny_without_tensorflow(tmp_path):
 
 
 def test_paper_step_flops_match_the_design_count():
-  """The jaxpr count of the real train_step on the paper's config: 17.5 GFLOP/img (DESIGN.md 6),
+  """The jaxpr count of the real train_step on the paper's config: 17.5 GFLOP/img (docs/design.md, section 13),
   and forward counts identical to the PyTorch peer's FlopCounter (traced, never compiled)."""
   config = base.get_config()
   batch_size = 2
@@ -264,7 +264,7 @@ def test_profile_summary_counts_one_device_lane(tmp_path):
   assert step_bench.profile_summary(str(tmp_path / 'none'), steps=1) is None
 
 
-# --- input pipeline (issue 15) --------------------------------------------------------------------
+# --- input pipeline -----------------------------------------------------------------------------
 
 def test_input_pipeline_benchmark_reports_rates_cpu_and_load(tmp_path):
   out = tmp_path / 'input_pipeline.json'

@@ -90,7 +90,7 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   embedder = make_embedder(tmp_path / 'embedder')
   (tmp_path / 'outputs.py').write_text(_OUTPUTS)
   results = {}
-  # The old default (one device, XLA's fusions), the new one on 3 cores (the embedder's fusion on by
+  # One device with XLA's fusions against the default on 3 cores (the embedder's fusion on by
   # default), and fusion alone. SR must not take the fusion: its residual generator's arctanh would
   # be off by whole grey levels (tests/test_cpu_devices.py: test_sr_programs_keep_xlas_fusions).
   for count, fusion in (('1', '0'), ('3', '1'), ('1', '1')):

@@ -102,7 +102,7 @@ def test_degrade_batch_groups_by_size():
 
 
 def _degrade_each_size_group(hr, lr_index, lr_sizes, round_lr=True):
-  """The pipeline's host degradation before issue 15: `degrade` (numpy einsum) per size group."""
+  """The whole-group host degradation (`degrade`, numpy einsum, per size group): the reference the batched path is held to."""
   out = np.empty_like(hr)
   for k in np.unique(lr_index):
     rows = np.flatnonzero(lr_index == k)
@@ -146,7 +146,7 @@ def test_degrade_batch_is_bit_identical_to_degrade_on_each_face():
 
 def test_a_face_degrades_the_same_whatever_shares_its_batch():
   # Process-count invariance at the pixel: one process sees a 64-face group of a size where two
-  # see 32 each. Whole-group BLAS calls (the path before issue 15) rounded a few sums
+  # see 32 each. Whole-group BLAS calls round a few sums
   # differently by the face's place in the group (on this noise, numpy 2.4 + OpenBLAS 0.3.31:
   # 542 of 50M values over 16 batches); one BLAS call per face cannot.
   rng = np.random.default_rng(11)
@@ -159,9 +159,9 @@ def test_a_face_degrades_the_same_whatever_shares_its_batch():
                                                                       PAPER_LR_SIZES))
 
 
-def test_degrade_batch_against_the_pipeline_path_before_issue_15():
-  # Where the old whole-group BLAS calls rounded a sum differently from the same face alone, the
-  # new path keeps the face-alone value: +-1 level on a few values in a million (211 of 47M on
+def test_degrade_batch_against_whole_group_blas_calls():
+  # Where whole-group BLAS calls round a sum differently from the same face alone, the
+  # batched path keeps the face-alone value: +-1 level on a few values in a million (211 of 47M on
   # 960 LFW faces, benchmarks/NOTES.md), never more.
   rng = np.random.default_rng(3)
   for hr in (_faces_like(64, seed=7), rng.integers(0, 256, (64, 128, 128, 3), dtype=np.uint8)):

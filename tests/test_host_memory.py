@@ -72,7 +72,7 @@ needs_glibc = pytest.mark.skipif(not host_memory.retain_freed_memory(),
 
 @needs_glibc
 def test_retained_buffers_stop_the_page_faults_of_every_batch(tmp_path):
-  # Measured: ~41 faults per face with glibc's defaults, ~0.4 retained (issue 15).
+  # Measured: ~41 faults per face with glibc's defaults, ~0.4 retained (benchmarks/NOTES.md, "Input pipeline").
   off, off_calls = _faults_per_face(tmp_path, 'off')
   on, on_calls = _faults_per_face(tmp_path, 'on')
   assert (off_calls, on_calls) == (0, 1)  # the pipeline sets it only when asked

@@ -144,7 +144,7 @@ def test_input_range_must_be_two_ordered_finite_numbers(bad):
       contract.as_image_batch(x, input_range=bad)
 
 
-def test_an_empty_batch_passes_as_today():
+def test_an_empty_batch_passes():
   """N = 0 has no pixels to check; the batcher returns zero rows (tests/test_inference.py)."""
   for dtype in (np.uint8, np.float64):
     batch, single = contract.as_image_batch(np.zeros((0, SIZE, SIZE, 3), dtype))

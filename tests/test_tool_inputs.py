@@ -371,7 +371,7 @@ def test_over_the_cap_is_reduced_on_decode_close_to_a_resize(tmp_path, fmt):
   assert image_folder.reduced_summary(report) == (
       f'1 image larger than 1000 px was reduced on decode (e.g. big.{fmt} 3000x2000 -> '
       f'{want_hw[1]}x{want_hw[0]})')
-  # Without a cap (the training pipeline, the evaluation protocols): the full image, as before.
+  # Without a cap (the training pipeline, the evaluation protocols): the full image.
   assert image_io.decode_image(path).shape == (2000, 3000, 3)
   uncapped = image_folder.ImageFolder(tmp_path, max_side=None)
   assert uncapped.read(f'big.{fmt}').shape[:2] == (2000, 3000) and not uncapped.reduced
