@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from ipsr_jax import api
 from ipsr_jax.serving import inference
 from ipsr_jax.models import convert
+from ipsr_jax.models import inception_resnet_v1 as irv1
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.ops import resize as resize_lib
 from tests.conftest import EMBEDDER_INPUT, REPO, SHARED_DATA
@@ -58,17 +60,17 @@ def faces() -> np.ndarray:
 
 
 def random_sr(size: int = S, ngf: int = 8, num_downs: int = 7, residual: bool = False,
-              seed: int = 0) -> api.SuperResolver:
+              seed: int = 0, generator_class: type[nn.Module] = unet_lib.UNet) -> api.SuperResolver:
   """An untrained UNet with variance-preserving random weights (so the SR face varies: N(0, .02)
   gives a flat grey one) and random BatchNorm statistics, drawn with numpy (no init compile)."""
-  generator = unet_lib.UNet(ngf=ngf, num_downs=num_downs, residual=residual)
+  generator = generator_class(ngf=ngf, num_downs=num_downs, residual=residual)
   abstract = jax.eval_shape(functools.partial(generator.init, train=False),
                             jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
   rng = np.random.default_rng(seed)
 
   def draw(path, spec):
     leaf = path[-1].key
-    if leaf == 'kernel':
+    if leaf == 'kernel' and len(spec.shape) == 4:
       fan_in = np.prod(spec.shape[:2]) * (spec.shape[2] if 'down' in str(path) else spec.shape[2] / 4)
       return rng.normal(0, np.sqrt(1.0 / fan_in), spec.shape).astype(np.float32)
     if leaf in ('var', 'scale'):
@@ -240,6 +242,83 @@ def test_facenet_pipeline_matches_api(faces, tmp_path):
     check_sr(got['sr'], pipe.sr, x, name)
   meta = onnx_export.read_metadata(path)
   assert '20180408-102900' in meta['embedder_source'] and meta['embedding_size'] == 1024
+
+
+# --------------------------------------------------- the export keeps up with the Flax modules
+
+class _Shift(nn.Module):
+  """A layer without parameters that no ONNX emitter knows."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x + 1.0
+
+
+class _UNetWithDense(unet_lib.UNet):
+  """The UNet with one more layer (parameters) after it."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    return nn.Dense(3, name='post')(super().__call__(x, train=train))
+
+
+class _UNetWithShift(unet_lib.UNet):
+  """The UNet with one more layer (no parameters) after it."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    return _Shift(name='shift')(super().__call__(x, train=train))
+
+
+class _EmbedderWithDense(irv1.InceptionResnetV1):
+  """Inception-ResNet-v1 with one more layer after its normalised embedding."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False, classify=False):
+    return nn.Dense(self.embedding_size, name='post')(super().__call__(x, train=train))
+
+
+@pytest.mark.parametrize('generator_class,named', [
+    (_UNetWithDense, r'layers no emitter handles: post \(Dense\).*'
+                     r'variables no emitter reads: params/post/bias, params/post/kernel'),
+    (_UNetWithShift, r'layers no emitter handles: shift \(_Shift\)')])
+def test_export_fails_on_a_generator_layer_it_does_not_emit(generator_class, named):
+  sr = random_sr(size=32, ngf=4, num_downs=5, generator_class=generator_class)
+  with pytest.raises(ValueError, match=named):
+    onnx_export.export_super_resolver(sr)
+
+
+def test_export_fails_on_a_variable_it_does_not_read():
+  sr = random_sr(size=32, ngf=4, num_downs=5)
+  params = dict(sr.variables['params'], up0_bn=dict(sr.variables['params']['up0_bn'],
+                                                    extra=np.zeros(3, np.float32)))
+  sr = api.SuperResolver(sr.generator, dict(sr.variables, params=params), image_size=32)
+  with pytest.raises(ValueError, match='variables no emitter reads: params/up0_bn/extra'):
+    onnx_export.export_super_resolver(sr)
+
+
+def _tiny_embedder(module_class=irv1.InceptionResnetV1, **extra_params) -> api.Embedder:
+  module = module_class(width=0.125, embedding_size=16, num_classes=5)
+  variables = irv1.init_variables(irv1.InceptionResnetV1(width=0.125, embedding_size=16,
+                                                         num_classes=5))
+  params = dict(variables['params'], **extra_params)
+  return api.Embedder(module, dict(variables, params=params), input_size=EMBEDDER_INPUT)
+
+
+@pytest.mark.parametrize('embedder,named', [
+    (lambda: _tiny_embedder(), None),  # the classifier head's variables are not exported
+    (lambda: _tiny_embedder(stray=dict(kernel=np.zeros((4, 4), np.float32))),
+     'variables no emitter reads: params/stray/kernel'),
+    (lambda: _tiny_embedder(_EmbedderWithDense, post=dict(kernel=np.eye(16, dtype=np.float32),
+                                                          bias=np.zeros(16, np.float32))),
+     r"no emitter for layer 'post' \(Dense\)")])
+def test_export_fails_on_an_embedder_layer_or_variable_it_does_not_use(embedder, named):
+  pipe = api.Pipeline(random_sr(size=32, ngf=4, num_downs=5), embedder(), mode='sr')
+  if named is None:
+    assert onnx_export.export_pipeline(pipe).graph.output[1].name == 'embedding'
+    return
+  with pytest.raises(ValueError, match=named):
+    onnx_export.export_pipeline(pipe)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipsr_jax.ops import frozen_conv
+from ipsr_jax.ops.normalize import unit_norm
 from ipsr_jax.ops import pooling
 from ipsr_jax.ops import resize as resize_lib
 
@@ -100,10 +101,20 @@ class BasicConv2d(nn.Module):
 ConvDef = Callable[..., BasicConv2d]
 
 
-class _Residual(nn.Module):
+class _Branches(nn.Module):
+  """Base of the blocks: their branches are `conv` layers of facenet's channel counts x `width`."""
+  conv: ConvDef = BasicConv2d
+  width: float = 1.0
+
+  def channels(self, n: int) -> int:
+    return scaled_channels(n, self.width)
+
+
+class _Residual(_Branches):
   """Shared tail of Block35/17/8: 1x1 projection (with bias, no BN), scaled residual, ReLU."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scale: float = 1.0
 
   def project(self, branches: list[jax.Array], x: jax.Array, scale: float,
               relu: bool) -> jax.Array:
@@ -115,13 +126,11 @@ class _Residual(nn.Module):
 
 
 class Block35(_Residual):
-  conv: ConvDef = BasicConv2d
-  width: float = 1.0
-  scale: float = 1.0
+  """Branches 1x1; 1x1-3x3; 1x1-3x3-3x3 (facenet-pytorch `Block35`)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv, c = self.conv, functools.partial(scaled_channels, width=self.width)
+    conv, c = self.conv, self.channels
     x0 = conv(c(32), (1, 1), name='branch0')(x)
     x1 = conv(c(32), (1, 1), name='branch1_0')(x)
     x1 = conv(c(32), (3, 3), padding=(1, 1), name='branch1_1')(x1)
@@ -132,13 +141,11 @@ class Block35(_Residual):
 
 
 class Block17(_Residual):
-  conv: ConvDef = BasicConv2d
-  width: float = 1.0
-  scale: float = 1.0
+  """Branches 1x1; 1x1-1x7-7x1 (facenet-pytorch `Block17`)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv, c = self.conv, functools.partial(scaled_channels, width=self.width)
+    conv, c = self.conv, self.channels
     x0 = conv(c(128), (1, 1), name='branch0')(x)
     x1 = conv(c(128), (1, 1), name='branch1_0')(x)
     x1 = conv(c(128), (1, 7), padding=(0, 3), name='branch1_1')(x1)
@@ -147,14 +154,12 @@ class Block17(_Residual):
 
 
 class Block8(_Residual):
-  conv: ConvDef = BasicConv2d
-  width: float = 1.0
-  scale: float = 1.0
+  """Branches 1x1; 1x1-1x3-3x1 (facenet-pytorch `Block8`); the last one has no ReLU."""
   no_relu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv, c = self.conv, functools.partial(scaled_channels, width=self.width)
+    conv, c = self.conv, self.channels
     x0 = conv(c(192), (1, 1), name='branch0')(x)
     x1 = conv(c(192), (1, 1), name='branch1_0')(x)
     x1 = conv(c(192), (1, 3), padding=(0, 1), name='branch1_1')(x1)
@@ -162,13 +167,12 @@ class Block8(_Residual):
     return self.project([x0, x1], x, self.scale, relu=not self.no_relu)
 
 
-class Mixed6a(nn.Module):
-  conv: ConvDef = BasicConv2d
-  width: float = 1.0
+class Mixed6a(_Branches):
+  """Reduction: 3x3/2; 1x1-3x3-3x3/2; max pool (facenet-pytorch `Mixed_6a`)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv, c = self.conv, functools.partial(scaled_channels, width=self.width)
+    conv, c = self.conv, self.channels
     x0 = conv(c(384), (3, 3), strides=2, name='branch0')(x)
     x1 = conv(c(192), (1, 1), name='branch1_0')(x)
     x1 = conv(c(192), (3, 3), padding=(1, 1), name='branch1_1')(x1)
@@ -176,13 +180,12 @@ class Mixed6a(nn.Module):
     return jnp.concatenate([x0, x1, _max_pool(x)], axis=-1)
 
 
-class Mixed7a(nn.Module):
-  conv: ConvDef = BasicConv2d
-  width: float = 1.0
+class Mixed7a(_Branches):
+  """Reduction: three 1x1-3x3/2 chains (one with a 3x3 between); max pool."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv, c = self.conv, functools.partial(scaled_channels, width=self.width)
+    conv, c = self.conv, self.channels
     x0 = conv(c(256), (1, 1), name='branch0_0')(x)
     x0 = conv(c(384), (3, 3), strides=2, name='branch0_1')(x0)
     x1 = conv(c(256), (1, 1), name='branch1_0')(x)
@@ -263,9 +266,7 @@ class InceptionResnetV1(nn.Module):
       if classify:
         return logits
     x = x.astype(jnp.float32)
-    # torch.nn.functional.normalize: x / max(||x||, 1e-12).
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
+    return unit_norm(x)  # torch.nn.functional.normalize: x / max(||x||, 1e-12)
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,21 +35,30 @@ the sizes, the mode and the embedder are in `metadata_props` (read them back wit
 Why not a generic converter: jax2onnx 0.17.1 (the newest) requires orbax-checkpoint<0.11.37, and
 this project needs orbax-checkpoint>=0.12.4, so they cannot be installed together; the two models
 are small and fixed, so the graphs are written here with `onnx.helper` from the Flax variables.
+They cannot fall behind the Flax modules silently: each export first walks the layers the module's
+forward pass calls (`_module_calls`), takes their order (the embedder's), strides, paddings, epsilons
+and block scales from there, and fails, naming them, on any layer no emitter handles and on any
+variable no emitter reads (`_Layers`).
 Only the `onnx` package is imported (the `onnx` extra); onnxruntime and OpenCV are test-only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ipsr_jax.data import contract
 from ipsr_jax.models import inception_resnet_v1 as irv1
+from ipsr_jax.ops import frozen_conv
 from ipsr_jax.ops import resize as resize_lib
 
 FORMAT = 'ipsr_jax.onnx'
@@ -62,10 +71,6 @@ INPUT_NAME = 'images'
 INPUT_DTYPES = ('float32', 'uint8')
 BATCH = 'batch'
 _DTYPES = {'float32': TensorProto.FLOAT, 'uint8': TensorProto.UINT8}
-# Flax's ConvTranspose(kernel 4, stride 2, 'SAME') is ONNX's ConvTranspose with the kernel
-# flipped spatially and one pixel of padding on each side (output = 2 x input); the UNet only
-# has that shape, and the parity tests pin it.
-_UNET_KERNEL, _UNET_STRIDE, _UNET_TRANSPOSE_PADS = 4, 2, (1, 1, 1, 1)
 
 
 class _Graph:
@@ -100,28 +105,128 @@ class _Graph:
     return out
 
 
-def _np(tree: Mapping[str, Any], *path: str) -> np.ndarray:
-  for key in path:
-    tree = tree[key]
-  return np.asarray(tree, np.float32)
+# ------------------------------------------------------------- what the Flax modules call
+
+# Layers that are the identity in inference mode: nothing to emit wherever the module calls them.
+_INFERENCE_IDENTITY = ('Dropout',)
 
 
-def _fold_bn(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Inference BatchNorm as y = x * mul + add (flax: (x - mean) * scale * rsqrt(var + eps) + bias).
+@dataclasses.dataclass
+class _Call:
+  """One layer call of a module's forward pass: the bound submodule (its attributes: strides,
+  padding, epsilon, ...) and the shapes of its first input and of its output."""
+  module: nn.Module
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...] = ()
+
+  @property
+  def kind(self) -> str:
+    return type(self.module).__name__
+
+
+def _module_calls(module: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int],
+                  **kwargs: Any) -> dict[str, _Call]:
+  """{'/'-joined path: _Call} of every layer `module.apply(variables, x, **kwargs)` calls, in call
+  order ('' is the module itself), by intercepting their `__call__` under `jax.eval_shape` (shapes
+  only, no compute)."""
+  calls: dict[str, _Call] = {}
+
+  def record(next_fun, args, kw, context):
+    if context.method_name != '__call__':
+      return next_fun(*args, **kw)
+    call = calls.setdefault('/'.join(context.module.path),
+                            _Call(context.module, tuple(args[0].shape)))
+    out = next_fun(*args, **kw)
+    call.out_shape = tuple(out.shape)
+    return out
+
+  x = jax.ShapeDtypeStruct(tuple(input_shape), np.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(module.apply, **kwargs), variables, x)
+  return calls
+
+
+class _Layers:
+  """One module's layer calls and variables as one export pass consumes them.
+
+  The graph is written by the emitters below, one per layer type; this keeps it from falling behind
+  the Flax module silently. An emitter claims each layer it emits (`layer`, which checks the
+  module's layer there is of the type the emitter handles) and reads each variable it folds in
+  (`take`, at most once); `finish` then fails, naming them, on any layer the forward pass calls that
+  no emitter claimed (a new layer, parameters or not) and on any variable no emitter read (a new
+  parameter). Plain jax functions between layers (activations, concatenations, pools) are not
+  modules: the parity tests (tests/test_export_onnx.py) are what pin those.
+  """
+
+  def __init__(self, what: str, calls: Mapping[str, _Call], variables: Mapping[str, Any],
+               ignore_collections: Sequence[str] = ()):
+    self.what, self.calls = what, calls
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        {c: v for c, v in variables.items() if c not in ignore_collections})
+    self.leaves = {'/'.join(str(k.key) for k in path): leaf for path, leaf in flat}
+    self.read: set[str] = set()
+    self.claimed: set[str] = set()
+
+  def layer(self, path: str, *kinds: str) -> nn.Module:
+    """Claims the layer at `path`, which must be one of `kinds`; returns the bound submodule."""
+    call = self.calls.get(path)
+    if call is None or call.kind not in kinds:
+      found = f'a {call.kind}' if call else 'no layer'
+      raise ValueError(f'{self.what}: the ONNX export emits {path!r} as {" or ".join(kinds)}, but '
+                       f'the module calls {found} there')
+    self.claimed.add(path)
+    return call.module
+
+  def children(self, path: str) -> list[tuple[str, _Call]]:
+    """The direct sublayers of `path` ('' for the top level), in call order, as (name, call)."""
+    prefix = f'{path}/' if path else ''
+    return [(p[len(prefix):], c) for p, c in self.calls.items()
+            if p and p.startswith(prefix) and '/' not in p[len(prefix):]]
+
+  def take(self, path: str, collection: str = 'params') -> np.ndarray:
+    """The variable `collection/path` as float32, each at most once per pass."""
+    key = f'{collection}/{path}'
+    if key not in self.leaves:
+      raise ValueError(f'{self.what}: the ONNX export reads {key}, which the variables lack')
+    if key in self.read:
+      raise ValueError(f'{self.what}: the ONNX export read {key} twice')
+    self.read.add(key)
+    return np.asarray(self.leaves[key], np.float32)
+
+  def skip(self, prefix: str) -> None:
+    """Variables under `prefix` are not part of the exported function (a classifier head)."""
+    self.read.update(k for k in self.leaves if k.startswith(f'{prefix}/'))
+
+  def finish(self) -> None:
+    layers = [f'{p} ({c.kind})' for p, c in self.calls.items()
+              if p and p not in self.claimed and c.kind not in _INFERENCE_IDENTITY]
+    unread = sorted(set(self.leaves) - self.read)
+    problems = ([f'layers no emitter handles: {", ".join(layers)}'] if layers else []) + (
+        [f'variables no emitter reads: {", ".join(unread)}'] if unread else [])
+    if problems:
+      raise ValueError(f'{self.what} cannot be exported to ONNX, {"; ".join(problems)} '
+                       '(ipsr_jax/serving/onnx_export.py must emit them)')
+
+
+def _fold_bn(layers: _Layers, path: str) -> tuple[np.ndarray, np.ndarray]:
+  """The inference BatchNorm at `path` as y = x * mul + add (flax: (x - mean) * scale *
+  rsqrt(var + eps) + bias).
 
   rsqrt(var + eps) in float32 as flax computes it, so a FaceNet graph's identity BatchNorm
   (var = 1 - eps, see convert.py) folds to exactly 1."""
-  scale = _np(params, 'scale') if 'scale' in params else 1.0
-  inv = 1.0 / np.sqrt(_np(stats, 'var') + np.float32(eps))
+  bn = layers.layer(path, 'BatchNorm')
+  scale = layers.take(f'{path}/scale') if bn.use_scale else 1.0
+  bias = layers.take(f'{path}/bias').astype(np.float64) if bn.use_bias else 0.0
+  mean, var = layers.take(f'{path}/mean', 'batch_stats'), layers.take(f'{path}/var', 'batch_stats')
+  inv = 1.0 / np.sqrt(var + np.float32(bn.epsilon))
   mul = np.float64(scale) * inv.astype(np.float64)
-  bias = _np(params, 'bias').astype(np.float64) if 'bias' in params else 0.0
-  return mul, bias - _np(stats, 'mean').astype(np.float64) * mul
+  return mul, bias - mean.astype(np.float64) * mul
 
 
 def _conv(g: _Graph, x: str, name: str, kernel: np.ndarray, bias: np.ndarray | None, *,
-          strides: int = 1, pads: Sequence[int] = (0, 0, 0, 0), mul: np.ndarray | None = None,
-          add: np.ndarray | None = None, transpose: bool = False, prefix: str = '') -> str:
+          strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+          mul: np.ndarray | None = None, add: np.ndarray | None = None, transpose: bool = False,
+          prefix: str = '') -> str:
   """NCHW Conv (HWIO kernel) or ConvTranspose (flax's (kh, kw, in, out) kernel), with an inference
   BatchNorm (`mul`, `add`) folded into the weights and bias. The node is `prefix + name`, its
   weights `name/weight`, `name/bias` (shared by every pass of the same layer)."""
@@ -137,7 +242,8 @@ def _conv(g: _Graph, x: str, name: str, kernel: np.ndarray, bias: np.ndarray | N
   if bias is not None or mul is not None:
     inputs.append(g.const(f'{name}/bias', b))
   return g.op('ConvTranspose' if transpose else 'Conv', inputs, prefix + name,
-              kernel_shape=list(kernel.shape[:2]), strides=[strides, strides], pads=list(pads))
+              kernel_shape=list(kernel.shape[:2]), strides=[int(s) for s in strides],
+              pads=list(pads))
 
 
 # --------------------------------------------------------------------------------- bicubic
@@ -192,46 +298,52 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _strided_conv(g: _Graph, layers: _Layers, x: str, path: str, side: int,
+                  bn: str | None = None) -> str:
+  """A `unet.StridedConv` (4x4 stride 2 'SAME' Conv or ConvTranspose), with the BatchNorm at `bn`
+  folded in. Flax's ConvTranspose(4, stride 2, 'SAME') is ONNX's ConvTranspose with the kernel
+  flipped spatially and one pixel of padding on each side (output = 2 x input)."""
+  conv = layers.layer(path, 'StridedConv')
+  kernel = layers.take(f'{path}/kernel')
+  if kernel.shape[:2] != (4, 4):
+    raise ValueError(f'{path}: kernel {kernel.shape[:2]}, the exporter knows 4x4 stride 2')
+  bias = layers.take(f'{path}/bias') if conv.use_bias else None
+  mul, add = _fold_bn(layers, bn) if bn else (None, None)
+  if conv.transpose:
+    pads = (1, 1, 1, 1)
+  else:
+    lo, hi = _same_pads(side, 4, 2)
+    pads = (lo, lo, hi, hi)
+  return _conv(g, x, path, kernel, bias, strides=(2, 2), pads=pads, mul=mul, add=add,
+               transpose=conv.transpose)
+
+
 def _unet(g: _Graph, generator: Any, variables: Mapping[str, Any], pixels: str, size: int) -> str:
   """Float NCHW pixels [N, 3, S, S] -> SR pixels (float, 0..255, unrounded): `sr_pixels`."""
-  params, stats = variables['params'], variables.get('batch_stats', {})
-  eps = generator.bn_epsilon
+  layers = _Layers(f'generator {type(generator).__name__}',
+                   _module_calls(generator, variables, (1, size, size, 3), train=False), variables)
   # from_pixels: x / 127.5 - 1 (the same two float ops, so the same rounding).
   lr = g.op('Div', [pixels, g.const('pixel_half_range', 127.5)], 'unet/from_pixels_div')
   lr = g.op('Sub', [lr, g.const('one', 1.0)], 'unet/from_pixels')
   x, side, skips = lr, size, []
   for i in range(generator.num_downs):
-    name = f'down{i}_conv'
-    kernel = _np(params, name, 'kernel')
-    if kernel.shape[:2] != (_UNET_KERNEL, _UNET_KERNEL):
-      raise ValueError(f'{name}: kernel {kernel.shape[:2]}, the exporter knows 4x4 stride 2')
-    mul = add = None
-    if f'down{i}_bn' in params:
-      mul, add = _fold_bn(params[f'down{i}_bn'], stats[f'down{i}_bn'], eps)
-    bias = _np(params, name, 'bias') if 'bias' in params[name] else None
-    lo, hi = _same_pads(side, _UNET_KERNEL, _UNET_STRIDE)
-    x = _conv(g, x, name, kernel, bias, strides=_UNET_STRIDE, pads=(lo, lo, hi, hi),
-              mul=mul, add=add)
+    bn = f'down{i}_bn' if f'down{i}_bn' in layers.calls else None
+    x = _strided_conv(g, layers, x, f'down{i}_conv', side, bn)
     x = g.op('LeakyRelu', [x], f'down{i}_lrelu', alpha=float(generator.leaky_relu_slope))
-    side = -(-side // _UNET_STRIDE)
+    side = -(-side // 2)
     skips.append(x)
   x = skips.pop()
   for j in range(generator.num_downs - 1):
-    name = f'up{j}_conv'
-    mul, add = _fold_bn(params[f'up{j}_bn'], stats[f'up{j}_bn'], eps)
-    # (Dropout on the first blocks is the identity at inference.)
-    x = _conv(g, x, name, _np(params, name, 'kernel'), None, strides=_UNET_STRIDE,
-              pads=_UNET_TRANSPOSE_PADS, mul=mul, add=add, transpose=True)
+    x = _strided_conv(g, layers, x, f'up{j}_conv', side, f'up{j}_bn')
     x = g.op('Relu', [x], f'up{j}_relu')
     x = g.op('Concat', [x, skips.pop()], f'up{j}_concat', axis=1)
-  out = params['out_conv']
-  x = _conv(g, x, 'out_conv', _np(out, 'kernel'), _np(out, 'bias') if 'bias' in out else None,
-            strides=_UNET_STRIDE, pads=_UNET_TRANSPOSE_PADS, transpose=True)
+  x = _strided_conv(g, layers, x, 'out_conv', side)
   if generator.residual:
     clipped = g.op('Clip', [lr, g.const('residual_lo', -0.999), g.const('residual_hi', 0.999)],
                    'residual/clip')
     x = g.op('Add', [x, g.op('Atanh', [clipped], 'residual/atanh')], 'residual/add')
   x = g.op('Tanh', [x], 'unet/tanh')
+  layers.finish()
   # to_pixels: (x + 1) * 127.5.
   x = g.op('Add', [x, g.const('one', 1.0)], 'unet/to_pixels_add')
   return g.op('Mul', [x, g.const('pixel_half_range', 127.5)], 'unet/to_pixels')
@@ -239,77 +351,102 @@ def _unet(g: _Graph, generator: Any, variables: Mapping[str, Any], pixels: str, 
 
 # ----------------------------------------------------------------------- Inception-ResNet-v1
 
-class _Embedder:
-  """`InceptionResnetV1.apply(..., train=False)` as ONNX nodes; mirrors the Flax module line by
-  line (ipsr_jax/models/inception_resnet_v1.py). Channel counts come from the weights, so any
-  `width` and any input side the module accepts export alike."""
+# Blocks of branches whose outputs are concatenated: Block35/17/8 then project them back to their
+# input width (a biased 1x1 conv, times the block's `scale`, plus the input, ReLU unless
+# `no_relu`: `_Residual.project`), Mixed6a/7a append a 3x3 stride-2 max pool of their input.
+_RESIDUAL_BLOCKS = ('Block35', 'Block17', 'Block8')
+_MIXED_BLOCKS = ('Mixed6a', 'Mixed7a')
 
-  def __init__(self, g: _Graph, module: irv1.InceptionResnetV1, variables: Mapping[str, Any]):
-    self.g, self.module = g, module
-    self.params, self.stats = variables['params'], variables['batch_stats']
-    self.eps = module.bn_epsilon
+
+def _pooled(side: int) -> int:
+  """Side after `inception_resnet_v1._max_pool` (3x3, stride 2, no padding)."""
+  return (side - 3) // 2 + 1
+
+
+class _Embedder:
+  """`InceptionResnetV1.apply(..., train=False)` as ONNX nodes, derived from the layers the module
+  calls (`_module_calls`): their order, types, strides, paddings and block scales come from the
+  module, the op each type becomes from the emitters here. Channel counts come from the weights, so
+  any `width` and any input side the module accepts export alike."""
+
+  def __init__(self, g: _Graph, module: irv1.InceptionResnetV1, variables: Mapping[str, Any],
+               input_size: int):
+    self.g, self.module, self.variables = g, module, variables
+    self.calls = _module_calls(module, variables, (1, input_size, input_size, 3), train=False)
     self.prefix = ''
 
-  def conv(self, x: str, path: str, strides: int = 1, padding: tuple[int, int] = (0, 0)) -> str:
-    """BasicConv2d: conv (no bias) + folded BN + ReLU; `padding` as the module's (h, w)."""
-    p, s = self.params, self.stats
-    for key in path.split('/'):
-      p, s = p[key], s[key]
-    mul, add = _fold_bn(p['bn'], s['bn'], self.eps)
+  def conv(self, x: str, path: str) -> str:
+    """BasicConv2d: conv + folded BN + ReLU."""
+    layers = self.layers
+    layers.layer(path, 'BasicConv2d')
+    conv = layers.layer(f'{path}/conv', 'Conv')
+    mul, add = _fold_bn(layers, f'{path}/bn')
+    bias = layers.take(f'{path}/conv/bias') if conv.use_bias else None
+    (top, bottom), (left, right) = conv.padding
     name = f'embedder/{path}'
-    x = _conv(self.g, x, name, _np(p, 'conv', 'kernel'), None, strides=strides,
-              pads=(padding[0], padding[1], padding[0], padding[1]), mul=mul, add=add,
-              prefix=self.prefix)
+    x = _conv(self.g, x, name, layers.take(f'{path}/conv/kernel'), bias, strides=conv.strides,
+              pads=(top, left, bottom, right), mul=mul, add=add, prefix=self.prefix)
     return self.g.op('Relu', [x], f'{self.prefix}{name}/relu')
 
   def _max_pool(self, x: str, name: str) -> str:
     return self.g.op('MaxPool', [x], f'{self.prefix}embedder/{name}', kernel_shape=[3, 3],
                      strides=[2, 2])
 
-  def _residual(self, x: str, branches: list[str], top: str, scale: float, relu: bool) -> str:
-    """Concat, 1x1 projection with bias, out * scale + x, ReLU (`_Residual.project`)."""
-    g, name = self.g, f'embedder/{top}/conv2d'
-    out = g.op('Concat', branches, f'{self.prefix}embedder/{top}/concat', axis=1)
-    p = self.params[top]['conv2d']
-    out = _conv(g, out, name, _np(p, 'kernel'), _np(p, 'bias'), prefix=self.prefix)
-    if scale != 1.0:  # the last Block8's scale 1 is exact: no op
-      out = g.op('Mul', [out, g.const(f'{name}/scale', scale)], f'{self.prefix}{name}/scaled')
+  def block(self, x: str, top: str) -> str:
+    """A Block35/17/8 or Mixed6a/7a: its 'branch<k>[_<i>]' BasicConv2d chains in call order."""
+    g, layers = self.g, self.layers
+    block = layers.layer(top, *_RESIDUAL_BLOCKS, *_MIXED_BLOCKS)
+    chains: dict[str, list[str]] = {}
+    for name, _ in layers.children(top):
+      if name.startswith('branch'):
+        chains.setdefault(name.split('_')[0], []).append(name)
+    branches = []
+    for chain in chains.values():
+      y = x
+      for name in chain:
+        y = self.conv(y, f'{top}/{name}')
+      branches.append(y)
+    node = f'{self.prefix}embedder/{top}'
+    if type(block).__name__ in _MIXED_BLOCKS:
+      return g.op('Concat', branches + [self._max_pool(x, f'{top}/pool')], f'{node}/concat', axis=1)
+    out = g.op('Concat', branches, f'{node}/concat', axis=1)
+    proj, name = layers.layer(f'{top}/conv2d', 'Conv'), f'embedder/{top}/conv2d'
+    if proj.kernel_size != (1, 1) or not proj.use_bias:
+      raise ValueError(f'{top}/conv2d: the exporter knows a biased 1x1 projection')
+    out = _conv(g, out, name, layers.take(f'{top}/conv2d/kernel'),
+                layers.take(f'{top}/conv2d/bias'), prefix=self.prefix)
+    if block.scale != 1.0:  # the last Block8's scale 1 is exact: no op
+      out = g.op('Mul', [out, g.const(f'{name}/scale', block.scale)], f'{self.prefix}{name}/scaled')
     out = g.op('Add', [out, x], f'{self.prefix}{name}/residual')
-    return g.op('Relu', [out], f'{self.prefix}{name}/relu') if relu else out
+    if getattr(block, 'no_relu', False):
+      return out
+    return g.op('Relu', [out], f'{self.prefix}{name}/relu')
 
-  def block35(self, x: str, top: str) -> str:
-    c = lambda y, n, pad=(0, 0): self.conv(y, f'{top}/{n}', padding=pad)
-    x0 = c(x, 'branch0')
-    x1 = c(c(x, 'branch1_0'), 'branch1_1', (1, 1))
-    x2 = c(c(c(x, 'branch2_0'), 'branch2_1', (1, 1)), 'branch2_2', (1, 1))
-    return self._residual(x, [x0, x1, x2], top, irv1.BLOCK35_SCALE, relu=True)
+  def between(self, x: str, before: tuple[int, ...], after: tuple[int, ...], path: str) -> str:
+    """The plain jax op between two top-level layers, told by how it changes the shape: none,
+    the stem's 3x3 stride-2 max pool, or the global average pool before the head."""
+    if before == after:
+      return x
+    if len(before) == 4 and after == (before[0], _pooled(before[1]), _pooled(before[2]),
+                                      before[3]):
+      return self._max_pool(x, f'{path}/pool_before')
+    if len(before) == 4 and after == (before[0], before[3]):
+      x = self.g.op('GlobalAveragePool', [x], f'{self.prefix}embedder/avgpool')
+      return self.g.op('Flatten', [x], f'{self.prefix}embedder/flatten', axis=1)
+    raise ValueError(f'embedder: the module turns {before} into {after} before {path!r}, which the '
+                     'ONNX export has no op for')
 
-  def block17(self, x: str, top: str) -> str:
-    c = lambda y, n, pad=(0, 0): self.conv(y, f'{top}/{n}', padding=pad)
-    x0 = c(x, 'branch0')
-    x1 = c(c(c(x, 'branch1_0'), 'branch1_1', (0, 3)), 'branch1_2', (3, 0))
-    return self._residual(x, [x0, x1], top, irv1.BLOCK17_SCALE, relu=True)
-
-  def block8(self, x: str, top: str, scale: float, relu: bool) -> str:
-    c = lambda y, n, pad=(0, 0): self.conv(y, f'{top}/{n}', padding=pad)
-    x0 = c(x, 'branch0')
-    x1 = c(c(c(x, 'branch1_0'), 'branch1_1', (0, 1)), 'branch1_2', (1, 0))
-    return self._residual(x, [x0, x1], top, scale, relu=relu)
-
-  def mixed_6a(self, x: str) -> str:
-    c = lambda y, n, s=1, pad=(0, 0): self.conv(y, f'mixed_6a/{n}', s, pad)
-    x0 = c(x, 'branch0', 2)
-    x1 = c(c(c(x, 'branch1_0'), 'branch1_1', 1, (1, 1)), 'branch1_2', 2)
-    return self.g.op('Concat', [x0, x1, self._max_pool(x, 'mixed_6a/pool')],
-                     f'{self.prefix}embedder/mixed_6a/concat', axis=1)
-
-  def mixed_7a(self, x: str) -> str:
-    c = lambda y, n, s=1, pad=(0, 0): self.conv(y, f'mixed_7a/{n}', s, pad)
-    x0 = c(c(x, 'branch0_0'), 'branch0_1', 2)
-    x1 = c(c(x, 'branch1_0'), 'branch1_1', 2)
-    x2 = c(c(c(x, 'branch2_0'), 'branch2_1', 1, (1, 1)), 'branch2_2', 2)
-    return self.g.op('Concat', [x0, x1, x2, self._max_pool(x, 'mixed_7a/pool')],
-                     f'{self.prefix}embedder/mixed_7a/concat', axis=1)
+  def dense(self, x: str, path: str, bn: str) -> str:
+    """nn.Dense (Gemm), with the BatchNorm at `bn` folded in."""
+    layers = self.layers
+    dense = layers.layer(path, 'Dense')
+    kernel = layers.take(f'{path}/kernel').astype(np.float64)
+    bias = layers.take(f'{path}/bias').astype(np.float64) if dense.use_bias else 0.0
+    mul, add = _fold_bn(layers, bn)
+    name = f'embedder/{path}'
+    return self.g.op('Gemm', [x, self.g.const(f'{name}/weight', kernel * mul),
+                              self.g.const(f'{name}/bias', bias * mul + add)],
+                     f'{self.prefix}{name}')
 
   def standardize(self, x: str, input_size: int) -> str:
     """`irv1.standardize` on NCHW pixels (the per-image statistics cover all of C, H, W)."""
@@ -330,34 +467,35 @@ class _Embedder:
   def embed(self, pixels: str, prefix: str, size: int, input_size: int) -> str:
     """Float NCHW pixels [N, 3, size, size] -> unit embeddings [N, D]: `irv1.embed_images`."""
     g, self.prefix = self.g, prefix
+    # A fresh pass: the weights are read (and checked) again, their constants shared by name.
+    self.layers = _Layers(f'embedder {type(self.module).__name__}', self.calls, self.variables,
+                          ignore_collections=(frozen_conv.INPUT_GRAD,))
+    self.layers.skip('params/logits')  # the classifier head: the export returns embeddings
     x = pixels
     if size != input_size:
       x = _resize(g, x, (size, size), (input_size, input_size), f'{prefix}embedder/resize',
                   round_between=False)
     x = self.standardize(x, input_size)
-    x = self.conv(x, 'conv2d_1a', 2)
-    x = self.conv(x, 'conv2d_2a')
-    x = self.conv(x, 'conv2d_2b', padding=(1, 1))
-    x = self._max_pool(x, 'maxpool_3a')
-    x = self.conv(x, 'conv2d_3b')
-    x = self.conv(x, 'conv2d_4a')
-    x = self.conv(x, 'conv2d_4b', 2)
-    for i in range(5):
-      x = self.block35(x, f'repeat_1_{i}')
-    x = self.mixed_6a(x)
-    for i in range(10):
-      x = self.block17(x, f'repeat_2_{i}')
-    x = self.mixed_7a(x)
-    for i in range(5):
-      x = self.block8(x, f'repeat_3_{i}', irv1.BLOCK8_SCALE, relu=True)
-    x = self.block8(x, 'block8', irv1.LAST_BLOCK8_SCALE, relu=False)
-    x = g.op('GlobalAveragePool', [x], f'{prefix}embedder/avgpool')
-    x = g.op('Flatten', [x], f'{prefix}embedder/flatten', axis=1)
-    # (Dropout is the identity at inference.) last_linear (no bias) with last_bn folded in.
-    kernel = _np(self.params, 'last_linear', 'kernel').astype(np.float64)
-    mul, add = _fold_bn(self.params['last_bn'], self.stats['last_bn'], self.eps)
-    x = g.op('Gemm', [x, g.const('embedder/last_linear/weight', kernel * mul),
-                      g.const('embedder/last_linear/bias', add)], f'{prefix}embedder/last_linear')
+    shape = self.calls[''].in_shape
+    top = self.layers.children('')
+    head = None  # last_linear once emitted: its BatchNorm and the normalisation follow, no layer
+    for i, (path, call) in enumerate(top):
+      if head and not (call.kind == 'BatchNorm' and top[i - 1][0] == head):
+        raise ValueError(f'embedder: the ONNX export has no emitter for layer {path!r} '
+                         f'({call.kind}) after the head {head!r}')
+      x = self.between(x, shape, call.in_shape, path)
+      if call.kind == 'BasicConv2d':
+        x = self.conv(x, path)
+      elif call.kind in _RESIDUAL_BLOCKS + _MIXED_BLOCKS:
+        x = self.block(x, path)
+      elif call.kind == 'Dense' and i + 1 < len(top) and top[i + 1][1].kind == 'BatchNorm':
+        x, head = self.dense(x, path, top[i + 1][0]), path  # last_linear, last_bn folded in
+      elif not head and call.kind not in _INFERENCE_IDENTITY:
+        raise ValueError(f'embedder: the ONNX export has no emitter for layer {path!r} '
+                         f'({call.kind})')
+      shape = call.out_shape
+    self.layers.finish()
+    # The module's output, after the head: torch's F.normalize.
     return _l2_normalize(g, x, f'{prefix}embedder/normalize')
 
 
@@ -492,7 +630,7 @@ def export_pipeline(pipeline: Any, *, lr_size: Sequence[int] | None = None,
   bicubic = _bicubic_input(g, input_dtype, hw, size)
   sr_pixels = _unet(g, sr.generator, sr.variables, bicubic, size)
   _output_pixels(g, sr_pixels, input_dtype == 'uint8', 'sr')
-  net = _Embedder(g, embedder.module, embedder.variables)
+  net = _Embedder(g, embedder.module, embedder.variables, input_size)
   if mode == 'sr':
     embedding = net.embed(sr_pixels, 'sr/', size, input_size)
     g.op('Identity', [embedding], 'embedding', output='embedding')
