@@ -36,6 +36,7 @@ from PIL import Image
 
 from ipsr_jax.runtime import console
 from ipsr_jax.data import image_folder
+from ipsr_jax.data import image_io
 from ipsr_jax.models import mtcnn
 from ipsr_jax.data import outputs
 
@@ -379,20 +380,6 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(out)
 
 
-def as_rgb(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [H, W, 3]."""
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f'expected a uint8 image, got {image.dtype}')
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f'expected [H, W], [H, W, 1|3|4] image, got shape {image.shape}')
-  if image.shape[-1] == 1:
-    return np.repeat(image, 3, -1)
-  return image[..., :3]
-
-
 def pad_pixels(pad: float, height: int, width: int) -> tuple[int, int]:
   """`pad` in pixels (>= 1) or as a fraction of each side (< 1) -> (pad_y, pad_x)."""
   if pad < 0:
@@ -424,7 +411,7 @@ class FaceAligner:
     self.detector = detector if detector is not None else MTCNN(weights_dir=weights_dir)
 
   def __call__(self, image: np.ndarray) -> AlignResult:
-    image = as_rgb(image)
+    image = image_io.as_rgb(image)
     height, width = image.shape[:2]
     py, px = pad_pixels(self.pad, height, width)
     # Tight crops (ORL) hide the context MTCNN's boxes need: replicate the border outwards.

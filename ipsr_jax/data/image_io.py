@@ -29,12 +29,27 @@ def is_image_file(path: str | os.PathLike) -> bool:
   return not name.startswith('.') and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [H, W, 3]: grey replicated to three
+  channels, alpha dropped (what PIL's convert('RGB') does to L and RGBA images)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f'expected a uint8 image, got {image.dtype}')
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'expected [H, W], [H, W, 1|3|4] image, got shape {image.shape}')
+  if image.shape[-1] == 1:
+    return np.repeat(image, 3, -1)
+  return image[..., :3]
+
+
 def _to_rgb(image: Image.Image) -> np.ndarray:
   if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
     # 16-bit PGM/PNG: keep the top 8 bits rather than letting convert() clip everything to 255.
     wide = np.asarray(image, dtype=np.int64)
     grey = (wide >> 8).astype(np.uint8) if wide.max(initial=0) > 255 else wide.astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    return as_rgb(grey)
   if image.mode != 'RGB':
     image = image.convert('RGB')  # L (ORL's PGM), P, RGBA, CMYK -> 3 channels
   return np.asarray(image, dtype=np.uint8)

@@ -49,6 +49,7 @@ from ipsr_jax.models import convert
 from ipsr_jax.models.onnx_graph import dequantize_linear, node_attributes, onnx_pads, reshape_array
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.ops.depthwise import DepthwiseConv
+from ipsr_jax.ops.normalize import unit_norm
 
 SFACE_INPUT_SIZE = 112
 SFACE_EMBEDDING_SIZE = 128
@@ -192,11 +193,6 @@ def abstract_variables(module: SFace) -> dict[str, Any]:
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)
 
 
-def unit(x: jax.Array) -> jax.Array:
-  """x / max(||x||, 1e-12) along the last axis."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def embed_images(module: SFace, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
   """Float [N, H, W, 3] RGB 0..255 -> unit-norm float32 [N, 128] (traceable).
 
@@ -208,7 +204,7 @@ def embed_images(module: SFace, variables: Mapping[str, Any], images: jax.Array)
     images = images.astype(jnp.float32)
   if images.shape[1:3] != (SFACE_INPUT_SIZE, SFACE_INPUT_SIZE):
     images = resize_lib.resize(images, (SFACE_INPUT_SIZE, SFACE_INPUT_SIZE))
-  return unit(module.apply(variables, images).astype(jnp.float32))
+  return unit_norm(module.apply(variables, images).astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------- reading the file

@@ -50,6 +50,7 @@ from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionRes
 from ipsr_jax.ops import pixels as pixels_lib
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.ops.batching import PaddedBatcher
+from ipsr_jax.ops.normalize import unit_norm
 
 DEFAULT_BUCKETS = (8, 64, 256)
 # The embedder on a CPU: XLA:CPU runs the network op by op over the whole batch, so a small batch
@@ -108,8 +109,7 @@ def sr_pixels(generator: unet_lib.UNet, variables: Mapping[str, Any], images: ja
 
 def unit_concat(a: jax.Array, b: jax.Array) -> jax.Array:
   """[unit(a), unit(b)] / sqrt(2): the paper's SCface 'concat' embedding, itself unit norm."""
-  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  return unit(jnp.concatenate([unit(a), unit(b)], axis=-1))
+  return unit_norm(jnp.concatenate([unit_norm(a), unit_norm(b)], axis=-1))
 
 
 def prefetch(iterable: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -371,7 +371,6 @@ class OnnxEmbedder(BatchedModel):
                std: float | Sequence[float] = 127.5, buckets: Sequence[int] | None = None,
                mesh: Mesh | None = None, info: Mapping[str, Any] | None = None):
     from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel
-    from ipsr_jax.models.sface import unit  # pylint: disable=import-outside-toplevel  (imports us)
     if layout not in ONNX_LAYOUTS:
       raise ValueError(f'layout must be one of {ONNX_LAYOUTS}, got {layout!r}')
     if channels not in ONNX_CHANNELS:
@@ -413,7 +412,7 @@ class OnnxEmbedder(BatchedModel):
         x = jnp.transpose(x, (0, 3, 1, 2))
       y = graph.apply(variables, x)
       y = y[0] if isinstance(y, tuple) else y
-      return unit(jnp.reshape(y, (y.shape[0], -1)).astype(jnp.float32))
+      return unit_norm(jnp.reshape(y, (y.shape[0], -1)).astype(jnp.float32))
 
     info = {**(info or {}), 'input_size': size, 'layout': layout, 'channels': channels,
             'mean': self.mean, 'std': self.std}
