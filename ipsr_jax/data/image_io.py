@@ -104,7 +104,7 @@ def resize_to(image: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarra
   if tuple(image.shape[:2]) == hw:
     return image
   # One BLAS thread: OpenBLAS's idle threads spin, and beside the pipeline's decoding threads a
-  # 250 -> 128 resize cost ~20 ms of CPU instead of ~1 (benchmarks/NOTES.md, issue 15).
+  # 250 -> 128 resize cost ~20 ms of CPU instead of ~1 (benchmarks/NOTES.md, "Input pipeline").
   with degrade_lib.one_blas_thread():
     return resize_lib.resize_np(image, hw)
 

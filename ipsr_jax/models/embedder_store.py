@@ -6,7 +6,7 @@ Layout of an embedder directory (local path or gs://):
     <dir>/variables/      Orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
 
 `module_kwargs` rebuild the `InceptionResnetV1`, including its input convention
-(`standardization`: 'fixed' when absent, as every embedder saved before it existed), so every
+(`standardization`: 'fixed' when absent: embedders written without the field are FaceNet-standardised), so every
 user of the directory preprocesses alike. Written by `python -m ipsr_jax.tools.convert_facenet`
 (facenet-pytorch weights or a frozen FaceNet graph) and by
 `--mode=pretrain_embedder`; read by training (`config.embedder.checkpoint`), evaluation and

@@ -1,6 +1,6 @@
 """The UNet generator: bicubic-upsampled LR face (128x128, [-1, 1]) -> SR face.
 
-As the authors' Keras code builds it (DESIGN.md section 1): `num_downs` encoder blocks of a 4x4
+As the authors' Keras code builds it (docs/design.md, section 2): `num_downs` encoder blocks of a 4x4
 stride-2 Conv (+ BatchNorm except the first and the innermost) + LeakyReLU, `num_downs - 1` decoder
 blocks of a 4x4 stride-2 ConvTranspose + BatchNorm (+ Dropout on the first few) + ReLU, each joined
 to the matching encoder output by concatenation, and an output ConvTranspose to 3 channels + tanh.

@@ -56,7 +56,7 @@ DEFAULT_BUCKETS = (8, 64, 256)
 # The embedder on a CPU: XLA:CPU runs the network op by op over the whole batch, so a small batch
 # keeps each op's activations in cache: batches of 8 ran 34% more faces/s than 64 on a quiet
 # 2-core machine and took ~25% less CPU time per face on a loaded one (benchmarks/embed_cpu.py,
-# benchmarks/NOTES.md "CPU embedding (issue 13)"); one bucket also compiles once, not three times.
+# benchmarks/NOTES.md, "CPU embedding"); one bucket also compiles once, not three times.
 EMBEDDER_CPU_BUCKETS = (8,)
 PIPELINE_MODES = ('sr', 'bicubic', 'concat')
 CONFIG_FILE = 'config.json'
