@@ -1,11 +1,23 @@
-"""Embedder pretraining augmentation: flips, and the optional blur round trip."""
+"""Embedder pretraining: flips, the optional blur round trip, and stopping on a signal then resuming."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 
 from configs import base
-from ipsr_jax.training import embedder_train
 from ipsr_jax.data import degrade
+from ipsr_jax.models import embedder_store
+from ipsr_jax.runtime import checkpointing
+from ipsr_jax.runtime import preemption
+from ipsr_jax.runtime import summaries
+from ipsr_jax.training import embedder_train
+from tests import test_train
+from tests.conftest import REPO
 
 
 def _faces(n=32, size=32):
@@ -40,3 +52,43 @@ def test_blur_round_trip_matches_the_host_degradation():
   soft = _closest(out, blurred) <= 1.0  # device vs host rounding: at most one level
   assert (sharp | soft).all()
   assert 0 < sharp.sum() < len(hr) and 0 < soft.sum()
+
+
+def _pretrain_cmd(workdir):
+  """Six steps of a tiny embedder, saved at the last step only (and on a signal)."""
+  return [sys.executable, '-m', 'ipsr_jax.main', '--config=configs/base.py:tiny', '--mode=pretrain_embedder',
+          f'--workdir={workdir}', '--config.embedder.width=0.125', '--config.embedder.embedding_size=32',
+          '--config.data.degrade_on_device=True', '--config.train.checkpoint_every_steps=1000']
+
+
+def _embedder_rows(workdir):
+  return [(r['step'], r['embedder/loss'], r['embedder/accuracy'])
+          for r in summaries.read_metrics(str(workdir)) if 'embedder/loss' in r]
+
+
+def test_sigterm_saves_stops_and_resumes_to_the_same_embedder(tmp_path):
+  """As the generator's trainer: SIGTERM mid-run saves that step and exits with EXIT_PREEMPTED,
+  without writing the embedder; the same command resumes there and ends with the metrics and
+  weights of an uninterrupted run."""
+  straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+  subprocess.run(_pretrain_cmd(straight), cwd=REPO, env=test_train._env(1), check=True, capture_output=True,
+                 timeout=600)
+  proc = subprocess.Popen(_pretrain_cmd(stopped), cwd=REPO, env=test_train._env(1), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not _embedder_rows(stopped) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == preemption.EXIT_PREEMPTED, err[-3000:]
+  assert 'Warning: SIGTERM received: saving a checkpoint and stopping.' in err
+  step = checkpointing.Checkpointer(str(stopped), read_only=True).latest_step()
+  assert 1 <= step < 6
+  assert not os.path.exists(embedder_train.export_dir(str(stopped)))
+  resume = subprocess.run(_pretrain_cmd(stopped), cwd=REPO, env=test_train._env(1), capture_output=True, text=True,
+                          timeout=600)
+  assert resume.returncode == 0, resume.stderr[-3000:]
+  assert f'for 6 steps from step {step}.' in resume.stdout
+  assert _embedder_rows(stopped) == _embedder_rows(straight) and len(_embedder_rows(straight)) == 6
+  want, got = (embedder_store.load_embedder(embedder_train.export_dir(str(d)))[1] for d in (straight, stopped))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), want, got)

@@ -19,6 +19,7 @@ import pytest
 from configs import base
 from ipsr_jax.runtime import checkpointing
 from ipsr_jax.runtime import preemption
+from ipsr_jax.training import loop
 from ipsr_jax.training import losses
 from ipsr_jax.runtime import summaries
 from ipsr_jax.training import train
@@ -346,7 +347,7 @@ def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, e
   config = tiny_config(embedder_dir)
   config.train.learning_rate = 1e30  # the first update blows the generator up
   config.train.checkpoint_every_steps = 1
-  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss at step \d+: training stopped. The last '
+  with pytest.raises(loop.NonFiniteLossError, match=r'Non-finite loss at step \d+: training stopped. The last '
                      r'checkpoint \(step \d+, before that step\) is kept and restorable'):
     train.train_and_evaluate(config, str(tmp_path))
   step, variables = checkpointing.Checkpointer(str(tmp_path), read_only=True).restore_model()

@@ -19,9 +19,8 @@ from clu import metrics as clu_metrics
 from ipsr_jax.runtime import checkpointing
 from ipsr_jax import config as config_lib
 from ipsr_jax.runtime import console
-from ipsr_jax.runtime import preemption as preemption_lib
 from ipsr_jax.runtime import sharding
-from ipsr_jax.runtime import summaries
+from ipsr_jax.training import loop
 from ipsr_jax.training import train as train_lib
 from ipsr_jax.data import degrade
 from ipsr_jax.data import pipeline
@@ -157,58 +156,22 @@ def train_embedder(config: ml_collections.ConfigDict, workdir: str) -> str:
                          nonfinite_step=jnp.full((), -1, jnp.int32))
 
   abstract = jax.eval_shape(init)
-  state_sharding = sharding.param_sharding(abstract, mesh).replace(
-      step=sharding.replicated(mesh), rng=sharding.replicated(mesh), nonfinite_step=sharding.replicated(mesh))
+  state_sharding = train_lib.state_shardings(abstract, mesh)
   step_fn = jax.jit(make_step(config, embedder, head, tx),
                     in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   train_lib.record_run_config(config, workdir, 'pretrain_embedder')
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  iterator = pipeline.make_train_iterator(config, source, seed=config.seed)
-  consumed = checkpointing.ConsumedIteratorState(iterator)
-  if ckpt.latest_step() is not None:
-    _, state = ckpt.restore(checkpointing.abstract_like(abstract, state_sharding), consumed)
-  else:
-    state = sharding.put_global(jax.jit(init)(), state_sharding)
-  step = int(jax.device_get(state.step))
-  writer = summaries.create_writer(workdir, resume_step=step)
-  console.say(f'Pretraining the embedder ({config.pretrain.head} head, {num_classes} identities, width '
-              f'{config.embedder.width}) for {num_steps} steps' + (f' from step {step}' if step else '') + '.')
-  report = summaries.periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                                     every_steps=config.train.log_every_steps)
-  progress = console.TrainProgress(num_steps, 'step', start=step)
-  metrics = None
-  try:
-    with preemption_lib.Preemption() as preemption, mesh, progress:
-      while step < num_steps:
-        batch = sharding.to_global(next(iterator), mesh)
-        state, m = step_fn(state, batch)
-        consumed.state = iterator.get_state()
-        step += 1
-        metrics = m if metrics is None else metrics.merge(m)
-        report(step)
-        logged = None
-        if step % config.train.log_every_steps == 0 or step == num_steps:
-          train_lib.check_finite(state, ckpt)
-          logged = {f'embedder/{k}': v for k, v in metrics.compute().items()}
-          writer.write_scalars(step, logged)
-          metrics = None
-        stopping = preemption.poll()
-        final = step == num_steps or stopping
-        saved = step % config.train.checkpoint_every_steps == 0 or final
-        if saved:
-          train_lib.check_finite(state, ckpt)
-          ckpt.save(step, state, consumed, force=True)
-          if final:
-            ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
-        progress.step(step, logged, checkpoint=('saved' if final else 'started') if saved else '')
-        if stopping:
-          break
-  finally:
-    ckpt.close()
-    writer.close()
-  if step < num_steps:
-    preemption.stop(step)
+
+  def on_start(start: int, writer) -> None:
+    del writer
+    console.say(f'Pretraining the embedder ({config.pretrain.head} head, {num_classes} identities, width '
+                f'{config.embedder.width}) for {num_steps} steps' + (f' from step {start}' if start else '') + '.')
+
+  state = loop.run(workdir, config.train, mesh=mesh,
+                   iterator=pipeline.make_train_iterator(config, source, seed=config.seed), step_fn=step_fn,
+                   abstract_state=checkpointing.abstract_like(abstract, state_sharding),
+                   init_state=lambda: sharding.put_global(jax.jit(init)(), state_sharding), num_steps=num_steps,
+                   prefix='embedder', on_start=on_start)
   variables = jax.device_get({'params': state.params['embedder'], 'batch_stats': state.batch_stats})
   variables = jax.tree.map(np.asarray, variables)
   embedder_store.save_embedder(out, variables, module_kwargs=kwargs,

@@ -1,9 +1,10 @@
-"""Identity-preserving SR training: the train state, the sharded step, and the loop.
+"""Identity-preserving SR training: the train state, the sharded step, and what the loop runs.
 
 `train_and_evaluate(config, workdir)` runs the same code on a laptop CPU, one GPU or a TPU pod
-slice: one jitted step over a (data, fsdp) mesh of every device of every host, Orbax checkpoints
-(with the Grain iterator state, so a resumed run sees exactly the batches an uninterrupted run
-would), clu metric writers and periodic actions.
+slice: one jitted step over a (data, fsdp) mesh of every device of every host, driven by
+`ipsr_jax.training.loop` (Orbax checkpoints with the Grain iterator state, so a resumed run sees
+exactly the batches an uninterrupted run would; clu metric writers), with image summaries and
+periodic evaluations as its periodic actions.
 """
 
 import functools
@@ -25,8 +26,8 @@ from ipsr_jax import config as config_lib
 from ipsr_jax.runtime import console
 from ipsr_jax.runtime import environment
 from ipsr_jax.training import losses
+from ipsr_jax.training import loop
 from ipsr_jax.runtime import paths
-from ipsr_jax.runtime import preemption as preemption_lib
 from ipsr_jax.runtime import sharding
 from ipsr_jax.runtime import summaries
 from ipsr_jax.data import degrade
@@ -42,10 +43,6 @@ from ipsr_jax.ops import pixels as pixels_lib
 
 RUN_CONFIG = 'config.json'  # what `inference.load_run_config` reads back
 ENVIRONMENT_KEY = 'environment'  # config.json's record of the installed versions, not a setting
-
-
-class NonFiniteLossError(FloatingPointError):
-  pass
 
 
 @flax.struct.dataclass
@@ -326,30 +323,6 @@ class Trainer:
     return summaries.image_grid(rows + [hr])
 
 
-def _prefetch(iterator, mesh):
-  """Yields (global device batch, iterator state after it): the next batch is put on the devices
-  while the current step runs."""
-  pending = None
-  while True:
-    batch = next(iterator)
-    state = iterator.get_state()
-    current = (sharding.to_global(batch, mesh), state)
-    if pending is not None:
-      yield pending
-    pending = current
-
-
-def check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
-  bad = int(jax.device_get(state.nonfinite_step))
-  if bad >= 0:
-    last = ckpt.latest_step()
-    kept = (f'The last checkpoint (step {last}, before that step) is kept and restorable' if last is not None
-            else 'No checkpoint was written before that step')
-    raise NonFiniteLossError(
-        f'Non-finite loss at step {bad + 1}: training stopped. {kept}; lower train.learning_rate or set '
-        'train.grad_clip_norm, then run again.')
-
-
 def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
   """Writes `<workdir>/config.json`; resuming, first checks it against the saved one.
 
@@ -382,79 +355,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     evaluate_fn = evaluator.make_periodic_evaluator(config, workdir)
   record_run_config(config, workdir, 'train')
-  ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  iterator = pipeline.make_train_iterator(config, trainer.source, seed=config.seed)
-  consumed = checkpointing.ConsumedIteratorState(iterator)
-  if ckpt.latest_step() is not None:
-    _, state = ckpt.restore(trainer.abstract_state, consumed)
-  else:
-    state = trainer.initial_state()
-    if config.train.get('init_from'):
-      state = trainer.initialised_from(state, config.train.init_from)
-  start = int(jax.device_get(state.step))
-  writer = summaries.create_writer(workdir, resume_step=start)
-  if trainer.embedder is not None and not start:
-    writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
-  logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
-               jax.device_count(), jax.devices()[0].platform, config.train.batch_size)
-  console.say(f'Training {trainer.num_steps} steps' + (f' from step {start}' if start else '') +
-              f' on {jax.device_count()} {jax.devices()[0].platform} device(s), global batch '
-              f'{config.train.batch_size}; {workdir}')
-  hooks = [summaries.periodic_actions.ReportProgress(num_train_steps=trainer.num_steps, writer=writer,
-                                                     every_steps=config.train.log_every_steps)]
-  if config.train.profile_steps and jax.process_index() == 0:
-    hooks.append(summaries.periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
-                                                    first_profile=start + 10, logdir=workdir))
-  batches = _prefetch(consumed.iterator, trainer.mesh)
-  metrics = None
-  step = start
   t = config.train
-  progress = console.TrainProgress(trainer.num_steps, 'step', start=start,
-                                   metric_names=('train/loss', 'train/pixel_mse', 'train/identity',
-                                                 'train/cosine_similarity')
-                                   + (('train/features',) if config.loss.get('feature_weight', 0.0) else ()))
-  try:
-    with preemption_lib.Preemption() as preemption, trainer.mesh, progress:
-      while step < trainer.num_steps:
-        batch, iter_state = next(batches)
-        state, step_metrics = trainer.train_step(state, batch, trainer.embedder_vars, trainer.extra_vars)
-        consumed.state = iter_state
-        step += 1
-        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-        for hook in hooks:
-          hook(step)
-        last = step == trainer.num_steps
-        logged = None
-        if step % t.log_every_steps == 0 or last:
-          check_finite(state, ckpt)
-          logged = {f'train/{k}': v for k, v in metrics.compute().items()}
-          writer.write_scalars(step, logged)
-          metrics = None
-        if t.image_summary_every_steps and (step % t.image_summary_every_steps == 0 or last):
-          grid = trainer.image_summary(state, batch_host_hr(batch))
-          writer.write_images(step, {'lr_sr_hr': grid[None]})
-          if jax.process_index() == 0:
-            summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
-        stopping = preemption.poll()
-        final = last or stopping
-        saved = step % t.checkpoint_every_steps == 0 or final
-        if saved:
-          check_finite(state, ckpt)
-          ckpt.save(step, state, consumed, force=True)
-          if final:
-            ckpt.wait()  # the last line says 'saved' only once the save is confirmed complete
-        progress.step(step, logged, checkpoint=('saved' if final else 'started') if saved else '')
-        if evaluate_fn is not None and t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
-          writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
-        writer.flush()
-        if stopping:
-          break
-  finally:
-    ckpt.close()  # waits for an async save in flight
-    writer.close()
-  if step < trainer.num_steps:
-    preemption.stop(step)
-  return state
+
+  def init() -> TrainState:
+    state = trainer.initial_state()
+    return trainer.initialised_from(state, t.init_from) if t.get('init_from') else state
+
+  def on_start(start: int, writer) -> None:
+    if trainer.embedder is not None and not start:
+      writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
+    logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
+                 jax.device_count(), jax.devices()[0].platform, t.batch_size)
+    console.say(f'Training {trainer.num_steps} steps' + (f' from step {start}' if start else '') +
+                f' on {jax.device_count()} {jax.devices()[0].platform} device(s), global batch '
+                f'{t.batch_size}; {workdir}')
+
+  def image_summary(step: int, state: TrainState, batch: dict, writer) -> None:
+    grid = trainer.image_summary(state, batch_host_hr(batch))
+    writer.write_images(step, {'lr_sr_hr': grid[None]})
+    if jax.process_index() == 0:
+      summaries.save_png(os.path.join(workdir, 'images', f'step_{step:08d}.png'), grid)
+
+  def evaluate(step: int, state: TrainState, batch: dict, writer) -> None:
+    del batch
+    writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
+
+  actions = [loop.Periodic(t.image_summary_every_steps, image_summary)]
+  if evaluate_fn is not None:
+    actions.append(loop.Periodic(t.eval_every_steps, evaluate, at_last=False, after_progress=True))
+  return loop.run(
+      workdir, t, mesh=trainer.mesh, iterator=pipeline.make_train_iterator(config, trainer.source, seed=config.seed),
+      step_fn=lambda state, batch: trainer.train_step(state, batch, trainer.embedder_vars, trainer.extra_vars),
+      abstract_state=trainer.abstract_state, init_state=init, num_steps=trainer.num_steps, prefix='train',
+      metric_names=('train/loss', 'train/pixel_mse', 'train/identity', 'train/cosine_similarity')
+      + (('train/features',) if config.loss.get('feature_weight', 0.0) else ()),
+      on_start=on_start, actions=actions)
 
 
 def batch_host_hr(batch: dict) -> np.ndarray:
