@@ -8,7 +8,7 @@ by `jax.block_until_ready` (what the PyTorch peer measures, with `cuda.synchroni
   img_s             batch / median synchronised step time
   img_s_pipelined   steps dispatched back to back, one sync at the end (how training runs)
   img_s_host_fed    as pipelined, but every batch comes from host memory through the training
-                    loop's own prefetch (`train._prefetch`): shows whether transfers are hidden
+                    loop's own prefetch (`loop.prefetch`): shows whether transfers are hidden
   flops_per_image   'jaxpr': conv + matmul FLOPs in the step's jaxpr (model FLOPs, the MFU basis);
                     'xla': the compiled step's `cost_analysis()`; 'reference': 17.5e9, the count
                     for the paper's config in docs/design.md (torch FlopCounter in the peer); 'unet_fwd' and
@@ -63,6 +63,7 @@ import numpy as np
 
 from ipsr_jax.runtime import chips
 from ipsr_jax.runtime import sharding
+from ipsr_jax.training import loop
 from ipsr_jax.training import train
 from ipsr_jax.data import degrade
 from ipsr_jax.models import embedder_store
@@ -86,7 +87,7 @@ flags.DEFINE_integer('steps', 50, 'Timed steps per configuration (median reporte
 flags.DEFINE_integer('warmup', 5, 'Untimed steps after compilation.')
 flags.DEFINE_bool('degrade_on_device', None, 'Override config.data.degrade_on_device (the HR -> LR '
                   'resize inside the step; the batch then carries no LR images).')
-flags.DEFINE_bool('host_fed', True, 'Also time steps fed from host memory through train._prefetch.')
+flags.DEFINE_bool('host_fed', True, 'Also time steps fed from host memory through loop.prefetch.')
 flags.DEFINE_bool('measure_peak', False, 'Time a bf16 matmul as a measured peak (GPU/TPU).')
 flags.DEFINE_string('profile_dir', '', 'Capture a jax.profiler trace of a few steps per '
                     'configuration under this directory, and report its top kernels.')
@@ -373,7 +374,7 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 class _HostBatches:
-  """The iterator shape `train._prefetch` expects (next + get_state), over fixed host batches."""
+  """The iterator shape `loop.prefetch` expects (next + get_state), over fixed host batches."""
 
   def __init__(self, batches: Sequence[dict]):
     self._cycle = itertools.cycle(batches)
@@ -436,7 +437,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
     pipelined_s = (time.perf_counter() - t) / steps
     host_fed_s = None
     if host_fed:
-      batches = train._prefetch(_HostBatches(host), trainer.mesh)  # pylint: disable=protected-access
+      batches = loop.prefetch(_HostBatches(host), trainer.mesh)
       state, metrics = run(state, next(batches)[0])
       jax.block_until_ready((state, metrics))
       t = time.perf_counter()
