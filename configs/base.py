@@ -190,8 +190,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every_steps = 3
     config.train.image_summary_every_steps = 3
     config.evals.synthetic = ml_collections.ConfigDict(dict(
-        protocol='generic', source='synthetic', split='test', trials=1, resolutions=((4, 4), (8, 6)),
-        synthetic_identities=4, synthetic_images_per_identity=3, max_rank=4))
+        type='identification', protocol='generic', source='synthetic', split='test', trials=1,
+        resolutions=((4, 4), (8, 6)), synthetic_identities=4, synthetic_images_per_identity=3, max_rank=4))
   elif arg:
     raise ValueError(f'configs/base.py: unknown variant {arg!r} (known: local, tiny)')
   return config

@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Identification on 100 held-out identities (gallery one image each, 4 probes each).
   config.evals.synthetic = ml_collections.ConfigDict(dict(
-      protocol='generic', source='synthetic', split='test', trials=1, resolutions=DEMO_LR_SIZES,
-      synthetic_identities=100, synthetic_images_per_identity=5, max_rank=20))
+      type='identification', protocol='generic', source='synthetic', split='test', trials=1,
+      resolutions=DEMO_LR_SIZES, synthetic_identities=100, synthetic_images_per_identity=5, max_rank=20))
 
   if arg == 'tiny':
     config.data.synthetic_identities = 32

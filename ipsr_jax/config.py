@@ -129,9 +129,12 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
         config.pretrain.blur_probability, 'must be in [0, 1]')
   if config.pretrain.blur_probability:
     validate_lr_sizes(config.pretrain.blur_sizes, 'pretrain.blur_sizes', d.image_size)
-  for name, ev in config.get('evals', {}).items():
-    _need('protocol' in ev, f'evals.{name}', ev.to_dict() if hasattr(ev, 'to_dict') else ev,
-          'needs a protocol (ar, lfw, scface_p1, scface_p2, generic)')
+  # Each entry's type and settings (evaluation/evaluators): the error names the entry and the key.
+  from ipsr_jax.evaluation.evaluators import common as evaluators  # pylint: disable=g-import-not-at-top
+  try:
+    evaluators.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

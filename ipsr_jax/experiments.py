@@ -28,6 +28,7 @@ from ipsr_jax.runtime import console
 from ipsr_jax.training import embedder_train
 from ipsr_jax.training import train
 from ipsr_jax.evaluation import evaluator
+from ipsr_jax.evaluation.evaluators import common as evaluators
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -81,13 +82,12 @@ def _aligned(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   started = time.time()
   stages = ('embedder', 'ipsr', 'pixel_only')
   dirs = {s: os.path.join(workdir, s) for s in stages}
   if config.demo.align:
     config = _aligned(config, workdir)
-  judged = [n for n in config.evals if evaluator.eval_settings(config, n).judges]
+  judged = [n for n in config.evals if evaluators.from_config(config, n).settings.judges]
   total = 5 if judged else 4
 
   def banner(i, text):
@@ -109,9 +109,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train.train_and_evaluate(cfg, dirs[stage])
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.embedder.checkpoint = embedder_dir
-  sr = inference.SuperResolver.from_checkpoint(dirs['ipsr'])
-  sr_fns = {'sr': sr, 'pixel_only': inference.SuperResolver.from_checkpoint(dirs['pixel_only'])}
-  embedder = None
+  # Restored once for both stages: the reports' rows 'sr' (IPSR) and 'pixel_only'.
+  runs = evaluator.restore_runs({'sr': [dirs['ipsr']], 'pixel_only': [dirs['pixel_only']]})
+  embedders = {}
   results = {}
   # Stage 4 scores with the embedder only, so its tables come before the (slow) judges; stage 5
   # rescores with the entry's judges beside it, the embedder's part read back from the cache.
@@ -120,11 +120,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not names:
       continue
     banner(i, 'scoring with the independent judges' if judge else 'evaluating on held-out identities')
-    for name in names:
-      out = os.path.join(workdir, 'report', name)
-      embedder = embedder or evaluator.make_embedder(cfg, evaluator.eval_settings(cfg, name))
-      results[name] = evaluator.run_eval(cfg, name, sr_fns, out, sr.info['step'], embedder=embedder,
-                                         judges=None if judge else (), cache_dir=os.path.join(out, 'cache'))
-      evaluator.announce(results[name], out, judge_only=judge)
+    results.update(evaluator.score_runs(
+        cfg, runs, os.path.join(workdir, 'report', evaluator.NAME), names=names, judges=None if judge else (),
+        report_step='sr', embedders=embedders, show='judges' if judge else 'all'))
   console.say(f'Demo finished in {console.duration(time.time() - started)}.')
   return results

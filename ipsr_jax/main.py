@@ -98,9 +98,10 @@ def _dispatch(mode, config, workdir):
   if mode == 'train':
     from ipsr_jax.training import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
-  elif mode == 'eval':
+  elif mode == 'eval':  # every entry on the run (row 'sr') and the runs each entry's `compare` names
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-    evaluator.evaluate_checkpoint(config, workdir, step=FLAGS.checkpoint_step)
+    evaluator.score_runs(config, {'sr': [workdir]}, os.path.join(workdir, 'eval', evaluator.NAME),
+                         steps={'sr': FLAGS.checkpoint_step}, report_step='sr', entry_runs=True)
   elif mode == 'pretrain_embedder':
     from ipsr_jax.training import embedder_train  # pylint: disable=g-import-not-at-top
     embedder_train.train_embedder(config, workdir)

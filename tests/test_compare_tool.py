@@ -7,19 +7,35 @@ import pytest
 from absl import app
 
 from configs import base
+from ipsr_jax.evaluation.evaluators import common
 from ipsr_jax.tools import compare
 
 
 def test_parse_runs_names_and_repeats():
-  runs, repeats = compare.parse_runs(['pixel_only=a+b', 'ipsr=c+d+e', 'views=f'])
-  assert runs == {'pixel_only': 'a', 'pixel_only#2': 'b', 'ipsr': 'c', 'ipsr#2': 'd', 'ipsr#3': 'e',
-                  'views': 'f'}
+  runs = compare.parse_runs(['pixel_only=a+b', 'ipsr=c+d+e', 'views=f'])
+  assert runs == {'pixel_only': ('a', 'b'), 'ipsr': ('c', 'd', 'e'), 'views': ('f',)}
+  labels, repeats = common.run_labels(runs)
+  assert labels == {'pixel_only': 'a', 'pixel_only#2': 'b', 'ipsr': 'c', 'ipsr#2': 'd', 'ipsr#3': 'e',
+                    'views': 'f'}
   assert repeats == {'pixel_only': ['pixel_only', 'pixel_only#2'],
                      'ipsr': ['ipsr', 'ipsr#2', 'ipsr#3']}
   for bad in (['ipsr'], ['=a'], ['ipsr=a+'], ['ipsr=a', 'ipsr=b'], ['bicubic=a'], ['a#2=b'],
               ['x_concat=a'], []):
     with pytest.raises(app.UsageError):
       compare.parse_runs(bad)
+
+
+def test_config_compare_names_runs_as_the_runs_flag_does():
+  """`config.evals.<name>.compare` ({label: 'dir' or 'dir+dir2'}) and --runs: one syntax, one parser."""
+  config = base.get_config('tiny')
+  config.evals.synthetic.compare = {'pixel_only': 'a+b', 'ipsr': 'c+d+e', 'views': 'f'}
+  entry = common.from_config(config, 'synthetic')
+  assert entry.runs() == compare.parse_runs(['pixel_only=a+b', 'ipsr=c+d+e', 'views=f'])
+  for bad, message in [({'bicubic': 'a'}, "the label 'bicubic' is taken or reserved"),
+                       ({'ipsr': 'a+'}, "entries are label=dir or label=dir\\+dir2, got 'ipsr=a\\+'")]:
+    config.evals.synthetic.compare = bad
+    with pytest.raises(ValueError, match=f'config.evals.synthetic.compare: {message}'):
+      common.from_config(config, 'synthetic')
 
 
 def test_compare_two_runs_each_writes_the_run_by_run_and_mean_gains(run_dir, embedder_dir, tmp_path):

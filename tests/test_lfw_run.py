@@ -146,7 +146,7 @@ def test_stage0_aligns_the_evaluation_sets_and_drops_an_empty_one(tmp_path, monk
     (tmp_path / out / 'report.json').write_text(json.dumps(dict(aligned=1, total=1)))
     return dict(aligned=1, total=1)
 
-  monkeypatch.setattr(align, 'align_tree', fake_align_tree)
+  monkeypatch.setattr(face_align, 'align_tree', fake_align_tree)
   (tmp_path / 'lfw' / 'images_deepfunneled').mkdir(parents=True)
   config = lfw_config.get_config()
   config.data.root = str(tmp_path / 'lfw')

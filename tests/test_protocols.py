@@ -594,7 +594,7 @@ def test_evaluation_never_imports_the_loss():
   # Scoring must not depend on training code: inference and evaluation reach pixel ranges
   # through ipsr_jax/ops/pixels.py, never through ipsr_jax.training.losses.
   package = Path(protocols.__file__).resolve().parents[1]
-  files = [package / 'inference.py', *sorted((package / 'evaluation').glob('*.py'))]
+  files = [package / 'serving' / 'inference.py', *sorted((package / 'evaluation').rglob('*.py'))]
   assert len(files) > 8
   for path in files:
     imported = set()
@@ -629,13 +629,14 @@ def test_evaluator_grey_entry_scores_grey_faces_under_their_own_keys(tmp_path):
 
   config = base.get_config('tiny')
   config.data.update(source='identity_folder', root=str(tmp_path / 'faces'))
-  cache = str(tmp_path / 'cache')
   seen = {}
   for grey in (False, True):
-    config.evals = {'dev': dict(protocol='generic', split='test', trials=1, resolutions=((16, 16),), grey=grey)}
+    config.evals = {'dev': dict(type='identification', protocol='generic', split='test', trials=1,
+                                resolutions=((16, 16),), grey=grey)}
     embedder = Recording()
-    result = evaluator.run_eval(config, 'dev', {'sr': lambda x: np.asarray(x, np.float32)},
-                                str(tmp_path / f'out_{grey}'), None, embedder=embedder, cache_dir=cache)
+    # One report folder, so one embedding cache (out/cache) for both.
+    result = evaluator.score_runs(config, {'sr': lambda x: np.asarray(x, np.float32)}, str(tmp_path / 'out'),
+                                  embedders={config.embedder.checkpoint: embedder}, show=None)['dev']
     seen[grey] = np.concatenate(embedder.seen)
     assert result['rank1']['16x16']['hr'] > 0
   assert len(seen[True]) == len(seen[False])  # the colour rows in the shared cache were not reused

@@ -302,14 +302,14 @@ def test_judge_names_are_checked():
 
 def test_an_old_single_judge_entry_says_what_it_became():
   from configs import base  # pylint: disable=import-outside-toplevel
-  from ipsr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.evaluation.evaluators import common  # pylint: disable=import-outside-toplevel
   config = base.get_config('tiny')
-  config.evals = {'lfw': {'protocol': 'lfw', 'judge': True}}
+  config.evals = {'lfw': {'type': 'identification', 'protocol': 'lfw', 'judge': True}}
   with pytest.raises(ValueError, match=r"judge is now judges.*judges=\('dlib', 'sface'\)"):
-    evaluator.eval_settings(config, 'lfw')
-  config.evals = {'lfw': {'protocol': 'lfw', 'judges': ('sface', 'dlb')}}
+    common.from_config(config, 'lfw')
+  config.evals = {'lfw': {'type': 'identification', 'protocol': 'lfw', 'judges': ('sface', 'dlb')}}
   with pytest.raises(ValueError, match=r"config.evals.lfw.judges: unknown judges \['dlb'\]"):
-    evaluator.eval_settings(config, 'lfw')
+    common.from_config(config, 'lfw')
 
 
 def test_open_judges_skips_what_is_missing_and_runs_sface(monkeypatch, caplog):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ipsr_jax.evaluation import report
 from ipsr_jax.evaluation import verification
 
 SHARED_LFW = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'lfw'
@@ -260,7 +261,7 @@ def test_subtract_mean_matches_loop(hand):
 def test_report_files(hand, tmp_path):
   root, pairs_path, embed = hand
   r = verification.run(pairs_path, root, {'facenet': embed, 'judge (dlib)': embed})
-  paths = verification.write_report(tmp_path / 'out', r, extra={'embedder': 'angles'})
+  paths = report.write_report(tmp_path / 'out', 'verification', r, None, extra={'embedder': 'angles'})
   doc = json.loads(pathlib.Path(paths['json']).read_text())
   assert doc['methods']['facenet']['accuracy'] == pytest.approx(0.875)
   assert doc['methods']['judge (dlib)']['fold_accuracy'] == pytest.approx([0.75, 1.0])
@@ -272,20 +273,38 @@ def test_report_files(hand, tmp_path):
   assert pathlib.Path(paths['roc']).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_evaluator_runs_verification_entry(hand, tmp_path):
+def test_score_runs_runs_a_verification_entry(hand, tmp_path):
   from configs import base  # pylint: disable=import-outside-toplevel
   from ipsr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
   root, pairs_path, embed = hand
   config = base.get_config('tiny')
-  config.evals.lfw_pairs = dict(protocol='verification', root=str(root), pairs=str(pairs_path))
+  config.embedder.checkpoint = 'angles'
+  config.evals.lfw_pairs = dict(type='verification', root=str(root), pairs=str(pairs_path))
   out = tmp_path / 'eval' / 'lfw_pairs'
-  r = evaluator.run_eval(config, 'lfw_pairs', {}, str(out), step=None, embedder=embed)
+  score = lambda: evaluator.score_runs(config, {}, str(out), names=['lfw_pairs'], embedders={'angles': embed},
+                                       show=None)
+  r = score()['lfw_pairs']
   assert r['methods']['embedder']['accuracy'] == pytest.approx(0.875)
   doc = json.loads((out / 'report.json').read_text())
   assert doc['eval_name'] == 'lfw_pairs' and doc['embedder'] == 'angles'
+  assert 'frame' not in doc  # the aligned faces as they are
   config.evals.lfw_pairs.pairs = ''
   with pytest.raises(ValueError, match='pairs'):
-    evaluator.run_eval(config, 'lfw_pairs', {}, str(out), step=None, embedder=embed)
+    score()
+
+
+def test_verification_entry_checks_its_parity_settings():
+  from ipsr_jax.evaluation.evaluators import common  # pylint: disable=import-outside-toplevel
+  entry = dict(type='verification', root='faces', pairs='pairs.txt')
+  ev = common.from_entry('v', dict(entry, frame='facenet', standardization='per_image'))
+  assert ev.frame == verification.FACENET_FRAME and ev.standardization == ('per_image',)
+  for bad, message in [(dict(frame=(0, 0, 0)), r'config.evals.v.frame: needs .facenet. or four numbers'),
+                       (dict(frame=(0, 0, -0.5, -0.5)), 'trims the whole image'),
+                       (dict(frame_mode='wrap'), r'config.evals.v.frame_mode: .wrap. is not one of'),
+                       (dict(standardization=('fixed', 'none')), r"standardization: unknown \['none'\]"),
+                       (dict(flipped=True), r"config.evals.v: unknown keys \['flipped'\]")]:
+    with pytest.raises(ValueError, match=message):
+      common.from_entry('v', dict(entry, **bad))
 
 
 def test_reframe_grows_and_trims_each_side():
@@ -305,9 +324,10 @@ def test_reframe_grows_and_trims_each_side():
   assert verification.reframe(verification.FACENET_FRAME)(np.zeros((128, 128, 3), np.uint8)).shape == (158, 122, 3)
 
 
-def test_cli_two_standardizations(tmp_path, embedder_dir):
-  # Noise faces; each same pair's second face is 2x + 20 of its first: the same face after a
-  # contrast change, which per-image prewhitening undoes exactly and (x - 127.5) / 128 does not.
+def _contrast_faces(tmp_path):
+  """tmp_path/faces and tmp_path/pairs.txt (HAND_PAIRS) of noise faces; each same pair's second
+  face is 2x + 20 of its first: the same face after a contrast change, which per-image
+  prewhitening undoes exactly and (x - 127.5) / 128 does not."""
   pairs, _ = verification.parse_pairs(HAND_PAIRS)
   rng = np.random.default_rng(0)
   faces = {}
@@ -319,6 +339,10 @@ def test_cli_two_standardizations(tmp_path, embedder_dir):
     (root / name).mkdir(parents=True, exist_ok=True)
     Image.fromarray(face.astype(np.uint8)).save(root / name / f'{name}_{num:04d}.png')
   (tmp_path / 'pairs.txt').write_text(HAND_PAIRS)
+
+
+def test_cli_two_standardizations(tmp_path, embedder_dir):
+  _contrast_faces(tmp_path)
   out = tmp_path / 'cli'
   proc = subprocess.run(  # relative paths, as README writes them
       [sys.executable, '-m', 'ipsr_jax.tools.verify', f'--weights={os.path.relpath(embedder_dir, tmp_path)}',
@@ -337,6 +361,38 @@ def test_cli_two_standardizations(tmp_path, embedder_dir):
   np.testing.assert_allclose(per_image[same], 1.0, atol=1e-6)
   assert (fixed[same] < 1.0 - 5e-6).all()
   assert '| embedder (fixed) |' in proc.stdout and '| embedder (per_image) |' in proc.stdout
+
+
+def test_parity_options_in_a_config_entry_score_as_the_cli_flags(tmp_path, embedder_dir):
+  """FaceNet's options (frame, frame_mode, flip, subtract_mean, standardization) as settings of a
+  config.evals entry give the numbers tools/verify gives with them as flags."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  _contrast_faces(tmp_path)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ipsr_jax.tools.verify', f'--weights={embedder_dir}', '--root=faces',
+       '--pairs=pairs.txt', '--out=cli', '--standardization=fixed,per_image', '--frame=facenet',
+       '--frame_mode=edge', '--flip', '--subtract_mean'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cli = json.loads((tmp_path / 'cli' / 'report.json').read_text())
+  config = base.get_config('tiny')
+  config.embedder.update(dict(checkpoint=str(embedder_dir), input_size=160))  # the CLI's: the weights' own
+  config.evals.lfw_pairs = dict(
+      type='verification', root=str(tmp_path / 'faces'), pairs=str(tmp_path / 'pairs.txt'),
+      standardization=('fixed', 'per_image'), frame='facenet', frame_mode='edge', flip=True, subtract_mean=True)
+  r = evaluator.score_runs(config, {}, str(tmp_path / 'entry'), names=['lfw_pairs'], show=None)['lfw_pairs']
+  entry = json.loads((tmp_path / 'entry' / 'report.json').read_text())
+  assert list(entry['methods']) == list(cli['methods']) == ['embedder (fixed)', 'embedder (per_image)']
+  assert entry['flip'] and entry['subtract_mean'] and cli['flip'] and cli['subtract_mean']
+  assert entry['frame'] == cli['frame'] == pytest.approx(verification.FACENET_FRAME)
+  assert entry['frame_mode'] == cli['frame_mode'] == 'edge'
+  scores = np.load(tmp_path / 'cli' / 'scores.npz')
+  for method, got in entry['methods'].items():
+    np.testing.assert_allclose(r['scores'][method], scores[f'scores/{method}'], rtol=0, atol=1e-6)
+    want = cli['methods'][method]
+    for key in ('accuracy', 'fold_accuracy', 'auc', 'eer', 'tar_at_far', 'embedding_size'):
+      assert got[key] == pytest.approx(want[key], abs=1e-6), (method, key)
 
 
 def test_cli_judges_flag(tmp_path):

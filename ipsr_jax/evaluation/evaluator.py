@@ -1,151 +1,141 @@
-"""Evaluation from checkpoints: `--mode=eval`, and the periodic evaluator training calls.
+"""Trained generators scored on `config.evals` entries: the one way every entry point runs them.
 
-Each entry of `config.evals` (big_vision style) names a protocol and its data:
+`score_runs` serves `--mode=eval` (ipsr_jax/main.py), the demo's report stages
+(ipsr_jax/experiments.py), `tools/compare` and, through `make_periodic_evaluator`, the evaluation
+training runs every `train.eval_every_steps`. Entries, their types and the syntax naming runs are
+in `evaluators/common.py`.
 
-    config.evals.lfw = dict(protocol='lfw', source='lfw', root='/data/lfw_aligned', trials=10,
-                            compare={'pixel_only': 'runs/pixel_only'}, judges=('dlib', 'sface'))
-
-The generator is restored from the run's newest (or a named) Orbax checkpoint without building
-the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless
-the entry names another.
+A run's generator is restored once per call, from its newest (or a named) Orbax checkpoint without
+the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless the
+entry names another, and is loaded once per call as well.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 
 from ipsr_jax import api
-from ipsr_jax.runtime import console
-from ipsr_jax.data import image_io
-from ipsr_jax.data import sources
-from ipsr_jax.evaluation import judge as judge_lib
-from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation import report
-from ipsr_jax.evaluation import protocol_steps
+from ipsr_jax.evaluation.evaluators import common
+from ipsr_jax.runtime import console
 
-DEFAULTS = dict(protocol='generic', source='', root='', pairs='', split='test', trials=-1, resolutions=(),
-                compare={}, judges=(), judge_workers=0, embedder='', max_rank=100, synthetic_identities=0,
-                synthetic_images_per_identity=0,
-                align=False, align_pad=0.0,  # align: MTCNN-align `root` first (the staged runs, ipsr_jax/experiments.py)
-                grey=False)  # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
+NAME = '{name}'  # in `score_runs`' out: each entry's name
 
 
-def eval_settings(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """`config.evals[name]` over the defaults; unknown keys are an error naming them."""
-  entry = config.evals[name].to_dict()
-  if 'judge' in entry:  # the single dlib judge became a list of named judges
-    raise ValueError(f"config.evals.{name}.judge is now judges: a tuple of names, e.g. "
-                     f"judges=('dlib', 'sface') (known: {sorted(judge_lib.JUDGES)})")
-  unknown = set(entry) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f'config.evals.{name}: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}')
-  settings = ml_collections.ConfigDict({**DEFAULTS, **entry})
-  settings.judges = judge_lib.check_names(settings.judges, f'config.evals.{name}.judges')
-  return settings
+def load_embedder(config: ml_collections.ConfigDict, weights: str) -> api.Embedder:
+  """The recognizer an entry scores with, at the run's embedder input size."""
+  return api.load_embedder(weights, input_size=config.embedder.input_size)
 
 
-def eval_source(config: ml_collections.ConfigDict, settings: ml_collections.ConfigDict):
-  """The source an evaluation reads: the entry's data, else the run's data at split `settings.split`."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  if settings.source:
-    data.source = settings.source
-  if settings.root:
-    data.root = settings.root
-  if settings.synthetic_identities:
-    data.synthetic_identities = settings.synthetic_identities
-  if settings.synthetic_images_per_identity:
-    data.synthetic_images_per_identity = settings.synthetic_images_per_identity
-  return sources.make_source(data, split=settings.split)
+def restore_runs(runs: Mapping[str, Sequence[Any]], steps: Mapping[str, int | None] | None = None, *,
+                 restored: dict | None = None, say: bool = False) -> dict[str, list[Any]]:
+  """{method: [run dir or SR callable, ...]} -> {method: [SR callable, ...]}.
 
-
-def make_embedder(config, settings) -> api.Embedder:
-  return api.load_embedder(settings.embedder or config.embedder.checkpoint, input_size=config.embedder.input_size)
-
-
-def run_eval(config: ml_collections.ConfigDict, name: str, sr_fns: Mapping[str, Any], out_dir: str,
-             step: int | None, embedder: api.Embedder | None = None, *,
-             judges: Sequence[str] | None = None, cache_dir: str | None = None,
-             repeats: Mapping[str, Sequence[str]] | None = None) -> dict:
-  """Runs one `config.evals` entry with the given SR callables and writes its report.
-
-  judges: overrides the entry's `judges` (() for the embedder alone). cache_dir: keep the
-  embeddings there (keyed by the fingerprints of the embedder, each judge and each generator),
-  so an interrupted evaluation resumes and a rerun with judges reuses the embedder's part.
-  repeats: {method: [label, ...]}, the labels of `sr_fns` that are one method trained several
-  times; the report pairs them run by run and averages (`report.gains`).
+  A run dir's generator is restored at steps[method] (default its newest checkpoint), once per
+  (dir, step) in `restored` (a cache the caller may keep). say: one line per report row (method,
+  method#2, ...) naming its run, step and what it trained against.
   """
-  repeats = {k: list(v) for k, v in (repeats or {}).items()}
-  unknown = sorted({m for group in repeats.values() for m in group} - set(sr_fns))
-  if unknown:
-    raise ValueError(f'repeats name runs that are not among the generators: {unknown}')
-  settings = eval_settings(config, name)
-  if judges is not None:
-    settings.judges = judge_lib.check_names(judges, f'judges of {name}')
-  if settings.protocol == 'verification':  # LFW pairs on HR faces: no source, no SR
-    from ipsr_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
-    embedder = embedder or make_embedder(config, settings)
-    return verification.run_eval_entry(name, settings, out_dir, embedder)
-  source = eval_source(config, settings)
-  embedder = embedder or make_embedder(config, settings)
-  judges = judge_lib.open_judges(settings.judges, num_workers=settings.judge_workers,  # 0: a process a core
-                                 where=f'config.evals.{name}')
-  spec = protocols.get_protocol(settings.protocol)
-  trials = None if settings.trials < 0 else settings.trials
-  load, image_key = source.load_image, source.image_key
-  if settings.grey:  # the same faces in grey: their own cache keys, so colour rows are never reused
-    load = lambda record: image_io.to_grey(source.load_image(record))
-    image_key = lambda record: 'grey:' + source.image_key(record)
-  records = source.records
-  tags = {}
-  if cache_dir:
-    tags = {k: fn.fingerprint for k, fn in sr_fns.items() if hasattr(fn, 'fingerprint')}
-    tags['emb'] = embedder.fingerprint
-    tags.update({protocol_steps.judge_scorer(n): j.fingerprint for n, j in judges.items()})
-  try:
-    results = protocols.run_protocol(
-        settings.protocol, records, load, embed_fn=embedder, sr_fns=dict(sr_fns),
-        resolutions=tuple(tuple(r) for r in settings.resolutions) or None, trials=trials,
-        judges={n: j.embed for n, j in judges.items()},
-        max_rank=settings.max_rank, hr_size=(config.model.image_size,) * 2,
-        cache_dir=cache_dir or None, cache_tags=tags, image_key=image_key, label=name)
-  finally:
-    judge_lib.close_judges(judges)
-  if repeats:
-    results['repeats'] = repeats
-  extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': name,
-           'judge_models': {n: repr(j) for n, j in judges.items()},  # results['judges'] lists the names
-           # A judge is independent only of generators that did not train against it.
-           'trained_against': {k: fn.info['trained_against'] for k, fn in sr_fns.items()
-                               if 'trained_against' in getattr(fn, 'info', {})}}
-  if jax.process_index() == 0:
-    report.write_report(out_dir, spec.name, results, step, extra=extra)
-    logging.info('Wrote the %s report to %s', name, out_dir)
-  return results
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
-  """--mode=eval: every `config.evals` entry on the newest (or `step`) checkpoint of `workdir`."""
   from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
-  if not config.evals:
-    raise ValueError('config.evals is empty: name at least one evaluation, e.g. '
-                     "--config.evals.lfw='{protocol: lfw, source: lfw, root: /data/lfw_aligned}' in the config file")
-  sr = inference.SuperResolver.from_checkpoint(workdir, step=step)
+  restored = {} if restored is None else restored
+  steps = steps or {}
+  out = {}
+  for method, items in runs.items():
+    out[method] = []
+    for i, item in enumerate(items):
+      if not callable(item):
+        key = (item, steps.get(method))
+        if key not in restored:
+          restored[key] = inference.SuperResolver.from_checkpoint(item, step=key[1])
+        if say:
+          info = restored[key].info
+          console.say(f'{method}{f"#{i + 1}" if i else ""}: {item} step {info["step"]}, trained against '
+                      f'{", ".join(info["trained_against"]) or "no recognizer"}')
+        item = restored[key]
+      out[method].append(item)
+  return out
+
+
+def score_runs(config: ml_collections.ConfigDict, runs: Mapping[str, Any], out: str, *,
+               names: Sequence[str] | None = None, judges: Sequence[str] | None = None,
+               steps: Mapping[str, int | None] | None = None, report_step: int | str | None = None,
+               entry_runs: bool = False, embedders: dict[str, Any] | None = None, cache: bool = True,
+               show: str | None = 'all') -> dict[str, dict[str, Any]]:
+  """Runs `config.evals` entries on trained generators and writes each entry's report.
+
+  runs: {label: 'dir' | 'dir+dir2' | [dir, ...]} (`common.parse_runs`: several dirs are one method
+    trained several times, rows label, label#2, ...), or SR callables already built (the demo's,
+    training's live generator) in place of dirs. Each dir is restored once, at steps[label] when
+    given, else its newest checkpoint.
+  out: each entry's report folder, '{name}' in it standing for the entry's name (a single entry
+    may do without).
+  names: the entries to run (default all, in the config's order); every one is checked first.
+  judges: instead of each entry's own judges (() for the embedder alone).
+  report_step: the checkpoint step the reports record: a number, or the label of a run whose
+    restored step it is.
+  entry_runs: also score each entry's own `compare` runs (--mode=eval).
+  embedders: {weights: embedder} loaded before; filled with those this call loads, so a caller
+    that keeps it loads each recognizer once over several calls.
+  cache: keep the embeddings under <report folder>/cache: a rerun resumes, and adding a run or a
+    judge embeds only what is new.
+  show: 'all' prints each restored run, each rank-1 table and where its report is; 'judges' only
+    the judges' tables and where; None nothing.
+
+  Returns {name: results}.
+  """
+  names = list(config.evals) if names is None else list(names)
+  if not names:
+    raise ValueError("config.evals is empty: name at least one evaluation in the config file, e.g. "
+                     "config.evals.lfw = dict(type='identification', protocol='lfw', source='lfw', "
+                     "root='/data/lfw_aligned')")
+  if len(names) > 1 and NAME not in out:
+    raise ValueError(f'{len(names)} evaluations would write one folder: put {NAME} in {out!r}')
+  evaluators = {name: common.from_config(config, name) for name in names}
+  given = common.parse_runs(runs, 'runs')
+  wanted = {name: _entry_runs(ev, given, entry_runs) for name, ev in evaluators.items()}
+  embedders = {} if embedders is None else embedders
+  restored, shown = {}, set()
   all_results = {}
-  for name in config.evals:
-    settings = eval_settings(config, name)
-    sr_fns = {'sr': sr}
-    for label, run in settings.compare.items():
-      sr_fns[label] = inference.SuperResolver.from_checkpoint(run)
-    out = os.path.join(workdir, 'eval', name)
-    all_results[name] = run_eval(config, name, sr_fns, out, sr.info['step'],
-                                 cache_dir=os.path.join(out, 'cache'))
-    announce(all_results[name], out)
+  for name, ev in evaluators.items():
+    first = {m: v for m, v in wanted[name].items() if m not in shown}  # said once, not once an entry
+    restore_runs(first, steps, restored=restored, say=show == 'all')
+    shown.update(first)
+    sr_fns, repeats = common.run_labels(restore_runs(wanted[name], steps, restored=restored))
+    weights = ev.embedder_weights(config)
+    if weights not in embedders:
+      embedders[weights] = load_embedder(config, weights)
+    out_dir = out.replace(NAME, name)
+    scored = ev.run(config, sr_fns, embedders[weights], judges=judges, repeats=repeats,
+                    cache_dir=os.path.join(out_dir, 'cache') if cache else None)
+    step = report_step
+    if isinstance(report_step, str):
+      step = sr_fns[report_step].info['step'] if sr_fns else None
+    if jax.process_index() == 0:
+      ev.write(out_dir, scored, step)
+      logging.info('Wrote the %s report to %s', name, out_dir)
+    if show:
+      announce(scored.results, out_dir, judge_only=show == 'judges')
+    all_results[name] = scored.results
   return all_results
+
+
+def _entry_runs(ev: common.Evaluator, given: Mapping[str, tuple[Any, ...]],
+                own: bool) -> dict[str, tuple[Any, ...]]:
+  """The runs one entry scores: none when the generators do not change it, else the given ones
+  and, when `own`, those its `compare` names."""
+  if not ev.SCORES_GENERATORS:
+    return {}
+  runs = dict(given)
+  if own:
+    taken = sorted(set(ev.runs()) & set(runs))
+    if taken:
+      raise ValueError(f'{ev.where}.compare: the labels {taken} are taken by the runs scored')
+    runs.update(ev.runs())
+  return runs
 
 
 def announce(results: Mapping[str, Any], out_dir: str, *, judge_only: bool = False) -> None:
@@ -155,27 +145,27 @@ def announce(results: Mapping[str, Any], out_dir: str, *, judge_only: bool = Fal
   console.say(f'Report: {os.path.join(out_dir, "report.md")}')
 
 
-def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
-  """The evaluator training calls every `train.eval_every_steps`: all `config.evals` on the live
-  generator variables; returns scalars such as `eval/lfw/16x14/sr` (rank-1) for the writers."""
-  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
+def make_periodic_evaluator(config: ml_collections.ConfigDict,
+                            workdir: str) -> Callable[[int, dict], dict[str, float]]:
+  """The evaluator training calls every `train.eval_every_steps`: every entry the generator
+  changes (not verification) on the live generator variables, reports under
+  <workdir>/eval/<name>/step_<step>; returns scalars such as `eval/lfw/16x14/sr` (rank-1)."""
   from ipsr_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   generator = unet_lib.from_config(config.model)
-  embedders = {}
+  names = [n for n in config.evals if common.from_config(config, n).SCORES_GENERATORS]
+  embedders = {}  # loaded at the first evaluation, kept for the next
 
-  def evaluate(step: int, variables: dict) -> dict:
+  def evaluate(step: int, variables: dict) -> dict[str, float]:
+    if not names:
+      return {}
     sr = inference.SuperResolver(generator, variables, image_size=config.model.image_size,
                                  info={'trained_against': inference.trained_against(config)})
+    results = score_runs(config, {'sr': sr}, os.path.join(workdir, 'eval', NAME, f'step_{step}'),
+                         names=names, report_step=step, embedders=embedders, cache=False, show=None)
     scalars = {}
-    for name in config.evals:
-      settings = eval_settings(config, name)
-      if settings.protocol == 'verification':  # HR pairs only: the generator does not change it
-        continue
-      if name not in embedders:
-        embedders[name] = make_embedder(config, settings)
-      results = run_eval(config, name, {'sr': sr}, os.path.join(workdir, 'eval', name, f'step_{step}'), step,
-                         embedder=embedders[name])
-      for cond, methods in results['rank1'].items():
+    for name, r in results.items():
+      for cond, methods in r['rank1'].items():
         for method, value in methods.items():
           scalars[f'eval/{name}/{cond}/{method}'] = value
     return scalars

@@ -30,6 +30,7 @@ from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import metrics
 from ipsr_jax.evaluation import similarity
 from ipsr_jax.evaluation.embedding_cache import RecordCache
+from ipsr_jax.ops import normalize
 
 Size = tuple[int, int]
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -73,14 +74,10 @@ def _as_uint8(images) -> np.ndarray:
   return np.clip(np.round(images.astype(np.float32)), 0, 255).astype(np.uint8)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def concat_embeddings(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """The paper's 'concat': [unit(a), unit(b)] / sqrt(2), whose cosine is the mean of the two."""
-  return _unit(np.concatenate([_unit(a), _unit(b)], axis=-1))
+  a, b = (normalize.unit_norm(np.asarray(x, np.float32)) for x in (a, b))
+  return normalize.unit_norm(np.concatenate([a, b], axis=-1))
 
 
 def _batched(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch: int) -> np.ndarray:

@@ -1,5 +1,9 @@
-"""Writes a protocol's results: report.json, report.md (laid out like the paper's table, with the
-paper's numbers beside ours), cmc_<condition>.png and faces.png.
+"""Writes every evaluation's report: report.json, report.md and its figures.
+
+Identification (`protocols.run_protocol`): report.md laid out like the paper's table, with the
+paper's numbers beside ours, cmc_<condition>.png and faces.png. Verification
+(`verification.evaluate`, protocol 'verification'): accuracy, TAR@FAR, EER and AUC per method,
+and roc.png. `write_report` and `markdown` take either.
 
 Figures are drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global
 backend switch, safe inside a training process or on a headless host.
@@ -18,6 +22,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ipsr_jax.evaluation import paper_tables
+from ipsr_jax.evaluation import verification
+
+VERIFICATION = verification.PROTOCOL
 
 # Keys of report.json that come from the results and may not be overridden by `extra`.
 CORE_KEYS = ('protocol', 'rank1', 'cmc', 'psnr', 'ssim', 'checkpoint_step', 'gains', 'judges')
@@ -39,9 +46,9 @@ def _jsonable(x: Any) -> Any:
   if isinstance(x, np.ndarray):
     return _jsonable(x.tolist())
   if isinstance(x, np.generic):
-    return x.item()
+    x = x.item()
   if isinstance(x, float) and not math.isfinite(x):
-    return str(x)  # JSON has no inf/nan; PSNR of identical images is inf
+    return str(x)  # JSON has no inf/nan: PSNR of identical images, a threshold that accepts none
   return x
 
 
@@ -172,7 +179,15 @@ def _gain_cell(g: Mapping[str, Any]) -> str:
 
 def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | None,
              extra: Mapping[str, Any] | None = None) -> str:
-  """The report as Markdown: rank-1 (%) rows = methods, columns = conditions, then the paper."""
+  """The report as Markdown; `extra` ({name: value}) adds one line each below the heading."""
+  if protocol == VERIFICATION:
+    return _verification_markdown(results, extra)
+  return _identification_markdown(protocol, results, checkpoint_step, extra)
+
+
+def _identification_markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | None,
+                             extra: Mapping[str, Any] | None) -> str:
+  """Rank-1 (%) rows = methods, columns = conditions, then the paper's; gains, judges, quality."""
   extra = dict(extra or {})
   columns = _columns(protocol, results)
   table = paper_tables.PAPER_TABLES.get(protocol)
@@ -228,6 +243,40 @@ def markdown(protocol: str, results: Mapping[str, Any], checkpoint_step: int | N
   return '\n'.join(lines) + '\n'
 
 
+def _verification_markdown(results: Mapping[str, Any], extra: Mapping[str, Any] | None) -> str:
+  """Accuracy, TAR@FAR, EER, AUC and threshold per method, the published figure, per-fold accuracy."""
+  fars = list(next(iter(results['methods'].values()))['tar_at_far'])
+  header = (['Method', 'Accuracy (%)'] + [f'TAR@FAR={f} (%)' for f in fars] +
+            ['EER (%)', 'AUC', 'Threshold (cos)'])
+  rows = []
+  for name, r in results['methods'].items():
+    rows.append([name, f'{100 * r["accuracy"]:.2f} ± {100 * r["accuracy_std"]:.2f}'] +
+                [f'{100 * r["tar_at_far"][f]:.2f}' for f in fars] +
+                [f'{100 * r["eer"]:.2f}', f'{r["auc"]:.4f}', f'{r["threshold_mean"]:.3f}'])
+  for name, acc in verification.REFERENCE.items():
+    rows.append([name, f'{100 * acc:.2f}'] + ['-'] * (len(header) - 2))
+  lines = ['# LFW verification (view 2, pairs.txt)', '',
+           f'{results["num_folds"]}-fold accuracy, threshold chosen on the other folds; mean ± std '
+           f'over folds (ddof=0). ROC, TAR@FAR, EER and AUC over all pairs; cosine scores'
+           + ('; embeddings of the face and its mirror image concatenated (FaceNet\'s --use_flipped_images)'
+              if results.get('flip') else '')
+           + ('; the mean embedding of the training folds subtracted (FaceNet\'s --subtract_mean; '
+              'of all pairs for the ROC)' if results.get('subtract_mean') else '') + '.', '',
+           f'Pairs used: {results["num_pairs_used"]} of {results["num_pairs"]} '
+           f'({results["num_same_used"]} same, {results["num_different_used"]} different); '
+           f'dropped {results["num_pairs_dropped"]} with a missing image '
+           f'({len(results["missing_images"])} missing: {", ".join(results["missing_images"][:10]) or "none"}). '
+           f'Distinct images embedded: {results["num_images"]}.']
+  for k, v in dict(extra or {}).items():
+    lines.append(f'{k}: {v}')
+  lines += [''] + _table(header, rows)
+  lines += ['', 'Per-fold accuracy (%):', '']
+  for name, r in results['methods'].items():
+    lines.append(f'- {name}: ' + ', '.join(f'{100 * a:.2f}' for a in r['fold_accuracy']))
+  lines += ['', '![ROC](roc.png)']
+  return '\n'.join(lines) + '\n'
+
+
 def summary(protocol: str, results: Mapping[str, Any], *, judge_only: bool = False) -> str:
   """The rank-1 table(s) and paired gains alone, for the terminal (report.md has everything).
   judge_only: just the judges' part (the embedder's part was printed before)."""
@@ -263,6 +312,25 @@ def plot_cmc(path: str, condition: str, curves: Mapping[str, Sequence[float]],
   ax.set_ylim(0, 101)
   ax.set_title(f'CMC {protocol} {condition}'.strip())
   ax.grid(alpha=0.3)
+  ax.legend(loc='lower right')
+  fig.tight_layout()
+  _save(fig, path)
+
+
+def plot_roc(path: str, curves: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+  """Verification ROC: true accept rate against false accept rate (log axis), one curve a method."""
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.add_subplot()
+  floor = 1e-4
+  for name, c in curves.items():
+    far, tar = np.asarray(c['far']), np.asarray(c['tar'])
+    ax.step(np.maximum(far, floor), 100 * tar, where='post', label=name)
+  ax.set_xscale('log')
+  ax.set_xlim(floor, 1)
+  ax.set_xlabel('false accept rate (FPR)')
+  ax.set_ylabel('true accept rate (%)')
+  ax.set_title('LFW verification ROC')
+  ax.grid(alpha=0.3, which='both')
   ax.legend(loc='lower right')
   fig.tight_layout()
   _save(fig, path)
@@ -309,16 +377,38 @@ def plot_faces(path: str, examples: Mapping[str, Mapping[str, np.ndarray]]) -> N
 def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str, Any],
                  checkpoint_step: int | None, extra: Mapping[str, Any] | None = None,
                  examples: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, str]:
-  """Writes report.json, report.md, cmc_<condition>.png and faces.png; returns their paths.
+  """Writes report.json, report.md and the figures of one evaluation; returns their paths.
 
-  report.json = {"protocol", "rank1": {cond: {method: r}}, "cmc", "psnr", "ssim",
+  Identification: report.json = {"protocol", "rank1": {cond: {method: r}}, "cmc", "psnr", "ssim",
   "checkpoint_step", every other JSON-able result (rank1_std, trials, judges, judge_<name>_rank1,
-  ...), "gains" and "judge_<name>_gains", then
-  `extra` (embedder description, ...)}. `examples` defaults to results['examples']
-  ({cond: {'lr'|'bicubic'|<sr>|'hr'|'native': uint8 [n, h, w, 3]}}); no faces.png without any.
+  ...), "gains" and "judge_<name>_gains", then `extra` (embedder description, ...)}; figures
+  cmc_<condition>.png and faces.png. `examples` defaults to results['examples'] ({cond: {'lr' |
+  'bicubic' | <sr> | 'hr' | 'native': uint8 [n, h, w, 3]}}); no faces.png without any.
+
+  Verification (protocol 'verification'): report.json = the results but the per-pair arrays
+  (`verification.PER_PAIR_KEYS`), "reference_accuracy", then `extra`; the figure roc.png.
+  `checkpoint_step` and `examples` play no part.
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  if protocol == VERIFICATION:
+    return _write_verification(out_dir, results, extra)
+  return _write_identification(out_dir, protocol, results, checkpoint_step, extra, examples)
+
+
+def _write_documents(out_dir: str, doc: Mapping[str, Any], md: str) -> dict[str, str]:
+  """report.json (`doc`, JSON-safe) and report.md; their paths as {'json', 'md'}."""
+  paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
+  with open(paths['json'], 'w') as f:
+    json.dump(_jsonable(doc), f, indent=1)
+  with open(paths['md'], 'w') as f:
+    f.write(md)
+  return paths
+
+
+def _write_identification(out_dir: str, protocol: str, results: Mapping[str, Any],
+                          checkpoint_step: int | None, extra: Mapping[str, Any] | None,
+                          examples: Mapping[str, Mapping[str, np.ndarray]] | None) -> dict[str, str]:
   extra = dict(extra or {})
   clash = set(extra) & set(CORE_KEYS)
   if clash:
@@ -334,11 +424,7 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
     if results.get(f'{prefix}rank1_trials'):
       doc[f'{prefix}gains'] = gains(results, prefix)
   doc.update(extra)
-  paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
-  with open(paths['json'], 'w') as f:
-    json.dump(_jsonable(doc), f, indent=1)
-  with open(paths['md'], 'w') as f:
-    f.write(markdown(protocol, results, checkpoint_step, extra))
+  paths = _write_documents(out_dir, doc, markdown(protocol, results, checkpoint_step, extra))
   for prefix in ['', *judge_prefixes(results).values()]:
     for cond, curves in results.get(f'{prefix}cmc', {}).items():
       key = f'cmc_{prefix}{cond}'
@@ -348,4 +434,15 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
   if examples:
     paths['faces'] = os.path.join(out_dir, 'faces.png')
     plot_faces(paths['faces'], examples)
+  return paths
+
+
+def _write_verification(out_dir: str, results: Mapping[str, Any],
+                        extra: Mapping[str, Any] | None) -> dict[str, str]:
+  doc = {k: v for k, v in results.items() if k not in verification.PER_PAIR_KEYS}
+  doc['reference_accuracy'] = verification.REFERENCE
+  doc.update(dict(extra or {}))
+  paths = _write_documents(out_dir, doc, markdown(VERIFICATION, results, None, extra))
+  paths['roc'] = os.path.join(out_dir, 'roc.png')
+  plot_roc(paths['roc'], results['roc'])
   return paths

@@ -25,19 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipsr_jax.ops import normalize as normalize_lib  # `normalize` is a flag here
+
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def l2_normalize(x, eps: float = 1e-12):
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 @functools.partial(jax.jit, static_argnames=('normalize',))
 def cosine_similarity(a, b, normalize: bool = True) -> jax.Array:
   """[A, D] x [B, D] -> [A, B] cosine similarity (plain dot products when normalize=False)."""
-  a = l2_normalize(a) if normalize else jnp.asarray(a, jnp.float32)
-  b = l2_normalize(b) if normalize else jnp.asarray(b, jnp.float32)
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  if normalize:
+    a, b = normalize_lib.unit_norm(a), normalize_lib.unit_norm(b)
   return jnp.dot(a, b.T, precision=_HIGHEST)
 
 
@@ -78,7 +76,7 @@ def make_gallery_blocks(gallery_emb, gallery_labels, block: int = 4096,
   emb = np.zeros((nb * block, np.shape(gallery_emb)[1]), np.float32)
   emb[:n] = np.asarray(gallery_emb, np.float32)[order]
   if normalize:
-    emb[:n] /= np.maximum(np.linalg.norm(emb[:n], axis=1, keepdims=True), 1e-12)
+    emb[:n] = normalize_lib.unit_norm(emb[:n])
   labels = labels.reshape(nb, block)
   new_seg = np.ones_like(labels, bool)
   new_seg[:, 1:] = labels[:, 1:] != labels[:, :-1]
@@ -151,7 +149,9 @@ def _probe_blocks(probe_emb, probe_labels, block: int, normalize: bool):
     if n < block:  # pad the tail so every call has one shape (one compilation)
       emb = np.concatenate([emb, np.zeros((block - n, emb.shape[1]), np.float32)])
       labels = np.concatenate([labels, np.full(block - n, -1, labels.dtype)])
-    emb = l2_normalize(emb) if normalize else jnp.asarray(emb)
+    emb = jnp.asarray(emb)
+    if normalize:
+      emb = normalize_lib.unit_norm(emb)
     yield emb, jnp.asarray(labels, jnp.int32), n
 
 

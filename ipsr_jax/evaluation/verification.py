@@ -21,12 +21,14 @@ reported when on: `flip` (each face's embedding concatenated with its mirror ima
 Images that are missing from the aligned root (MTCNN found no face, say) are counted and listed,
 and every pair that needs one is dropped, as FaceNet's `lfw.get_paths` does; folds keep their
 remaining pairs.
+
+A `config.evals` entry of type 'verification' (`evaluators/verification.py`) and `tools/verify`
+run this; `report.write_report` writes the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -37,10 +39,12 @@ import numpy as np
 
 from ipsr_jax.data import image_io
 from ipsr_jax.evaluation import metrics
+from ipsr_jax.ops import normalize
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] -> float [N, D]
 Key = tuple[str, int]                           # (identity, image number as in pairs.txt)
 
+PROTOCOL = 'verification'  # results['protocol']: what `report` writes verification reports for
 FAR_TARGETS = (1e-3, 1e-2)
 # Per-pair arrays of the results, left out of report.json.
 PER_PAIR_KEYS = ('roc', 'scores', 'same', 'fold', 'pair_lines')
@@ -238,18 +242,13 @@ def reframe(frame: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
 # ----------------------------------------------------------------------------- the protocol
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def cosine_scores(e: np.ndarray, a: np.ndarray, b: np.ndarray,
                   mean: np.ndarray | None = None) -> np.ndarray:
   """Cosine of rows a and b of embeddings e [N, D], optionally after subtracting `mean` [D]."""
   e = np.asarray(e, np.float64)
   if mean is not None:
     e = e - mean
-  e = _unit(e)
+  e = normalize.unit_norm(e)
   return (e[a] * e[b]).sum(axis=1)
 
 
@@ -268,7 +267,8 @@ def flipped(fn: EmbedFn) -> EmbedFn:
   """FaceNet's `--use_flipped_images`: [unit e(x), unit e(mirror x)] concatenated, [N, 2D]."""
   def embed(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
-    return np.concatenate([_unit(fn(images)), _unit(fn(images[:, :, ::-1]))], axis=1)
+    views = (normalize.unit_norm(np.asarray(fn(x), np.float64)) for x in (images, images[:, :, ::-1]))
+    return np.concatenate(list(views), axis=1)
   return embed
 
 
@@ -321,7 +321,7 @@ def evaluate(pairs: Sequence[Pair], root: str | os.PathLike, methods: Mapping[st
     logging.info('verification: %d of %d images embedded (%s)', min(start + chunk, len(images)),
                  len(images), ', '.join(f'{m} {seconds[m]:.0f} s' for m in methods))
   results: dict[str, Any] = {
-      'protocol': 'verification', 'num_folds': int(len(np.unique([p.fold for p in pairs]))),
+      'protocol': PROTOCOL, 'num_folds': int(len(np.unique([p.fold for p in pairs]))),
       'num_pairs': len(pairs), 'num_pairs_used': len(used), 'num_pairs_dropped': len(dropped),
       'num_same_used': int(same.sum()), 'num_different_used': int((~same).sum()),
       'num_images': len(images), 'missing_images': [f'{n}/{n}_{i:04d}' for n, i in missing],
@@ -370,116 +370,3 @@ def run(pairs_path: str | os.PathLike, root: str | os.PathLike, methods: Mapping
   results = evaluate(pairs, root, methods, **kwargs)
   results.update(pairs_file=os.fspath(pairs_path), root=os.fspath(root))
   return results
-
-
-def run_eval_entry(name: str, settings: Mapping[str, Any], out_dir: str | os.PathLike, embedder: EmbedFn,
-                   methods: Mapping[str, EmbedFn] | None = None) -> dict[str, Any]:
-  """One `config.evals` entry with protocol='verification' (root, pairs, judges, judge_workers):
-  the embedder (and each named judge that is installed) on the same pairs; writes the report."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ipsr_jax.evaluation import judge as judge_lib  # pylint: disable=g-import-not-at-top
-  if not settings['root'] or not settings['pairs']:
-    raise ValueError(f'config.evals.{name}: protocol=verification needs root (aligned LFW faces) '
-                     'and pairs (LFW pairs.txt)')
-  methods = dict(methods or {'embedder': embedder})
-  judges = judge_lib.open_judges(settings.get('judges', ()), num_workers=settings.get('judge_workers', 0),
-                                 where=f'config.evals.{name}')
-  methods.update({f'judge ({n})': j.embed for n, j in judges.items()})
-  try:
-    results = run(settings['pairs'], settings['root'], methods)
-  finally:
-    judge_lib.close_judges(judges)
-  extra = {'embedder': getattr(embedder, 'info', {}).get('source', 'unknown'), 'eval_name': name,
-           'judges': {n: repr(j) for n, j in judges.items()}}
-  if jax.process_index() == 0:
-    write_report(out_dir, results, extra=extra)
-    logging.info('Wrote the %s verification report to %s', name, os.fspath(out_dir))
-  return results
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not np.isfinite(x):
-    return str(x)  # JSON has no inf/nan (a threshold that accepts none is +inf)
-  return x
-
-
-def markdown(results: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-  fars = list(next(iter(results['methods'].values()))['tar_at_far'])
-  header = (['Method', 'Accuracy (%)'] + [f'TAR@FAR={f} (%)' for f in fars] +
-            ['EER (%)', 'AUC', 'Threshold (cos)'])
-  rows = []
-  for name, r in results['methods'].items():
-    rows.append([name, f'{100 * r["accuracy"]:.2f} ± {100 * r["accuracy_std"]:.2f}'] +
-                [f'{100 * r["tar_at_far"][f]:.2f}' for f in fars] +
-                [f'{100 * r["eer"]:.2f}', f'{r["auc"]:.4f}', f'{r["threshold_mean"]:.3f}'])
-  for name, acc in REFERENCE.items():
-    rows.append([name, f'{100 * acc:.2f}'] + ['-'] * (len(header) - 2))
-  lines = ['# LFW verification (view 2, pairs.txt)', '',
-           f'{results["num_folds"]}-fold accuracy, threshold chosen on the other folds; mean ± std '
-           f'over folds (ddof=0). ROC, TAR@FAR, EER and AUC over all pairs; cosine scores'
-           + ('; embeddings of the face and its mirror image concatenated (FaceNet\'s --use_flipped_images)'
-              if results.get('flip') else '')
-           + ('; the mean embedding of the training folds subtracted (FaceNet\'s --subtract_mean; '
-              'of all pairs for the ROC)' if results.get('subtract_mean') else '') + '.', '',
-           f'Pairs used: {results["num_pairs_used"]} of {results["num_pairs"]} '
-           f'({results["num_same_used"]} same, {results["num_different_used"]} different); '
-           f'dropped {results["num_pairs_dropped"]} with a missing image '
-           f'({len(results["missing_images"])} missing: {", ".join(results["missing_images"][:10]) or "none"}). '
-           f'Distinct images embedded: {results["num_images"]}.']
-  for k, v in dict(extra or {}).items():
-    lines.append(f'{k}: {v}')
-  lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * len(header)) + '|']
-  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-  lines += ['', 'Per-fold accuracy (%):', '']
-  for name, r in results['methods'].items():
-    lines.append(f'- {name}: ' + ', '.join(f'{100 * a:.2f}' for a in r['fold_accuracy']))
-  lines += ['', '![ROC](roc.png)']
-  return '\n'.join(lines) + '\n'
-
-
-def plot_roc(path: str, curves: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(6, 4.5))
-  ax = fig.add_subplot()
-  floor = 1e-4
-  for name, c in curves.items():
-    far, tar = np.asarray(c['far']), np.asarray(c['tar'])
-    ax.step(np.maximum(far, floor), 100 * tar, where='post', label=name)
-  ax.set_xscale('log')
-  ax.set_xlim(floor, 1)
-  ax.set_xlabel('false accept rate (FPR)')
-  ax.set_ylabel('true accept rate (%)')
-  ax.set_title('LFW verification ROC')
-  ax.grid(alpha=0.3, which='both')
-  ax.legend(loc='lower right')
-  fig.tight_layout()
-  FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=100)
-
-
-def write_report(out_dir: str | os.PathLike, results: Mapping[str, Any],
-                 extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-  """report.json (everything but the per-pair arrays), report.md, roc.png; returns their paths."""
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f) for k, f in
-           (('json', 'report.json'), ('md', 'report.md'), ('roc', 'roc.png'))}
-  doc = {k: v for k, v in results.items() if k not in PER_PAIR_KEYS}
-  doc['reference_accuracy'] = REFERENCE
-  doc.update(dict(extra or {}))
-  with open(paths['json'], 'w') as f:
-    json.dump(_jsonable(doc), f, indent=1)
-  with open(paths['md'], 'w') as f:
-    f.write(markdown(results, extra))
-  plot_roc(paths['roc'], results['roc'])
-  return paths

@@ -14,7 +14,8 @@ a run later embeds only its own rows.
 One training run per method leaves the training noise out of the trials' std. Name several runs
 of a method (`--runs=pixel_only=runs/dev/pixel+runs/dev/pixel_s1,ipsr=runs/dev/ipsr+runs/dev/ipsr_s1`,
 e.g. trained with `--config.seed=1`): the report adds each run's gain over pixel_only's run of the
-same index, how far the second run moved each method, and the gain averaged over the runs.
+same index, how far the second run moved each method, and the gain averaged over the runs. The
+same syntax names runs in a config entry's `compare` (`--mode=eval`): {'ipsr': 'runs/a+runs/b'}.
 
 Choose on the dev protocol (`configs/lfw.py:dev`, `lfw_dev`); run the test protocol (`lfw`, `orl`)
 for the finalists only.
@@ -22,7 +23,6 @@ for the finalists only.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import app
@@ -48,27 +48,19 @@ def define_flags() -> dict[str, flags.FlagHolder]:
   )
 
 
-def parse_runs(values: Sequence[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-  """--runs: ['name=dir', 'name=dir+dir2', ...] -> ({label: dir}, {name: [labels]}), in order.
-
-  Several workdirs joined by '+' are one method trained several times (other seeds): they
-  become the rows name, name#2, ... and the report pairs them run by run with pixel_only's
-  runs and averages over them (`report.gains`). Names are unique and not a reference row.
-  """
-  runs, repeats = {}, {}
-  for value in values:
-    name, sep, workdirs = value.partition('=')
-    dirs = workdirs.split('+')
-    if not sep or not name or not all(dirs):
-      raise app.UsageError(f'--runs entries are name=workdir or name=workdir+workdir, got {value!r}')
-    if (name in repeats or name in ('hr', 'native', 'bicubic') or name.endswith('_concat')
-        or '#' in name):
-      raise app.UsageError(f'--runs: the name {name!r} is taken or reserved')
-    repeats[name] = [name] + [f'{name}#{i}' for i in range(2, len(dirs) + 1)]
-    runs.update(zip(repeats[name], dirs))
+def parse_runs(values: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """--runs: ['name=dir', 'name=dir+dir2', ...] -> {name: (dir, ...)}, in order (the syntax of
+  `config.evals.<name>.compare` too: `evaluators.common.parse_runs`). Several workdirs joined by
+  '+' are one method trained several times (other seeds): the rows name, name#2, ..., paired run
+  by run with pixel_only's runs and averaged over them (`report.gains`)."""
+  from ipsr_jax.evaluation.evaluators import common  # pylint: disable=g-import-not-at-top
+  try:
+    runs = common.parse_runs(values, '--runs')
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if not runs:
     raise app.UsageError('--runs needs at least one name=workdir')
-  return runs, {k: v for k, v in repeats.items() if len(v) > 1}
+  return runs
 
 
 def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
@@ -81,23 +73,15 @@ def main(argv, holders: dict[str, flags.FlagHolder]) -> None:
   name, out = holders['eval'].value, holders['out'].value
   if name not in config.get('evals', {}):
     raise app.UsageError(f'--eval={name}: not in config.evals (has {sorted(config.get("evals", {}))})')
-  runs, repeats = parse_runs(holders['runs'].value)
+  runs = parse_runs(holders['runs'].value)
   judges = holders['judges'].value
   if judges is not None:
     judges = () if judges == ['none'] else tuple(judges)
   config_lib.validate(config)
   paths.resolve_config(config)
   cpu_devices.configure_from(config.mesh)  # before JAX starts its backends
-  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-  sr_fns = {}
-  for label, workdir in runs.items():
-    sr_fns[label] = inference.SuperResolver.from_checkpoint(workdir)
-    console.say(f'{label}: {workdir} step {sr_fns[label].info["step"]}, trained against '
-                f'{", ".join(sr_fns[label].info["trained_against"]) or "no recognizer"}')
-  results = evaluator.run_eval(config, name, sr_fns, out, None, judges=judges,
-                               cache_dir=os.path.join(out, 'cache'), repeats=repeats)
-  evaluator.announce(results, out)
+  evaluator.score_runs(config, runs, out, names=[name], judges=judges)
 
 
 def run() -> None:

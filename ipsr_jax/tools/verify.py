@@ -12,6 +12,8 @@ same weights; `--judges` adds dlib's ResNet and/or SFace on the same crops. `--f
 embedding (`--frame=facenet`: FaceNet's own crop geometry from the ArcFace-aligned face, worth
 about half a point on LFW); `--flip` and `--subtract_mean` add the test-time tricks of FaceNet's
 `validate_on_lfw.py`. The plain protocol (the default) is neither: one face, one embedding, cosine.
+The flags make a `type='verification'` entry (`evaluation/evaluators/verification.py`) and run it:
+a `config.evals` entry with the same settings scores the same.
 
 Writes report.json, report.md, roc.png and scores.npz (per-method pair scores) under `--out`.
 Before any model loads, `--root` must hold images (the same `NoImagesError` line as every tool:
@@ -20,6 +22,7 @@ Before any model loads, `--root` must hold images (the same `NoImagesError` line
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Sequence
@@ -33,9 +36,11 @@ from ipsr_jax.runtime import console
 from ipsr_jax.serving import inference
 from ipsr_jax.runtime import paths
 from ipsr_jax.data import image_folder
+from ipsr_jax.data import outputs
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import verification
-from ipsr_jax.data import outputs
+from ipsr_jax.evaluation.evaluators import common
+from ipsr_jax.evaluation.evaluators import verification as verification_entry
 
 FLAGS = flags.FLAGS
 
@@ -67,69 +72,64 @@ def define_flags() -> None:
 
 def parse_frame(values: Sequence[str]) -> tuple[float, ...]:
   """--frame: 'facenet' or four numbers (top, bottom, left, right)."""
-  if list(values) == ['facenet']:
-    return verification.FACENET_FRAME
-  if len(values) != 4:
-    raise app.UsageError(f"--frame needs 'facenet' or four numbers top,bottom,left,right; got {values}")
-  return tuple(float(v) for v in values)
+  try:
+    return verification_entry.parse_frame(values)
+  except ValueError as e:
+    raise app.UsageError(f'--frame {e}') from None
 
 
-def with_standardization(embedder, mode: str):
-  """The same weights behind another input standardization ('fixed' | 'per_image')."""
-  from ipsr_jax import api  # pylint: disable=g-import-not-at-top
-  if embedder.module.standardization == mode:
-    return embedder
-  return api.Embedder(embedder.module.clone(standardization=mode), embedder.variables,
-                      input_size=embedder.input_size, info={**embedder.info, 'standardization': mode})
-
-
-def build_methods(weights: str, modes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """({row name: embed_fn}, description) for the embedder under each standardization mode."""
+def load_weights(weights: str) -> tuple[Any, dict[str, Any]]:
+  """(the embedder, its description) for --weights; (None, {}) without."""
   if not weights:
-    return {}, {}
+    return None, {}
   t0 = time.perf_counter()
-  base = inference.load_embedder(weights)
+  embedder = inference.load_embedder(weights)
   load_s = time.perf_counter() - t0
-  own = base.module.standardization
-  methods = {}
-  for mode in modes or [own]:
-    methods[f'embedder ({mode})'] = with_standardization(base, mode)
-  info = {'embedder': base.info.get('source', weights), 'embedder_standardization': own,
-          'embedder_input_size': base.input_size, 'embedder_load_seconds': round(load_s, 2)}
-  return methods, info
+  info = {'embedder': embedder.info.get('source', weights),
+          'embedder_standardization': embedder.module.standardization,
+          'embedder_input_size': embedder.input_size, 'embedder_load_seconds': round(load_s, 2)}
+  return embedder, info
+
+
+def check_judges(values: Sequence[str]) -> tuple[str, ...]:
+  """--judges: known names, each installed (asked for by name: missing is an error, not a note)."""
+  try:
+    names = judge_lib.check_names(values, '--judges')
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  for name in names:
+    cls, install = judge_lib.JUDGES[name]
+    if not cls.available():
+      raise app.UsageError(f'--judges={name}: not installed ({install})')
+  return names
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   start = time.perf_counter()
   frame = parse_frame(FLAGS.frame)
-  transform = verification.reframe(frame, FLAGS.frame_mode)  # bad values fail before any work
+  verification.reframe(frame, FLAGS.frame_mode)  # bad values fail before any work
   image_folder.require_images(FLAGS.root)  # an empty or missing --root, before any model loads
   outputs.make_writable_dir(FLAGS.out, flag='--out')
-  methods, extra = build_methods(FLAGS.weights, FLAGS.standardization)
-  try:
-    names = judge_lib.check_names(FLAGS.judges, '--judges')
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  judges = {}
-  for name in names:  # asked for by name on the command line: missing is an error, not a note
-    cls, install = judge_lib.JUDGES[name]
-    if not cls.available():
-      raise app.UsageError(f'--judges={name}: not installed ({install})')
-    judges[name] = judge_lib.open_judges([name], num_workers=FLAGS.judge_workers)[name]
-  methods.update({f'judge ({n})': j.embed for n, j in judges.items()})
-  if judges:
-    extra['judges'] = {n: repr(j) for n, j in judges.items()}
-  if not methods:
+  embedder, extra = load_weights(FLAGS.weights)
+  judges = check_judges(FLAGS.judges)
+  if embedder is None and not judges:
     raise app.UsageError('nothing to evaluate: give --weights and/or --judges')
+  # The entry a config would hold; with --weights, one row per standardization (the weights' own
+  # by default).
+  modes = FLAGS.standardization or ([embedder.module.standardization] if embedder is not None else [])
+  entry = common.from_entry('verify', dict(
+      type='verification', root=FLAGS.root, pairs=FLAGS.pairs, judges=judges,
+      judge_workers=FLAGS.judge_workers, standardization=tuple(modes), frame=frame,
+      frame_mode=FLAGS.frame_mode, flip=FLAGS.flip, subtract_mean=FLAGS.subtract_mean, chunk=FLAGS.chunk),
+      where='tools.verify')
+  scored = entry.run(None, {}, embedder)
+  results = scored.results
+  if judges:
+    extra['judges'] = scored.extra['judges']
   extra.update(frame=frame, frame_mode=FLAGS.frame_mode)
-  try:
-    results = verification.run(FLAGS.pairs, FLAGS.root, methods, transform=transform,
-                               chunk=FLAGS.chunk, flip=FLAGS.flip, subtract_mean=FLAGS.subtract_mean)
-  finally:
-    judge_lib.close_judges(judges)
   extra['wall_seconds'] = round(time.perf_counter() - start, 1)
-  paths = verification.write_report(FLAGS.out, results, extra=extra)
+  paths = entry.write(FLAGS.out, dataclasses.replace(scored, extra=extra), None)
   # A file object: np.savez would append .npz to the temporary name.
   scores_path = os.path.join(FLAGS.out, 'scores.npz')
   with outputs.atomic_path(scores_path) as partial, open(partial, 'wb') as f:
