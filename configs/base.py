@@ -1,6 +1,6 @@
 """The paper's setup: identity-preserving SR on 128x128 VGGFace2 faces with a frozen FaceNet embedder.
 
-Every hyper-parameter of DESIGN.md section 1 is a named field here; `ipsr_jax.config.validate`
+Every hyper-parameter of the paper (docs/design.md, sections 2-6) is a named field here; `ipsr_jax.config.validate`
 checks them all before anything is compiled.
 
     python -m ipsr_jax.main --config=configs/base.py --workdir=gs://bucket/run \
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # step (ipsr_jax/ops/views.py; not the paper's): shift in pixels, scale relative, rotate in
       # degrees, flip a coin, blur the largest sigma, noise in grey levels, colour a gain range.
       # Recognizers besides config.embedder in the identity term (the mean of their distances):
-      # () or ('sface',). A recognizer in the loss is no longer an independent judge of the run.
+      # () or ('sface',). A recognizer in the loss cannot also judge the run independently.
       extra_recognizers=(),
       # + feature_weight * L_features: the distance between the embedder's intermediate activations
       # of SR and HR at feature_layers (channel-normalised, LPIPS's form; losses.feature_distance;
@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       round_lr=True,              # round the small image to uint8 (a real LR image is 8-bit)
       # Down-then-up resize inside the jitted step (True) or in the input pipeline (False).
       # None or 'auto': on for GPU/TPU, off on CPU, where the host path needs a quarter of the
-      # CPU time (benchmarks/NOTES.md, issue 15). Typed object so True/False/auto all parse.
+      # CPU time (benchmarks/NOTES.md, "Input pipeline"). Typed object so True/False/auto all parse.
       degrade_on_device=ml_collections.FieldReference(None, field_type=object),
       random_flip=False,
       random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retain_freed_memory=True,
       # How a worker's batch reaches the training process: 'pipe' pickles it through Grain's
       # queue; 'shared_memory' (Grain's own default) puts every array of every batch in a new
-      # segment, whose fresh pages cost more than the copies on the VMs measured (NOTES, issue 15).
+      # segment, whose fresh pages cost more than the copies on the VMs measured (benchmarks/NOTES.md, "Input pipeline").
       worker_handoff='pipe',
       shuffle=True,
       max_bad_fraction=0.01,      # more unreadable images than this is an error

@@ -66,45 +66,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 100
   config.train.image_summary_every_steps = 200
-  # The identity term: in-batch contrastive (not the paper's MSE; docs/method.md), weight chosen on
-  # the dev split by its pull on the generator (`tools/loss_balance`: the gradient norm on the SR
-  # pixels over the pixel term's, 16 training faces at 14x12) and the dev table (800 steps, 10
-  # trials, rank-1 gain over pixel-only at 14x12 / 16x14 / 18x16, FaceNet | dlib | SFace):
-  #   weight 0.3 (170x the pixel term's pull; the setting chosen before the dev split on 150 test
-  #     people): +1.9 / +7.2 / +4.9 | -2.7 / -3.1 / -3.4 | -12.0 / -11.3 / -7.8 (Intel VM);
-  #   weight 0.03 (17x): +2.4 / +6.9 / +4.4 | -2.5 / -1.8 / -0.6 | -8.2 / -4.3 / -2.9;
-  #   weight 0.01 (5.7x): +6.3 / +9.5 / +6.8 | +0.4 / +4.7 / +2.7 | -0.9 / +2.2 / +1.5;
-  #   weight 0.003 (1.7x): +6.9 / +6.9 / +3.7 | +3.4 / +4.0 / +1.4 | +3.6 / +3.9 / +1.8  <- chosen: both
-  #     judges ahead at every size (> 2 std at 14x12 and 16x14), at pixel-only's PSNR;
-  #   features 0.1 (the embedder's conv2d_2b, conv2d_4a, repeat_1_4, mixed_6a instead of the
-  #     embedding; 1.5x): -1.0 / -1.0 / -3.1 | -1.7 / -1.8 / -2.2 | -7.0 / -6.1 / -5.5;
-  #   random views at 0.3: worse than 0.3 alone on all three scorers.
-  # The paper's distance (MSE, weight 1) pulls at 0.35x; on dev it is weakly ahead of pixel-only for
-  # every scorer and behind 0.003. On the grey dev set (lfw_dev_grey, below; 11x8 / 14x12 / 16x16)
-  # 0.003's gain over pixel-only mostly goes for the judges (dlib +0.1 / +1.7 / +0.5, SFace +2.1 /
-  # -0.7 / +1.3), as on ORL; grey training faces (data.random_grey=0.5, both generators) lost on
-  # colour dev for both judges (SFace -4.6 at 14x12 against 0.003) and were not kept; FaceNet + SFace
-  # in the loss (extra_recognizers, 0.003) put dlib ahead by > 2 std at all three colour sizes (+3.2 /
-  # +5.4 / +3.9) but not in grey (-0.1 / -0.6 / +0.6), at 3x the training time (docs/method.md).
-  # All of the above is seed 0. Two more seeds (--config.seed=1, 2) of pixel-only and 0.003 moved a
-  # method by up to 5 points; over the three seeds 0.003 - pixel-only is dlib +1.3 / +2.3 / +1.1,
-  # SFace +1.3 / +2.1 / +0.7 on colour dev (seed 0 was the best; std over the seeds 0.5-2), FaceNet
-  # +4.4 / +6.2 / +3.6; about nil in grey (dlib +0.3 / +0.6 / +0.5, SFace -0.2 / -1.5 / +0.7).
-  # Test, seed 0 (LFW, 10 trials, finalists only; docs/results.md): 0.003 - pixel-only +4.9 / +5.6 / +4.6
-  # (FaceNet), +4.7 / +4.5 / +2.5 (SFace) and +2.4 / +3.8 / +2.8 (dlib; neither judge is in any loss).
-  # Over three seeds, LFW 14x12: +3.45 (FaceNet), +1.99 (SFace), +1.55 (dlib, every seed > 0); 16x14:
-  # +4.58 (FaceNet), +2.50 (SFace, every seed > 0); ORL >= 0 at 11x8 / 14x12 / 16x16 for both
-  # judges but dlib 11x8 (-0.15).
+  # The identity term: in-batch contrastive (not the paper's MSE), weight 0.003 (1.7x the pixel
+  # term's pull on the SR pixels, tools/loss_balance), chosen on the dev split, where both judges
+  # put it ahead of pixel-only at pixel-only's PSNR. The dev tables: docs/method.md, "Choosing on
+  # the dev split"; the test figures over three seeds: docs/results.md.
   config.loss.identity_distance = 'contrastive'
   config.loss.identity_weight = 0.003
   config.loss.temperature = 0.1
-  # Steps, at weight 0.3, on the full protocol (10 trials; 14x12 / 16x14; docs/results.md, 400 vs 800):
-  #   400 (~1 epoch): FaceNet SR - bicubic +10.4 / +13.6, IPSR - pixel-only +3.9 / +6.3;
-  #     judge IPSR - pixel-only +0.7 / +0.6;
-  #   800 (~2 epochs): FaceNet +15.2 / +15.7 and +2.4 / +3.6; judge IPSR - pixel-only -2.6 / -2.4
-  #     (pixel-only gains most from more steps; the identity term's extra detail is FaceNet's own).
-  # 800 reaches the issue's 15 points (~50 idle CPU minutes for both generators here); 400 keeps
-  # IPSR ahead for the judge. On a GPU/TPU raise both budgets (the paper trains 50 epochs).
+  # 800 steps (~2 epochs of the 5,819 training faces) for both generators; the paper trains 50
+  # epochs: raise both budgets on a GPU/TPU.
   config.demo.ipsr = ml_collections.ConfigDict(dict(
       train=dict(num_train_steps=800), loss=dict(identity_weight=config.loss.identity_weight)))
   config.demo.pixel_only = ml_collections.ConfigDict(dict(

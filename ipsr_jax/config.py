@@ -8,7 +8,6 @@ from typing import Any
 import ml_collections
 
 from ipsr_jax.runtime import cpu_devices
-from ipsr_jax.training import losses
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.ops import views
 
@@ -16,6 +15,7 @@ MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
 SOURCES = ('identity_folder', 'lfw', 'orl', 'ar', 'scface', 'tfds', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
 WORKER_HANDOFFS = ('pipe', 'shared_memory')
+IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')  # training.losses implements each
 
 
 class ConfigError(ValueError):
@@ -69,8 +69,8 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   _need(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'must be in [0, 1)')
   _need(0.0 <= m.leaky_relu_slope < 1.0, 'model.leaky_relu_slope', m.leaky_relu_slope, 'must be in [0, 1)')
   _need(0.0 < m.bn_momentum < 1.0, 'model.bn_momentum', m.bn_momentum, 'must be in (0, 1)')
-  _need(loss.identity_distance in losses.IDENTITY_DISTANCES, 'loss.identity_distance', loss.identity_distance,
-        f'must be one of {losses.IDENTITY_DISTANCES}')
+  _need(loss.identity_distance in IDENTITY_DISTANCES, 'loss.identity_distance', loss.identity_distance,
+        f'must be one of {IDENTITY_DISTANCES}')
   _need(loss.get('temperature', 0.1) > 0, 'loss.temperature', loss.get('temperature'), 'must be > 0')
   extra = tuple(loss.get('extra_recognizers', ()))
   _need(set(extra) <= {'sface'} and len(set(extra)) == len(extra), 'loss.extra_recognizers', extra,

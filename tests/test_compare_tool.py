@@ -57,3 +57,13 @@ def test_compare_two_runs_each_writes_the_run_by_run_and_mean_gains(run_dir, emb
                                                          'runs': [0.0, 0.0], 'runs_std': 0.0}
   assert ('| ipsr - pixel_only (mean of 2 runs) | +0.00 ± 0.00 (runs +0.00 / +0.00; ± 0.00) |'
           in (tmp_path / 'cmp' / 'report.md').read_text())
+
+
+def test_resolve_config_makes_every_run_of_a_compare_entry_absolute(tmp_path, monkeypatch):
+  from ipsr_jax.runtime import paths  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  config = base.get_config('tiny')
+  config.evals.synthetic.compare = {'pixel_only': 'runs/a+runs/b', 'ipsr': 'gs://bucket/c'}
+  paths.resolve_config(config)
+  assert config.evals.synthetic.compare.pixel_only == f'{tmp_path}/runs/a+{tmp_path}/runs/b'
+  assert config.evals.synthetic.compare.ipsr == 'gs://bucket/c'

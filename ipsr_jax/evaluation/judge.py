@@ -156,13 +156,13 @@ class SFaceJudge:
   resized to 112 are SFace's own input; no landmarks are needed."""
 
   def __init__(self, path: str | None = None):
-    from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
-    self._model = sface.SFaceEmbedder.load(path)
+    from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
+    self._model = inference.SFaceEmbedder.load(path)
 
   @staticmethod
   def available() -> bool:
-    from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
-    return sface.SFaceEmbedder.available()
+    from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
+    return inference.SFaceEmbedder.available()
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     return self._model(images)

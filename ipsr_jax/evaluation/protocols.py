@@ -24,7 +24,7 @@ method, model and scorer, so a killed evaluation resumes where it stopped and a 
 judge) or a new generator reuses everything that did not change.
 
 `run_protocol` is the sequence; its steps (split into a population of images, degrade,
-super-resolve, embed through the cache, rank, summarise) are in `steps`.
+super-resolve, embed through the cache, rank, summarise) are in `protocol_steps`.
 """
 
 from __future__ import annotations

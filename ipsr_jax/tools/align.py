@@ -11,7 +11,7 @@ side when < 1) for tightly cropped faces such as ORL. Images are listed and deco
 tool (`data.image_folder`); those larger than `--max_side` are reduced on decode, with one line
 saying so.
 
-The output folder is checked before the detector loads (`data.outputs`): an unwritable path fails
+The output folder is checked before the detector loads (`runtime.outputs`): an unwritable path fails
 at once; align's own earlier output (its report.json, or only faces it writes) resumes, and any
 other non-empty folder is refused unless `--overwrite`.
 """

@@ -13,7 +13,7 @@ super-resolved and embedded (`api.Pipeline`; `--mode=bicubic|sr|concat`); withou
 embedded as they are (grouped by size, or resized on the host with `--image_size`). Images larger
 than `--max_side` are reduced on decode (`data.image_folder`), with one line saying so.
 
-The output is checked before the embedder loads (`data.outputs`): an unwritable path fails at
+The output is checked before the embedder loads (`runtime.outputs`): an unwritable path fails at
 once, and an existing file is kept unless `--overwrite`. The file is written under a temporary
 name and renamed into place.
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from ipsr_jax.runtime import console
 from ipsr_jax.runtime import paths
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 
 FORMATS = ('.npz', '.parquet')
 PARQUET_METADATA_KEY = b'ipsr_jax'

@@ -11,7 +11,7 @@ folder of mixed sizes; images larger than `--max_side` are reduced on decode fir
 saying so (`data.image_folder`). Unreadable files (broken links included) are listed on stderr and
 in `<output>/report.json`; they do not stop the run.
 
-The output folder is checked before the model loads (`data.outputs`): an unwritable path fails
+The output folder is checked before the model loads (`runtime.outputs`): an unwritable path fails
 at once, and a non-empty folder that super_resolve did not write (no report.json of its own, files
 it would not write) is refused unless `--overwrite`. Files are written under a temporary name and
 renamed into place. This module also holds the terminal lines about a folder's inputs that every
@@ -30,7 +30,7 @@ from absl import flags
 
 from ipsr_jax.runtime import console
 from ipsr_jax.runtime import paths
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 
 TOOL = 'super_resolve'
 REPORT_FILE = outputs.REPORT_FILE

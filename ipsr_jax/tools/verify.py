@@ -17,7 +17,7 @@ a `config.evals` entry with the same settings scores the same.
 
 Writes report.json, report.md, roc.png and scores.npz (per-method pair scores) under `--out`.
 Before any model loads, `--root` must hold images (the same `NoImagesError` line as every tool:
-`data.image_folder`) and `--out` must be writable (`data.outputs`).
+`data.image_folder`) and `--out` must be writable (`runtime.outputs`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ipsr_jax.runtime import console
 from ipsr_jax.serving import inference
 from ipsr_jax.runtime import paths
 from ipsr_jax.data import image_folder
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import verification
 from ipsr_jax.evaluation.evaluators import common

@@ -14,10 +14,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ipsr_jax.config import IDENTITY_DISTANCES
 from ipsr_jax.ops import views
 from ipsr_jax.ops.pixels import to_pixels
-
-IDENTITY_DISTANCES = ('mse', 'cosine', 'contrastive')
 
 
 class Recognition(NamedTuple):

@@ -31,7 +31,7 @@ from ipsr_jax.runtime import paths
 from ipsr_jax.runtime import sharding
 from ipsr_jax.runtime import summaries
 from ipsr_jax.data import degrade
-from ipsr_jax.data import outputs
+from ipsr_jax.runtime import outputs
 from ipsr_jax.data import pipeline
 from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
@@ -166,8 +166,8 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: A
   With a `mesh` whose 'fsdp' axis is > 1 the parameters arrive split over it (`state_shardings`):
   the generator's layers gather each kernel where they use it and reduce-scatter its gradient to
   the same split (`ops/strided_conv.py`), so activations stay split over the batch, and the
-  optimiser updates each device's slice. Left to itself, XLA's partitioner instead gathered
-  activations over the whole global batch and all-reduced whole gradients (issue 25).
+  optimiser updates each device's slice. Left to itself, XLA's partitioner gathers
+  activations over the whole global batch and all-reduces whole gradients (docs/scale.md).
   """
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])

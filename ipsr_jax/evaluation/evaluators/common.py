@@ -93,8 +93,8 @@ def settings(entry: Mapping[str, Any], defaults: Mapping[str, Any], where: str,
              required: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """`entry` (but its `type`) over `defaults`; an unknown or a missing required key is an error."""
   entry = {k: v for k, v in entry.items() if k != 'type'}
-  if 'judge' in entry:  # the single dlib judge became a list of named judges
-    raise ValueError(f"{where}.judge is now judges: a tuple of names, e.g. "
+  if 'judge' in entry:  # one name where a tuple of names is meant: say which key takes them
+    raise ValueError(f"{where}.judge: the key is judges, a tuple of names, e.g. "
                      f"judges=('dlib', 'sface') (known: {sorted(judge_lib.JUDGES)})")
   known = set(defaults) | set(required)
   unknown = set(entry) - known
@@ -117,12 +117,12 @@ def from_entry(name: str, entry: Mapping[str, Any], where: str | None = None) ->
 
 
 def _type_hint(entry: Mapping[str, Any]) -> str:
-  """What an entry written before types existed becomes."""
+  """The type an entry without one means, when its protocol names it."""
   protocol = entry.get('protocol')
   if 'type' in entry or protocol is None:
     return ''
   if protocol == 'verification':
-    return " (protocol='verification' is now type='verification')"
+    return " (protocol='verification' is type='verification')"
   return f" (protocol={protocol!r} is type='identification')"
 
 

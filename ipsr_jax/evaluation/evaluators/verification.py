@@ -50,11 +50,10 @@ def parse_frame(value: str | Sequence[Any]) -> tuple[float, ...]:
 
 def with_standardization(embedder, mode: str):
   """The same weights behind another input standardization ('fixed' | 'per_image')."""
-  from ipsr_jax import api  # pylint: disable=g-import-not-at-top
   if embedder.module.standardization == mode:
     return embedder
-  return api.Embedder(embedder.module.clone(standardization=mode), embedder.variables,
-                      input_size=embedder.input_size, info={**embedder.info, 'standardization': mode})
+  return inference.Embedder(embedder.module.clone(standardization=mode), embedder.variables,
+                            input_size=embedder.input_size, info={**embedder.info, 'standardization': mode})
 
 
 class Evaluator(common.Evaluator):
