@@ -29,6 +29,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` (whole datasets, full-size compiles) run only with IPSR_SLOW=1; each has a
+  fast counterpart in the default run that asserts the same property on less."""
+  del config
+  if os.environ.get('IPSR_SLOW'):
+    return
+  skip = pytest.mark.skip(reason='slow: set IPSR_SLOW=1 to run it')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture
 def shared_data():
   """../shared/data beside the checkout (LFW, ORL); tests using it skip when it is absent."""

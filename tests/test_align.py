@@ -1,7 +1,6 @@
 """MTCNN in JAX (nets + full detection) against facenet-pytorch, and the alignment tool on real faces."""
 
 import json
-import os
 import pathlib
 import sys
 import types
@@ -349,7 +348,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
   assert 'aligned 0/2 images' in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.environ.get('IPSR_SLOW'), reason='all of LFW: set IPSR_SLOW=1')
+@pytest.mark.slow  # all of LFW
 def test_all_of_lfw(tmp_path, detector):
   if not LFW.is_dir():
     pytest.skip(f'LFW not found at {LFW}')

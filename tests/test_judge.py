@@ -68,7 +68,7 @@ def test_orl_rank1_one_gallery_image_per_subject(judge, orl):
   assert curve[0] >= 0.90
 
 
-@pytest.mark.skipif(not os.environ.get('IPSR_SLOW'), reason='full ORL: set IPSR_SLOW=1')
+@pytest.mark.slow  # all of ORL
 def test_orl_rank1_full(judge, orl):
   curve = _orl_rank1(judge, orl, range(2, 11))  # all 360 probes
   assert curve[0] >= 0.90

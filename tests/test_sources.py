@@ -271,7 +271,7 @@ def test_orl_real_faces():
   assert source.verify() == []
 
 
-@pytest.mark.skipif(not os.environ.get('IPSR_SLOW'), reason='full LFW listing; set IPSR_SLOW=1')
+@pytest.mark.slow  # the full LFW listing
 def test_lfw_real_population():
   root = SHARED / 'lfw'
   if not root.is_dir():
