@@ -12,7 +12,6 @@ import os
 import re
 from typing import Iterable, Sequence
 
-from ipsr_jax.data import image_io
 from ipsr_jax.data.sources import base
 
 LAYOUT = '<root>/{m,w}-XXX-YY.<ext> (e.g. m-001-01.bmp; YY 1-13 session 1, 14-26 session 2)'
@@ -38,21 +37,9 @@ class ARFaces(base.FileFaceSource):
   def __init__(self, root: str | os.PathLike, *, subjects: Iterable[str] | None = None,
                max_bad_fraction: float = 0.01, image_size: int | None = None):
     self.root = base.require_root(root, LAYOUT)
-    found: dict[tuple[str, int], tuple[str, dict]] = {}
-    ignored = duplicates = 0
-    for dirpath, dirnames, filenames in os.walk(self.root):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-      for f in sorted(filenames):
-        parsed = parse_name(f) if image_io.is_image_file(f) else None
-        if parsed is None:
-          ignored += 1
-          continue
-        identity, meta = parsed
-        key = (identity, meta['shot'])
-        if key in found:  # the same shot in two folders (e.g. a copy): keep the first
-          duplicates += 1
-          continue
-        found[key] = (os.path.join(dirpath, f), meta)
+    shots, ignored, duplicates = base.find_named_shots(
+        self.root, parse_name, lambda identity, meta: (identity, meta['shot']))
+    found = {key: (path, meta) for key, (path, _, meta) in shots.items()}
     if ignored or duplicates:
       logging.info('ARFaces(%s): ignored %d non-AR files and %d duplicate shots',
                    self.root, ignored, duplicates)

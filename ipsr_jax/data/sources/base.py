@@ -136,6 +136,31 @@ def require_root(root: str | os.PathLike, layout: str) -> str:
   return root
 
 
+def find_named_shots(root: str, parse_name, shot_key) -> tuple[dict, int, int]:
+  """Image files under `root` whose names `parse_name` reads as (identity, meta), one per shot.
+
+  Walks sorted, hidden folders skipped; a file parse_name refuses is ignored, and a second file of
+  the same `shot_key(identity, meta)` (e.g. a copy in another folder) is a duplicate: the first
+  is kept. Returns ({key: (path, identity, meta)}, ignored, duplicates).
+  """
+  found: dict[Any, tuple[str, str, dict]] = {}
+  ignored = duplicates = 0
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    for f in sorted(filenames):
+      parsed = parse_name(f) if image_io.is_image_file(f) else None
+      if parsed is None:
+        ignored += 1
+        continue
+      identity, meta = parsed
+      key = shot_key(identity, meta)
+      if key in found:
+        duplicates += 1
+        continue
+      found[key] = (os.path.join(dirpath, f), identity, meta)
+  return found, ignored, duplicates
+
+
 class FileFaceSource(FaceSource):
   """A source whose records are image files: decodes with `image_io.decode_image` (PIL, RGB).
 

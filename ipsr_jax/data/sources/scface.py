@@ -12,7 +12,6 @@ import logging
 import os
 import re
 
-from ipsr_jax.data import image_io
 from ipsr_jax.data.sources import base
 
 LAYOUT = ('<root>/**/<id>_frontal.<ext> (mugshots) and <root>/**/<id>_cam<c>_<d>.<ext> '
@@ -53,21 +52,7 @@ class SCface(base.FileFaceSource):
   def __init__(self, root: str | os.PathLike, *, max_bad_fraction: float = 0.01,
                image_size: int | None = None):
     self.root = base.require_root(root, LAYOUT)
-    found: dict[tuple, tuple[str, str, dict]] = {}
-    ignored = duplicates = 0
-    for dirpath, dirnames, filenames in os.walk(self.root):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-      for f in sorted(filenames):
-        parsed = parse_name(f) if image_io.is_image_file(f) else None
-        if parsed is None:
-          ignored += 1
-          continue
-        identity, meta = parsed
-        key = _shot_key(identity, meta)
-        if key in found:
-          duplicates += 1
-          continue
-        found[key] = (os.path.join(dirpath, f), identity, meta)
+    found, ignored, duplicates = base.find_named_shots(self.root, parse_name, _shot_key)
     if ignored or duplicates:
       logging.info('SCface(%s): ignored %d other files and %d duplicate copies',
                    self.root, ignored, duplicates)
