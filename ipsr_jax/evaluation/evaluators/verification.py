@@ -50,6 +50,7 @@ def parse_frame(value: str | Sequence[Any]) -> tuple[float, ...]:
 
 def with_standardization(embedder, mode: str):
   """The same weights behind another input standardization ('fixed' | 'per_image')."""
+  from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   if embedder.module.standardization == mode:
     return embedder
   return inference.Embedder(embedder.module.clone(standardization=mode), embedder.variables,
