@@ -37,7 +37,7 @@ import importlib.util
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
