@@ -16,11 +16,12 @@ import numpy as np
 def unit_norm(x: Any, axis: int = -1, eps: float = 1e-12) -> Any:
   """x / max(||x||_2, eps) along `axis`; a zero vector stays zero instead of becoming NaN.
 
-  The norm is `linalg.norm` of the array's own library, so results are bit-identical to the
-  inline forms this replaces. Note the gradient of the jax form is NaN at an exactly zero vector
-  (the norm's derivative there); losses on activations that can be all zero need an eps inside the
-  square root instead.
+  NumPy's norm is `np.linalg.norm`; the jax form writes it as sqrt(sum(x * x)): `jnp.linalg.norm`
+  has the same value but rounds its gradient differently, and the identity loss differentiates
+  through this one (a tested, reproducible training trajectory depends on it). The jax form's
+  gradient is NaN at an exactly zero vector (the norm's derivative there); losses on activations
+  that can be all zero need an eps inside the square root instead.
   """
   if isinstance(x, (np.ndarray, np.generic)):
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
