@@ -29,6 +29,6 @@ def test_jax_form_matches_numpy_and_keeps_the_written_out_gradient():
   # x / max(sqrt(sum(x * x)), eps), the form the training trajectory is pinned to (a form with
   # jnp.linalg.norm has the same value but a gradient a few ulp away).
   w = jnp.arange(128, dtype=jnp.float32)
-  written = lambda v: jnp.sum(w * v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, -1, keepdims=True)), 1e-12))
+  written = lambda v: jnp.sum(w * (v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, -1, keepdims=True)), 1e-12)))
   ours = lambda v: jnp.sum(w * unit_norm(v))
   np.testing.assert_array_equal(jax.jit(jax.grad(ours))(x), jax.jit(jax.grad(written))(x))
