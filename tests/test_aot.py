@@ -109,7 +109,8 @@ def test_collectives_are_read_from_hlo():
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():
-  from ipsr_jax.training import aot, chips  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.runtime import chips  # pylint: disable=import-outside-toplevel
+  from ipsr_jax.training import aot  # pylint: disable=import-outside-toplevel
   v5e = chips.by_name('v5e')
   r = aot.roofline(flops=197e12 * 0.010, bytes_accessed=0.819e12 * 0.004, per_chip_batch=64, chip=v5e,
                    dtype='bfloat16', num_chips=8)
@@ -221,7 +222,8 @@ def test_no_compile_or_no_fit_is_one_error_line(tmp_path, outcome):
   but needs more than the chip's HBM: exit 1, one Error line, aot.json says why."""
   code = f'''
 import sys
-from ipsr_jax.training import aot, chips
+from ipsr_jax.runtime import chips
+from ipsr_jax.training import aot
 from ipsr_jax.tools import aot_compile
 devices = tuple(object() for _ in range(8))
 aot.topology = lambda name: aot.Topology(name, chips.by_name('v5e'), devices, 'tpu')

@@ -11,6 +11,7 @@ import pytest
 from ipsr_jax import api
 from ipsr_jax.models import onnx_graph, sface
 from ipsr_jax.ops import resize as resize_lib
+from ipsr_jax.serving import inference
 from tests.test_sface import _lfw_faces, _session
 
 onnx = pytest.importorskip('onnx')
@@ -508,7 +509,7 @@ def sface_embedders():
   # The graph standardises by itself ((x - 127.5) * 0.0078125, its Sub and Mul): no mean/std here.
   general = api.Embedder.from_onnx(path, input_size=112, layout='nchw', channels='rgb', mean=0.0,
                                    std=1.0, buckets=(8,))
-  port = sface.SFaceEmbedder.load(path, buckets=(8,))
+  port = inference.SFaceEmbedder.load(path, buckets=(8,))
   return general, port, _session(onnx.load(path))
 
 

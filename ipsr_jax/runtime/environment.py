@@ -18,7 +18,7 @@ import platform
 import re
 import sys
 
-LOCKS = pathlib.Path(__file__).resolve().parents[1] / 'requirements'
+LOCKS = pathlib.Path(__file__).resolve().parents[2] / 'requirements'
 PROJECT = 'ipsr_jax'
 
 
