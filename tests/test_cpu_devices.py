@@ -69,20 +69,23 @@ def test_default_is_one_device_per_core_and_the_users_choice_wins():
 
 
 _OUTPUTS = r'''
-import json, sys
+import os, sys
 import numpy as np
 import jax
 from benchmarks.onnx_sr import random_variables
 from ipsr_jax import api
 from ipsr_jax.models import unet
-emb = api.Embedder.from_checkpoint(sys.argv[1], input_size=int(sys.argv[3]))
-generator = unet.UNet(ngf=8, num_downs=5, residual=True)  # arctanh: wrong under the embedder's fusion
-sr = api.SuperResolver(generator, random_variables(generator, (1, 32, 32, 3)), image_size=32)
+from ipsr_jax.runtime import cpu_devices
 rng = np.random.default_rng(0)
 faces = rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)  # 11: padded to every bucket size
 lr = rng.integers(0, 256, (11, 8, 7, 3), dtype=np.uint8)
-np.savez(sys.argv[2], devices=jax.device_count(), embeddings=emb(faces), sr=sr(lr.astype(np.float32)),
-         pipeline=api.Pipeline(sr, emb, mode='concat')(lr))
+generator = unet.UNet(ngf=8, num_downs=5, residual=True)  # arctanh: wrong under the embedder's fusion
+for fusion in sys.argv[4:]:  # IPSR_CPU_FUSION, read at each compile: new objects compile anew
+  os.environ[cpu_devices.FUSION_ENV] = fusion
+  emb = api.Embedder.from_checkpoint(sys.argv[1], input_size=int(sys.argv[3]))  # first: it sets the device count
+  sr = api.SuperResolver(generator, random_variables(generator, (1, 32, 32, 3)), image_size=32)
+  np.savez(sys.argv[2] + fusion, devices=jax.device_count(), embeddings=emb(faces), sr=sr(lr.astype(np.float32)),
+           pipeline=api.Pipeline(sr, emb, mode='concat')(lr))
 '''
 
 
@@ -92,12 +95,14 @@ def test_embeddings_and_sr_do_not_depend_on_the_device_count(tmp_path):
   results = {}
   # One device with XLA's fusions against the default on 3 cores (the embedder's fusion on by
   # default), and fusion alone. SR must not take the fusion: its residual generator's arctanh would
-  # be off by whole grey levels (tests/test_cpu_devices.py: test_sr_programs_keep_xlas_fusions).
-  for count, fusion in (('1', '0'), ('3', '1'), ('1', '1')):
-    out = tmp_path / f'out{count}{fusion}.npz'
-    subprocess.run([sys.executable, str(tmp_path / 'outputs.py'), embedder, str(out), str(EMBEDDER_INPUT)], cwd=REPO,
-                   env=_clean_env(IPSR_CPU_DEVICES=count, IPSR_CPU_FUSION=fusion), check=True, timeout=600)
-    results[count + fusion] = np.load(out)
+  # be off by whole grey levels (test_only_the_embedder_compiles_with_the_fusion).
+  # The fusion switch is read at each compile, so one device's two settings share a process.
+  for count, fusions in (('1', ('0', '1')), ('3', ('1',))):
+    out = tmp_path / f'out{count}_'
+    subprocess.run([sys.executable, str(tmp_path / 'outputs.py'), embedder, str(out), str(EMBEDDER_INPUT), *fusions],
+                   cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES=count), check=True, timeout=600)
+    for fusion in fusions:
+      results[count + fusion] = np.load(f'{out}{fusion}.npz')
   old = results['10']
   assert int(old['devices']) == 1 and int(results['31']['devices']) == 3
   for new in (results['31'], results['11']):
@@ -135,20 +140,25 @@ def test_embedder_fusion_switches(monkeypatch):
 
 
 _PROGRAM = r'''
-import hashlib, re, sys
-import jax, jax.numpy as jnp
+import hashlib, os, re, sys
+import numpy as np
 from ipsr_jax.models import inception_resnet_v1 as irv1
 from ipsr_jax.ops import batching
+from ipsr_jax.runtime import cpu_devices
 module = irv1.InceptionResnetV1(width=0.125, embedding_size=16)
-x = jnp.ones((2, 80, 80, 3))
-variables = jax.jit(module.init)(jax.random.key(0), x)
+x = np.ones((2, 80, 80, 3), np.float32)
+variables = irv1.init_variables(module, 0)  # numpy: only the program under test is compiled
 fn = lambda v, images: module.apply(v, images)
 def digest(compiled):  # the program without source locations
   text = re.sub(r'(, metadata=\{[^}]*\})|(stack_frame_id=\d+)', '', compiled.as_text())
   return hashlib.sha256(text.encode()).hexdigest()[:16]
-batcher = batching.PaddedBatcher(lambda images, v: fn(v, images), buckets=(2,), cpu_fusion=True)  # as Embedder
-batcher(x, variables)
-print(digest(next(iter(batcher._executables.values()))))
+for fusion in sys.argv[1:]:  # IPSR_CPU_FUSION for each compile ('-': unset); read when the batcher compiles
+  os.environ.pop(cpu_devices.FUSION_ENV, None)
+  if fusion != '-':
+    os.environ[cpu_devices.FUSION_ENV] = fusion
+  batcher = batching.PaddedBatcher(lambda images, v: fn(v, images), buckets=(2,), cpu_fusion=True)  # as Embedder
+  batcher(x, variables)
+  print(digest(next(iter(batcher._executables.values()))))
 '''
 
 
@@ -158,15 +168,17 @@ def test_embedder_fusion_is_xlas_default_list_plus_elementwise(tmp_path):
   would silently drop fusions. The embedder's PaddedBatcher compiles with it; XLA's default differs."""
   script = tmp_path / 'program.py'
   script.write_text(_PROGRAM)
-  def run(**env):
-    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=_clean_env(IPSR_CPU_DEVICES='1', **env),
+  def run(*fusions, **env):
+    return subprocess.run([sys.executable, str(script), *fusions], cwd=REPO,
+                          env=_clean_env(IPSR_CPU_DEVICES='1', **env),
                           capture_output=True, text=True, timeout=600, check=True).stdout.split()
-  flag, = run(XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type=+eltwise')  # the user's flag wins
-  fused, = run()
-  default, = run(IPSR_CPU_FUSION='0')
+  # XLA reads XLA_FLAGS once, at start-up: the flag's program needs a process of its own (the
+  # user's flag wins over the fusion on by default). The fusion's switch is read at each compile:
+  # on by default and off are two compiles in one process.
+  flag, = run('-', XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type=+eltwise')
+  fused, default = run('-', '0')
   assert fused == flag
   assert default != flag
-
 
 
 def test_only_the_embedder_compiles_with_the_fusion():

@@ -1,5 +1,6 @@
 """Embedder pretraining: flips, the optional blur round trip, and stopping on a signal then resuming."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import base
 from ipsr_jax.data import degrade
@@ -54,11 +56,14 @@ def test_blur_round_trip_matches_the_host_degradation():
   assert 0 < sharp.sum() < len(hr) and 0 < soft.sum()
 
 
+# :tiny's six steps of a tiny embedder, saved at the last step only (and on a signal).
+_OVERRIDES = {'embedder.width': 0.125, 'embedder.embedding_size': 32, 'data.degrade_on_device': True,
+              'train.checkpoint_every_steps': 1000}
+
+
 def _pretrain_cmd(workdir):
-  """Six steps of a tiny embedder, saved at the last step only (and on a signal)."""
   return [sys.executable, '-m', 'ipsr_jax.main', '--config=configs/base.py:tiny', '--mode=pretrain_embedder',
-          f'--workdir={workdir}', '--config.embedder.width=0.125', '--config.embedder.embedding_size=32',
-          '--config.data.degrade_on_device=True', '--config.train.checkpoint_every_steps=1000']
+          f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in _OVERRIDES.items())]
 
 
 def _embedder_rows(workdir):
@@ -66,10 +71,71 @@ def _embedder_rows(workdir):
           for r in summaries.read_metrics(str(workdir)) if 'embedder/loss' in r]
 
 
+def _assert_resumed_to_the_straight_run(straight, stopped):
+  assert _embedder_rows(stopped) == _embedder_rows(straight) and len(_embedder_rows(straight)) == 6
+  want, got = (embedder_store.load_embedder(embedder_train.export_dir(str(d)))[1] for d in (straight, stopped))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), want, got)
+
+
+# The three runs of the test below in one process: the trainer as `--mode=pretrain_embedder` calls
+# it, the second run sent SIGTERM by the loop's own input as it takes its third batch. The runs
+# share their compiled programs through JAX's persistent cache (test_train._env).
+_STOP_AND_RESUME = r'''
+import json, os, signal, sys
+from configs import base
+from ipsr_jax.runtime import checkpointing, cpu_devices, preemption
+from ipsr_jax.training import embedder_train, loop
+straight, stopped, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+config = base.get_config('tiny')
+config.mode = 'pretrain_embedder'
+for key, value in overrides.items():
+  section, field = key.split('.')
+  config[section][field] = value
+cpu_devices.configure_from(config.mesh)
+embedder_train.train_embedder(config, straight)
+prefetch = loop.prefetch
+def prefetch_then_sigterm(iterator, mesh):
+  for i, item in enumerate(prefetch(iterator, mesh)):
+    if i == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield item
+loop.prefetch = prefetch_then_sigterm
+try:
+  embedder_train.train_embedder(config, stopped)
+  sys.exit('the run did not stop')
+except preemption.Preempted as e:
+  saved = checkpointing.Checkpointer(stopped, read_only=True).all_steps()
+  exported = os.path.exists(embedder_train.export_dir(stopped))
+  print(json.dumps(dict(step=e.step, signal=e.signal_name, saved=saved, exported=exported)), flush=True)
+loop.prefetch = prefetch
+embedder_train.train_embedder(config, stopped)
+'''
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resumes_to_the_same_embedder(tmp_path):
+  """SIGTERM mid-run saves that step and stops the embedder's trainer (`Preempted`, which
+  `ipsr_jax.main` turns into EXIT_PREEMPTED: test_train.py) without writing the embedder; the
+  same call resumes there and ends with the metrics and weights of an uninterrupted run."""
+  straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+  (tmp_path / 'runs.py').write_text(_STOP_AND_RESUME)
+  proc = subprocess.run([sys.executable, str(tmp_path / 'runs.py'), str(straight), str(stopped),
+                         json.dumps(_OVERRIDES)], cwd=REPO, env=dict(test_train._env(1), PYTHONPATH=str(REPO)),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Warning: SIGTERM received: saving a checkpoint and stopping.' in proc.stderr
+  stop = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{'))
+  assert stop['signal'] == 'SIGTERM' and 1 <= stop['step'] < 6
+  assert stop['saved'] == [stop['step']] and not stop['exported']
+  assert f'for 6 steps from step {stop["step"]}.' in proc.stdout
+  _assert_resumed_to_the_straight_run(straight, stopped)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_resumes_to_the_same_embedder(tmp_path):
   """As the generator's trainer: SIGTERM mid-run saves that step and exits with EXIT_PREEMPTED,
   without writing the embedder; the same command resumes there and ends with the metrics and
-  weights of an uninterrupted run."""
+  weights of an uninterrupted run. (Three processes of `ipsr_jax.main` and a real signal; the test
+  above runs the three in one process.)"""
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   subprocess.run(_pretrain_cmd(straight), cwd=REPO, env=test_train._env(1), check=True, capture_output=True,
                  timeout=600)
@@ -89,6 +155,4 @@ def test_sigterm_saves_stops_and_resumes_to_the_same_embedder(tmp_path):
                           timeout=600)
   assert resume.returncode == 0, resume.stderr[-3000:]
   assert f'for 6 steps from step {step}.' in resume.stdout
-  assert _embedder_rows(stopped) == _embedder_rows(straight) and len(_embedder_rows(straight)) == 6
-  want, got = (embedder_store.load_embedder(embedder_train.export_dir(str(d)))[1] for d in (straight, stopped))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), want, got)
+  _assert_resumed_to_the_straight_run(straight, stopped)

@@ -1,5 +1,6 @@
 """Training: the identity term's gradient, sharding invariance, multi-process, exact resume, guards."""
 
+import functools
 import json
 import os
 import pathlib
@@ -66,10 +67,14 @@ def test_identity_term_trains_the_generator(tmp_path, embedder_dir):
   generator = unet_lib.from_config(config.model)
   x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
   hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
-  variables = generator.init(jax.random.key(2), x, train=False)
+  # The trainer's RBG init key: XLA:CPU compiles a threefry init slowly (train.init_key).
+  variables = jax.jit(functools.partial(generator.init, train=False))(train.init_key(2), x)
+  module = embedder_store.load_embedder(embedder_dir)[0]
 
-  def grads_for(embedder_path, detach_sr=False):
-    module, evars, _ = embedder_store.load_embedder(embedder_path)
+  # One compiled gradient per way of embedding; the embedder's variables are an input, as in the
+  # training step, so the two embedders share it.
+  @functools.partial(jax.jit, static_argnames='detach_sr')
+  def grads_for(evars, detach_sr=False):
     embed = lambda px: inception_resnet_v1.embed_images(module, evars, px, config.embedder.input_size)
     if detach_sr:  # the authors' code: embeddings computed outside the gradient tape
       embed_fn = lambda px: jax.lax.stop_gradient(embed(px))
@@ -82,13 +87,24 @@ def test_identity_term_trains_the_generator(tmp_path, embedder_dir):
 
     return jax.grad(loss)(variables['params'])
 
+  def load(path):
+    other, evars, _ = embedder_store.load_embedder(path)
+    assert other == module  # same network, other weights
+    return evars
+
   norm = lambda g: float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))))
-  g1 = grads_for(embedder_dir)
+  g1 = grads_for(load(embedder_dir))
   assert norm(g1) > 1e-6
-  g2 = grads_for(make_embedder(tmp_path / 'other', seed=1))
+  g2 = grads_for(load(make_embedder(tmp_path / 'other', seed=1)))
   diff = jax.tree.map(lambda a, b: a - b, g1, g2)
   assert norm(diff) > 0.05 * norm(g1)
-  assert norm(grads_for(embedder_dir, detach_sr=True)) == 0.0  # why the authors' loss trained nothing
+  assert norm(grads_for(load(embedder_dir), detach_sr=True)) == 0.0  # why the authors' loss trained nothing
+
+
+def _faces_pair():
+  sr = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  return sr, hr
 
 
 def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
@@ -103,17 +119,22 @@ def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
   config.loss.extra_recognizers = ('sface',)
   config.train.num_train_steps = 2
   config.train.image_summary_every_steps = 0
-  # Either term by hand on the same faces: the step's identity is their mean.
+  # Either term by hand on the same faces: the step's identity is their mean. One compiled
+  # program (the networks' variables its inputs) instead of both networks op by op.
   module, evars, _ = embedder_store.load_embedder(embedder_dir)
   smodule, svars, _ = sface.load_sface()
-  sr = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
-  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
-  embed = train.make_embed_fn(module, evars, config.embedder.input_size, {'sface': smodule}, {'sface': svars})
-  _, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
-  own = losses.ipsr_loss(sr, hr, train.make_embed_fn(module, evars, config.embedder.input_size), config.loss)[1]
-  px = lambda x: (x + 1.0) * 127.5
-  e_sr, e_hr = sface.embed_images(smodule, svars, px(sr)), sface.embed_images(smodule, svars, px(hr))
-  theirs = losses.identity_distance(e_sr, e_hr, config.loss.identity_distance, config.loss.temperature)
+
+  @jax.jit
+  def by_hand(evars, svars, sr, hr):
+    embed = train.make_embed_fn(module, evars, config.embedder.input_size, {'sface': smodule}, {'sface': svars})
+    _, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
+    own = losses.ipsr_loss(sr, hr, train.make_embed_fn(module, evars, config.embedder.input_size), config.loss)[1]
+    px = lambda x: (x + 1.0) * 127.5
+    e_sr, e_hr = sface.embed_images(smodule, svars, px(sr)), sface.embed_images(smodule, svars, px(hr))
+    theirs = losses.identity_distance(e_sr, e_hr, config.loss.identity_distance, config.loss.temperature)
+    return terms, own, theirs
+
+  terms, own, theirs = by_hand(evars, svars, *_faces_pair())
   np.testing.assert_allclose(terms['identity'], (own['identity'] + theirs) / 2, rtol=1e-5)
   np.testing.assert_allclose(terms['cosine_similarity'], own['cosine_similarity'], rtol=1e-6)
   train.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -134,27 +155,33 @@ def test_feature_term_alone_trains_and_records_its_recognizer(tmp_path, embedder
   config.train.num_train_steps = 2
   config.train.image_summary_every_steps = 0
   module, evars, _ = embedder_store.load_embedder(embedder_dir)
-  sr = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
-  hr = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
-  embed = train.make_embed_fn(module, evars, config.embedder.input_size,
-                              feature_layers=config.loss.feature_layers)
-  total, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
-  px = lambda x: (x + 1.0) * 127.5
-  feats = lambda x: inception_resnet_v1.embed_with_features(module, evars, px(x), config.loss.feature_layers,
-                                                            config.embedder.input_size)[1]
-  by_hand = losses.feature_distance(feats(sr), feats(hr))
-  np.testing.assert_allclose(terms['features'], by_hand, rtol=1e-5)
-  np.testing.assert_allclose(total, 5.0 * terms['pixel_mse'] + 0.5 * by_hand, rtol=1e-5)
+  layers = config.loss.feature_layers
+  embed_fn = lambda evars: train.make_embed_fn(module, evars, config.embedder.input_size, feature_layers=layers)
+
+  feature_only = config.loss.copy_and_resolve_references()
+  feature_only.beta = 0.0  # no pixel term: the feature term's gradient alone
+
+  # The checks by hand, in one compiled program (the embedder's variables an input) instead of
+  # both networks run op by op.
+  @jax.jit
+  def by_hand(evars, sr, hr):
+    total, terms = losses.ipsr_loss(sr, hr, embed_fn(evars), config.loss)
+    px = lambda x: (x + 1.0) * 127.5
+    feats = lambda x: inception_resnet_v1.embed_with_features(module, evars, px(x), layers,
+                                                              config.embedder.input_size)[1]
+    grad = jax.grad(lambda s: losses.ipsr_loss(s, hr, embed_fn(evars), feature_only)[0])(sr)
+    return total, terms, losses.feature_distance(feats(sr), feats(hr)), grad
+
+  total, terms, distance, grad = by_hand(evars, *_faces_pair())
+  np.testing.assert_allclose(terms['features'], distance, rtol=1e-5)
+  np.testing.assert_allclose(total, 5.0 * terms['pixel_mse'] + 0.5 * distance, rtol=1e-5)
   assert 'identity' not in terms
-  config.loss.beta = 0.0  # the feature term's gradient alone
-  grad = jax.grad(lambda s: losses.ipsr_loss(s, hr, embed, config.loss)[0])(sr)
   assert float(jnp.abs(grad).sum()) > 1e-3
-  config.loss.beta = 5.0
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert inference.SuperResolver.from_checkpoint(tmp_path / 'run').info['trained_against'] == [
       os.path.basename(embedder_dir)]
-  for layers in (('conv2d',), (), ('conv2d_2b', 'conv2d_2b')):
-    config.loss.feature_layers = layers
+  for bad in (('conv2d',), (), ('conv2d_2b', 'conv2d_2b')):
+    config.loss.feature_layers = bad
     with pytest.raises(ValueError, match='feature_layers'):
       train.Trainer(config, str(tmp_path / 'bad'))
 
@@ -169,6 +196,10 @@ def _train_cmd(workdir, embedder_dir, *extra):
   return [sys.executable, '-m', 'ipsr_jax.main', '--config=configs/base.py:tiny', f'--workdir={workdir}',
           f'--config.embedder.checkpoint={embedder_dir}', *extra]
 
+
+# For the checks of the loop through `ipsr_jax.main` that hold whatever the loss (signals, finite
+# losses): no identity term, whose embedder would only lengthen the compile.
+PIXEL_ONLY = '--config.loss.identity_weight=0'
 
 CACHE = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'ipsr-test-jax-cache-{os.getuid()}'
 
@@ -308,7 +339,7 @@ def test_sigkill_then_resume_is_exact(tmp_path, straight_run, embedder_dir):
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, embedder_dir):
   proc = subprocess.Popen(_train_cmd(tmp_path, embedder_dir, '--config.train.num_train_steps=1000',
-                                     '--config.train.checkpoint_every_steps=1000'),
+                                     '--config.train.checkpoint_every_steps=1000', PIXEL_ONLY),
                           cwd=REPO, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while not any(r['step'] >= 2 for r in summaries.read_metrics(str(tmp_path))) and time.time() < deadline:
@@ -321,9 +352,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, embedder_dir):
   assert 2 <= step < 1000
 
 
-def test_init_from_starts_from_another_runs_generator_with_a_fresh_optimiser(tmp_path):
-  from tests.conftest import make_run  # pylint: disable=import-outside-toplevel
-  source = make_run(tmp_path / 'source')  # 2 steps
+def test_init_from_starts_from_another_runs_generator_with_a_fresh_optimiser(tmp_path, run_dir):
+  source = run_dir  # 2 steps (tests/conftest.py's make_run), only read here
   _, want = checkpointing.Checkpointer(source, read_only=True).restore_model()
   config = base.get_config('tiny')
   config.loss.identity_weight = 0.0
@@ -338,13 +368,14 @@ def test_init_from_starts_from_another_runs_generator_with_a_fresh_optimiser(tmp
   counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
   assert counts and set(counts) == {1}  # Adam's step count: this run's one step, not the source's 3
   config.model.ngf = 8
-  with pytest.raises(ValueError, match=r'--config.train.init_from=.*source: its generator does not fit this '
-                     r'config.model \(\d+ arrays differ: '):
+  with pytest.raises(ValueError, match=rf'--config.train.init_from={re.escape(source)}: its generator does not '
+                     r'fit this config.model \(\d+ arrays differ: '):
     train.train_and_evaluate(config, str(tmp_path / 'wider'))
 
 
-def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, embedder_dir):
-  config = tiny_config(embedder_dir)
+def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path):
+  config = tiny_config('')
+  config.loss.identity_weight = 0.0  # the loop's check, whatever the loss: no embedder to compile
   config.train.learning_rate = 1e30  # the first update blows the generator up
   config.train.checkpoint_every_steps = 1
   with pytest.raises(loop.NonFiniteLossError, match=r'Non-finite loss at step \d+: training stopped. The last '
@@ -356,8 +387,8 @@ def test_nonfinite_loss_stops_with_message_and_restorable_checkpoint(tmp_path, e
 
 
 def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, embedder_dir):
-  proc = subprocess.run(_train_cmd(tmp_path, embedder_dir, '--config.train.learning_rate=1e30'), cwd=REPO,
-                        env=_env(1), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(_train_cmd(tmp_path, embedder_dir, '--config.train.learning_rate=1e30', PIXEL_ONLY),
+                        cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1
   assert 'Error: NonFiniteLossError: Non-finite loss at step 2: training stopped. No checkpoint was written ' \
          'before that step' in proc.stderr, proc.stderr[-3000:]
