@@ -1,4 +1,5 @@
-"""Bicubic resizing that matches PIL's `Image.resize(..., Image.BICUBIC)`, on host and on device.
+"""Bicubic resizing that matches PIL's `Image.resize(..., Image.BICUBIC)`, on host and on device
+(and, on host, PIL's BILINEAR and BOX filters from the same code).
 
 PIL resizes separably with Keys' cubic (a = -0.5), widening the kernel by the scale factor when
 shrinking (antialiasing) and normalising the weights at the borders. Both paths below use the same
@@ -20,21 +21,39 @@ def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
                   np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
 
 
+def _bilinear(x: np.ndarray) -> np.ndarray:
+  return np.maximum(1.0 - np.abs(x), 0.0)
+
+
+def _box(x: np.ndarray) -> np.ndarray:
+  return ((x > -0.5) & (x <= 0.5)).astype(np.float64)  # PIL's box_filter: half-open interval
+
+
+# PIL's filters (Resample.c): the function of the tap's distance and its support at scale 1.
+FILTERS = {'bicubic': (_cubic, 2.0), 'bilinear': (_bilinear, 1.0), 'box': (_box, 0.5)}
+
+
 @functools.lru_cache(maxsize=256)
-def resize_weights(in_size: int, out_size: int) -> np.ndarray:
-  """[out_size, in_size] float64 matrix of PIL's bicubic coefficients (Resample.c)."""
+def resize_weights(in_size: int, out_size: int, kind: str = 'bicubic') -> np.ndarray:
+  """[out_size, in_size] float64 matrix of PIL's coefficients (Resample.c) for filter `kind`.
+
+  'bicubic' (the default), 'bilinear' or 'box' (PIL's BOX, an area average when shrinking).
+  """
   if in_size < 1 or out_size < 1:
     raise ValueError(f'resize sizes must be positive, got {in_size} -> {out_size}')
+  if kind not in FILTERS:
+    raise ValueError(f'unknown resize filter {kind!r}; known: {sorted(FILTERS)}')
+  fn, filter_support = FILTERS[kind]
   scale = in_size / out_size
   filterscale = max(scale, 1.0)
-  support = 2.0 * filterscale
+  support = filter_support * filterscale
   weights = np.zeros((out_size, in_size), np.float64)
   for xx in range(out_size):
     center = (xx + 0.5) * scale
     xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as C does
     xmax = min(int(center + support + 0.5), in_size)
     taps = np.arange(xmin, xmax)
-    w = _cubic((taps - center + 0.5) / filterscale)
+    w = fn((taps - center + 0.5) / filterscale)
     total = w.sum()
     weights[xx, xmin:xmax] = w / total if total != 0.0 else w
   weights.setflags(write=False)
@@ -49,8 +68,8 @@ def _as_batch(images):
   raise ValueError(f'expected [H, W, C] or [N, H, W, C] images, got shape {images.shape}')
 
 
-def resize_np(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-  """Host bicubic resize of [H, W, C] or [N, H, W, C] images in 0..255.
+def resize_np(images: np.ndarray, out_hw: tuple[int, int], kind: str = 'bicubic') -> np.ndarray:
+  """Host resize of [H, W, C] or [N, H, W, C] images in 0..255 with PIL's filter `kind`.
 
   uint8 in -> uint8 out, rounded and clipped after each pass as PIL does (width first, then
   height); float in -> float32 out, unrounded.
@@ -65,9 +84,11 @@ def resize_np(images: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return np.clip(np.round(y), 0, 255) if is_uint8 else y
 
   if out_w != x.shape[2]:
-    x = finish(np.einsum('ow,nhwc->nhoc', resize_weights(x.shape[2], out_w).astype(np.float32), x, optimize=True))
+    x = finish(np.einsum('ow,nhwc->nhoc', resize_weights(x.shape[2], out_w, kind).astype(np.float32), x,
+                          optimize=True))
   if out_h != x.shape[1]:
-    x = finish(np.einsum('oh,nhwc->nowc', resize_weights(x.shape[1], out_h).astype(np.float32), x, optimize=True))
+    x = finish(np.einsum('oh,nhwc->nowc', resize_weights(x.shape[1], out_h, kind).astype(np.float32), x,
+                          optimize=True))
   out = x.astype(np.uint8) if is_uint8 else x.astype(np.float32)
   return out[0] if squeeze else out
 
