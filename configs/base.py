@@ -95,6 +95,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # None or 'auto': on for GPU/TPU, off on CPU, where the host path needs a quarter of the
       # CPU time (benchmarks/NOTES.md, "Input pipeline"). Typed object so True/False/auto all parse.
       degrade_on_device=ml_collections.FieldReference(None, field_type=object),
+      # How an HR face becomes its LR input: 'bicubic' (the paper's: bicubic down, 8-bit, bicubic
+      # up), a camera preset, 'camera_mild' or 'camera_hard', or a dict of operator settings
+      # (blur, downsample, noise, jpeg, second_pass: ipsr_jax/data/camera.py). A camera model runs
+      # on host only. Typed object so a name or a dict both fit.
+      degradation=ml_collections.FieldReference('bicubic', field_type=object),
       random_flip=False,
       random_crop_padding=0,      # pad-and-crop jitter in pixels; 0 = off
       random_grey=0.0,            # probability that a training face is turned grey (HR and LR); 0 = off

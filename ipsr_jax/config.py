@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from ipsr_jax.data import camera
 from ipsr_jax.runtime import cpu_devices
 from ipsr_jax.models import inception_resnet_v1
 from ipsr_jax.ops import views
@@ -40,6 +41,22 @@ def validate_lr_sizes(sizes, field: str, image_size: int) -> None:
   for hw in sizes:
     ok = len(hw) == 2 and all(isinstance(s, int) and 1 <= s <= image_size for s in hw)
     _need(ok, field, sizes, f'each entry must be (height, width) integers in 1..{image_size}; bad entry {hw!r}')
+
+
+def validate_degradation(data: ml_collections.ConfigDict) -> None:
+  """data.degradation: a name or a camera's operator settings, on host, with 8-bit LR images."""
+  degradation = data.get('degradation', camera.BICUBIC)
+  try:
+    camera.resolve(degradation, 'data.degradation')
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+  if camera.is_bicubic(degradation):
+    return
+  _need(data.degrade_on_device is not True, 'data.degrade_on_device', data.degrade_on_device,
+        f'data.degradation={degradation!r} runs on host only (the device path is bicubic); '
+        "use False or 'auto'")
+  _need(bool(data.round_lr), 'data.round_lr', data.round_lr,
+        f'data.degradation={degradation!r} always makes 8-bit LR images (JPEG); use True')
 
 
 def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> None:
@@ -94,6 +111,7 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   _need(on_device is None or isinstance(on_device, bool) or on_device == 'auto', 'data.degrade_on_device',
         on_device, "must be True, False, None or 'auto' (auto: on for GPU/TPU, off on CPU)")
   validate_lr_sizes(d.lr_sizes, 'data.lr_sizes', d.image_size)
+  validate_degradation(d)
   validate_lr_sizes(t.image_summary_lr_sizes, 'train.image_summary_lr_sizes', d.image_size)
   random_grey = d.get('random_grey', 0.0)
   _need(isinstance(random_grey, (int, float)) and not isinstance(random_grey, bool)
@@ -148,7 +166,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 _OPTIMISER = tuple(f'train.{k}' for k in ('batch_size', 'optimizer', 'learning_rate', 'b1', 'b2', 'eps',
                                           'weight_decay', 'schedule', 'warmup_steps', 'grad_clip_norm'))
 _DATA_STREAM = tuple(f'data.{k}' for k in ('source', 'split', 'image_size', 'lr_sizes', 'lr_per', 'round_lr',
-                                           'shuffle', 'random_flip', 'random_crop_padding', 'random_grey',
+                                           'degradation', 'shuffle', 'random_flip', 'random_crop_padding', 'random_grey',
                                            'tfds_name', 'synthetic_identities', 'synthetic_images_per_identity'))
 _EMBEDDER_SHAPE = tuple(f'embedder.{k}' for k in ('width', 'embedding_size', 'input_size', 'bn_epsilon',
                                                   'dropout_rate'))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
+from ipsr_jax.data import camera
 from ipsr_jax.ops import resize as resize_lib
 
 Size = tuple[int, int]
@@ -171,11 +172,19 @@ def one_blas_thread():
         _blas_limiter = None
 
 
-def resolve_on_device(setting, backend: str | None = None) -> bool:
+def resolve_on_device(setting, backend: str | None = None, degradation='bicubic') -> bool:
   """`config.data.degrade_on_device` as a bool: True/False as given; None or 'auto' is on for a
   GPU/TPU backend and off on CPU, where the host path costs a quarter of the device path's CPU
   time (benchmarks/NOTES.md, "Input pipeline"). Call it in the main process (it starts JAX's
-  backend), or name the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda')."""
+  backend), or name the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda').
+  `degradation` (config.data.degradation): a camera model runs on host only (PIL's JPEG), so
+  None/'auto' mean off for it and True is an error."""
+  if not camera.is_bicubic(degradation):
+    if setting is True:
+      raise ValueError(f'data.degrade_on_device=True: data.degradation={degradation!r} runs on host only '
+                       "(the device path is bicubic); set data.degrade_on_device to False or 'auto'")
+    if setting is None or setting is False or (isinstance(setting, str) and setting == 'auto'):
+      return False
   if setting is None or (isinstance(setting, str) and setting == 'auto'):
     return (backend or jax.default_backend()) != 'cpu'
   if isinstance(setting, (bool, np.bool_)):

@@ -13,8 +13,9 @@ the read threads or on what came before. Order of steps:
   unreadable image is logged, counted and replaced by the next readable record), resize to
   data.image_size, flip / pad-crop / grey (keyed on the global index) -> blocks of B/n examples
   -> process p of n takes blocks p, p+n, ... -> [Grain read threads] -> LR size per example or
-  per global batch, bicubic down-then-up of the whole block (skipped when degrading on device)
-  -> [worker processes]
+  per global batch, bicubic down-then-up of the whole block (skipped when degrading on device),
+  or each example through the camera model of data.degradation (`camera`, keyed on its global
+  sample index; host only) -> [worker processes]
 
 Worker processes each take whole blocks (decode, stack, degrade: one batch is one element, so
 the hand-off is one batch's arrays, not pickled records) and split data.read_threads between
@@ -49,6 +50,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from ipsr_jax.data import camera as camera_lib
 from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.data import host_memory
 from ipsr_jax.data import image_io
@@ -117,11 +119,16 @@ class PrepareExample:
 
 @dataclasses.dataclass(frozen=True)
 class DegradeBatch:
-  """Adds `lr_index` (and `lr`, unless the step degrades on device) to a batch of HR faces."""
+  """Adds `lr_index` (and `lr`, unless the step degrades on device) to a batch of HR faces.
+
+  `camera` (data.degradation other than 'bicubic'): each example goes through the camera model
+  keyed on its global sample index instead of the bicubic down-up.
+  """
   sampler: degrade_lib.LRSampler
   global_batch_size: int
   round_lr: bool = True
   on_device: bool = False
+  camera: camera_lib.CameraModel | None = None
 
   def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = batch['sample_index']
@@ -129,7 +136,13 @@ class DegradeBatch:
       keys = np.full_like(keys, keys[0] // self.global_batch_size)
     lr_index = self.sampler.for_batch(keys)
     out = {'hr': batch['hr'], 'lr_index': lr_index, 'label': batch['label'].astype(np.int32)}
-    if not self.on_device:
+    if self.on_device and self.camera is not None:
+      raise ValueError('a camera degradation runs on host only')
+    if self.camera is not None:
+      with degrade_lib.one_blas_thread():
+        out['lr'] = self.camera.degrade_batch(batch['hr'], lr_index, self.sampler.lr_sizes,
+                                              batch['sample_index'])
+    elif not self.on_device:
       out['lr'] = degrade_lib.degrade_batch(batch['hr'], lr_index, self.sampler.lr_sizes,
                                             round_lr=self.round_lr)
     return out
@@ -165,9 +178,11 @@ def make_train_dataset(config: ml_collections.ConfigDict, source: FaceSource | N
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
   sampler = degrade_lib.LRSampler(data.lr_sizes, per=data.lr_per, seed=seed)
   # Resolved here, in the main process: workers never touch a JAX backend.
-  on_device = degrade_lib.resolve_on_device(data.degrade_on_device)
+  degradation = data.get('degradation', 'bicubic')
+  on_device = degrade_lib.resolve_on_device(data.degrade_on_device, degradation=degradation)
   ds = ds.map(DegradeBatch(sampler, global_batch_size=int(config.train.batch_size),
-                           round_lr=bool(data.round_lr), on_device=on_device))
+                           round_lr=bool(data.round_lr), on_device=on_device,
+                           camera=camera_lib.CameraModel.from_config(degradation, seed=seed)))
   retain = bool(data.retain_freed_memory)
   if retain:
     host_memory.retain_freed_memory()

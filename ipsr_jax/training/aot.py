@@ -344,7 +344,9 @@ def lower_step(config, topo: Topology):
   config_lib.validate(config, data_paths=False)  # no data is read
   mesh = topology_mesh(topo, config.mesh)
   sharding.check_batch_size(config.train.batch_size, mesh)
-  return _lower(config, mesh, degrade.resolve_on_device(config.data.degrade_on_device, topo.platform)), mesh
+  on_device = degrade.resolve_on_device(config.data.degrade_on_device, topo.platform,
+                                       degradation=config.data.get('degradation', 'bicubic'))
+  return _lower(config, mesh, on_device), mesh
 
 
 def compile_step(config, topo: Topology) -> tuple[dict[str, Any], str, Any]:
@@ -363,8 +365,9 @@ def compile_step(config, topo: Topology) -> tuple[dict[str, Any], str, Any]:
   hlo = compiled.as_text()
   devices = len(topo.devices)
   mem = memory(compiled)
-  cost, cost_source = _cost(compiled, config, degrade.resolve_on_device(config.data.degrade_on_device, topo.platform),
-                            devices)
+  on_device = degrade.resolve_on_device(config.data.degrade_on_device, topo.platform,
+                                       degradation=config.data.get('degradation', 'bicubic'))
+  cost, cost_source = _cost(compiled, config, on_device, devices)
   dtype = config.train.compute_dtype
   per_chip_batch = config.train.batch_size // devices
   report = dict(

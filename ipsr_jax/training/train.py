@@ -282,7 +282,8 @@ class Trainer:
         extras, variables = load_extra_recognizers(config.loss.extra_recognizers)
         self.extra_vars = jax.device_put(variables, sharding.replicated(self.mesh))
     parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module, extras=extras,
-                      degrade_on_device=degrade.resolve_on_device(config.data.degrade_on_device))
+                      degrade_on_device=degrade.resolve_on_device(
+                          config.data.degrade_on_device, degradation=config.data.get('degradation', 'bicubic')))
     self.generator, self.tx, self.embedder, self.degrader = parts.generator, parts.tx, parts.embedder, parts.degrader
     self.state_sharding, self.abstract_state = parts.state_sharding, parts.abstract_state
     self.train_step = parts.train_step
