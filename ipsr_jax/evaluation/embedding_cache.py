@@ -76,31 +76,40 @@ class RecordCache:
 
   Without a cache directory every `path` is None, so `load` misses and `save` does nothing: the
   steps need not ask whether there is a cache.
+
+  `probe_tag` names how synthetic LR probes were made when not by bicubic down-sampling (the
+  camera model and its settings); it keys every entry made from such probes (`path(...,
+  degraded=True)`), so bicubic-probe results are never read back for camera probes. '' (bicubic)
+  leaves the keys as they always were.
   """
 
-  def __init__(self, cache: EmbeddingCache | None, keys: Sequence[str] = (), extra: str = ''):
-    self.cache, self.keys, self.extra = cache, list(keys), extra
+  def __init__(self, cache: EmbeddingCache | None, keys: Sequence[str] = (), extra: str = '',
+               probe_tag: str = ''):
+    self.cache, self.keys, self.extra, self.probe_tag = cache, list(keys), extra, probe_tag
 
   @classmethod
   def open(cls, cache_dir: str | os.PathLike | None, tags: Mapping[str, str], records: Sequence[Record],
-           image_key: Callable[[Record], str] | None, extra: str) -> RecordCache:
-    """The cache under `cache_dir` (None: no cache); `extra` keys what changes every image's value."""
+           image_key: Callable[[Record], str] | None, extra: str, probe_tag: str = '') -> RecordCache:
+    """The cache under `cache_dir` (None: no cache); `extra` keys what changes every image's value,
+    `probe_tag` what changes the degraded probes' (see the class)."""
     if cache_dir is None:
       return cls(None)
     cache = EmbeddingCache(cache_dir, {'quality': QUALITY_TAG, **dict(tags)})
     keys = [(image_key or (lambda r: r.path))(r) for r in records]
     if not all(keys) or len(set(keys)) != len(keys):  # two images under one key would share results
       raise ValueError('cache_dir needs a distinct non-empty key per record (paths, or image_key)')
-    return cls(cache, keys, extra)
+    return cls(cache, keys, extra, probe_tag)
 
   @property
   def hits(self) -> int:
     return self.cache.hits if self.cache is not None else 0
 
-  def path(self, scorer: str, cond: str, method: str, idx: Sequence[int]) -> str | None:
+  def path(self, scorer: str, cond: str, method: str, idx: Sequence[int], degraded: bool = False) -> str | None:
+    """The file of records `idx`; `degraded`: made from synthetic LR probes (keyed on `probe_tag`)."""
     if self.cache is None:
       return None
-    return self.cache.path(scorer, cond, method, [self.keys[i] for i in idx], self.extra)
+    extra = f'{self.extra}|probes={self.probe_tag}' if degraded and self.probe_tag else self.extra
+    return self.cache.path(scorer, cond, method, [self.keys[i] for i in idx], extra)
 
   def load(self, path: str | None) -> dict[str, np.ndarray] | None:
     return self.cache.load(path) if self.cache is not None else None

@@ -114,6 +114,9 @@ class Plan:
   hr_size: Sequence[int]             # gallery and bicubic probes come at this size (the SR input)
   hr_probe_size: Size | None         # LFW: the 'hr' probe goes through 112x96
   natural_lr_size: Size              # natural LR faces are brought to this size first
+  # Synthetic LR probes through this camera model (`camera.CameraModel`) instead of bicubic
+  # down-sampling; None: bicubic. The 'hr' reference probe and natural LR never go through it.
+  probe_camera: Any = None
 
   def chain(self, cond: str) -> str:
     """The condition a method's probes were embedded under: natural LR has one chain for all."""
@@ -161,17 +164,41 @@ class Population:
 # ----------------------------------------------------------------------------- degrade, super-resolve
 
 
-def degrade_probes(plan: Plan, hr: Lazy, raw: Lazy) -> dict[str, tuple[Lazy, Lazy]]:
+def probe_key(record_index: int, lr_hw: Sequence[int]) -> tuple[int, int, int]:
+  """The camera model's key of one probe: its record index and its condition's LR size, so each
+  probe and size has its own fixed camera, the same in every run and for every method."""
+  return (int(record_index), int(lr_hw[0]), int(lr_hw[1]))
+
+
+def _camera_probes(plan: Plan, hr: Lazy, idx: Sequence[int], cond: str) -> tuple[Lazy, Lazy]:
+  """(LR faces, their bicubic upsampling) of a chunk's probes through `plan.probe_camera`."""
+  def both():
+    lr_hw = plan.lr_sizes[cond]
+    pairs = [plan.probe_camera.degrade_lr(face, lr_hw, plan.hr_size, probe_key(i, lr_hw))
+             for face, i in zip(hr(), idx)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  made = Lazy(both)
+  return Lazy(lambda: made()[0]), Lazy(lambda: made()[1])
+
+
+def degrade_probes(plan: Plan, hr: Lazy, raw: Lazy, idx: Sequence[int] | None = None
+                   ) -> dict[str, tuple[Lazy, Lazy]]:
   """A chunk's probes -> {condition: (LR face, its bicubic upsampling to hr_size)}.
 
-  hr: the probes at hr_size; raw: as decoded. Synthetic LR degrades the HR face to each
-  condition's size (`degrade` rounds to uint8 between the two resizes, as a saved LR file would).
-  Natural LR (SCface) has one chain, `ANY`, for every distance: the face as captured, resized to
-  natural_lr_size, then to hr_size, as the paper does.
+  hr: the probes at hr_size; raw: as decoded; idx: their record indices (needed with a
+  probe camera). Synthetic LR degrades the HR face to each condition's size (`degrade` rounds to
+  uint8 between the two resizes, as a saved LR file would), or with `plan.probe_camera` through
+  that camera, keyed per probe and size (`probe_key`). Natural LR (SCface) has one chain, `ANY`,
+  for every distance: the face as captured, resized to natural_lr_size, then to hr_size, as the
+  paper does.
   """
   if plan.natural:
     lr = Lazy(lambda: _resize_each(raw(), plan.natural_lr_size))
     return {ANY: (lr, Lazy(lambda: degrade_lib.bicubic_resize(lr(), plan.hr_size)))}
+  if plan.probe_camera is not None:
+    if idx is None:
+      raise ValueError('a probe camera needs the probes\' record indices')
+    return {c: _camera_probes(plan, hr, idx, c) for c in plan.conditions}
   return {c: (Lazy(lambda c=c: degrade_lib.bicubic_resize(hr(), plan.lr_sizes[c])),
               Lazy(lambda c=c: degrade_lib.degrade(hr(), plan.lr_sizes[c], plan.hr_size)))
           for c in plan.conditions}
@@ -233,7 +260,7 @@ class Embeddings:
   def compute(self, idx: list[int], images: Lazy, chain: str, method: str, gallery: bool = False) -> None:
     """Embeds records `idx` (their faces: `images`) with every scorer, or reads them back."""
     for e, fn in self.scorers.items():
-      path = self.cache.path(e, chain, method, idx)
+      path = self.cache.path(e, chain, method, idx, degraded=not gallery and chain != ANY)
       hit = self.cache.load(path)
       if hit is not None and hit['emb'].shape[0] == len(idx):
         vecs = hit['emb']
@@ -274,7 +301,7 @@ class QualityMeter:
     self._values = collections.defaultdict(lambda: collections.defaultdict(list))  # cond -> method -> []
 
   def measure(self, idx: list[int], images: Lazy, hr: Lazy, cond: str, method: str) -> None:
-    path = self.cache.path('quality', cond, method, idx)
+    path = self.cache.path('quality', cond, method, idx, degraded=True)
     hit = self.cache.load(path)
     if hit is None:
       hit = {'psnr': metrics.psnr(images(), hr()), 'ssim': metrics.ssim(images(), hr())}
@@ -332,7 +359,7 @@ def _evaluate_chunk(plan: Plan, idx: list[int], load_image: Callable[[Record], n
     return
   p_idx = [idx[n] for n in p_pos]
   p_hr = Lazy(lambda: hr()[p_pos])
-  chains = degrade_probes(plan, p_hr, Lazy(lambda: [raw()[n] for n in p_pos]))
+  chains = degrade_probes(plan, p_hr, Lazy(lambda: [raw()[n] for n in p_pos]), p_idx)
   if plan.reference in plan.methods:
     embeddings.compute(p_idx, p_hr if plan.natural else hr_probe(plan, p_hr), ANY, plan.reference)
   for c, (lr, bicubic) in chains.items():

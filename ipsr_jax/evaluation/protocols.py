@@ -9,8 +9,9 @@ For each probe condition (a synthetic LR size, or an SCface distance) and method
 rank-1 (mean and std over trials), the CMC and, where an HR reference exists, PSNR/SSIM:
   hr         the HR probe (upper bound); LFW's is the face at 112x96, as in the paper
   native     (SCface) the natural probe resized straight to 128x128
-  bicubic    LR probe bicubic-upsampled to 128x128 (synthetic: `degrade(hr, lr, 128x128)`;
-             SCface: resize to 64x64, then 128x128, as the paper does)
+  bicubic    LR probe bicubic-upsampled to 128x128 (synthetic: `degrade(hr, lr, 128x128)`, or
+             with `probe_degradation` a camera's LR face (`camera.CameraModel`, fixed per probe
+             and size) bicubic-upsampled; SCface: resize to 64x64, then 128x128, as the paper does)
   <name>     sr_fns[name](bicubic)
   <name>_concat  [unit(E(bicubic)), unit(E(sr))] / sqrt(2): the paper's SCface 'concat',
              against the gallery's [E(hr), E(hr)] / sqrt(2), so its cosine is the mean of the
@@ -31,11 +32,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ipsr_jax.data import camera as camera_lib
 from ipsr_jax.data.sources import ar as ar_lib
 from ipsr_jax.data.sources.base import Record
 from ipsr_jax.evaluation import embedding_cache
@@ -48,6 +52,7 @@ SRFn = protocol_steps.SRFn
 
 HR_SIZE: Size = (128, 128)  # the generator's input and output size (the paper's)
 SCFACE_LR_SIZE: Size = (64, 64)  # the paper resizes SCface faces to 64x64, then 128x128
+PROBE_CAMERA_SEED = 0  # the probe cameras' seed: fixed, so every evaluation sees the same probes
 # SCface's distance codes: 1 far (4.2 m), 2 medium (2.6 m), 3 close (1.0 m). The paper's text
 # and Table 3 say 4.7 m for the far one; the database's own documentation says 4.20 m.
 SCFACE_DISTANCES = {1: '4.2m', 2: '2.6m', 3: '1.0m'}
@@ -235,8 +240,27 @@ def _seeds(spec: Protocol, trials: int | Sequence[int] | None) -> list[int]:
   return seeds
 
 
+def probe_camera(probe_degradation: Any, natural: bool = False) -> camera_lib.CameraModel | None:
+  """The camera model of a `probe_degradation` name (None for 'bicubic'); natural LR has none."""
+  camera = camera_lib.CameraModel.from_config(probe_degradation, seed=PROBE_CAMERA_SEED,
+                                              where='probe_degradation')
+  if camera is not None and natural:
+    raise ValueError(f'probe_degradation={probe_degradation!r}: a natural-LR protocol\'s probes are '
+                     'captured, not made; use bicubic')
+  return camera
+
+
+def probe_tag(camera: camera_lib.CameraModel | None) -> str:
+  """The cache's name of a probe camera: its name, seed and a digest of its settings ('' for none)."""
+  if camera is None:
+    return ''
+  settings = json.dumps(camera.settings, sort_keys=True, default=list)
+  return f'{camera.name}-{camera.seed}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}'
+
+
 def _plan(name: str, spec: Protocol, splits: Sequence[Split], method_names: Sequence[str],
-          sr_fns: Mapping[str, SRFn], resolutions: Sequence[Size] | None, hr_size: Size) -> protocol_steps.Plan:
+          sr_fns: Mapping[str, SRFn], resolutions: Sequence[Size] | None, hr_size: Size,
+          camera: camera_lib.CameraModel | None = None) -> protocol_steps.Plan:
   """What the steps compute: natural LR scores each probe group present in some split, synthetic
   LR every LR size (the protocol's unless `resolutions`), all of them on the one probe group."""
   if spec.natural:
@@ -250,7 +274,8 @@ def _plan(name: str, spec: Protocol, splits: Sequence[Split], method_names: Sequ
       name=name, natural=spec.natural, conditions=tuple(conditions), lr_sizes=lr_sizes,
       probe_group={c: c if spec.natural else ALL for c in conditions}, methods=tuple(method_names),
       sr_names=tuple(k for k in sr_fns if any(m in method_names for m in (k, f'{k}_concat'))),
-      hr_size=hr_size, hr_probe_size=spec.hr_probe_size, natural_lr_size=SCFACE_LR_SIZE)
+      hr_size=hr_size, hr_probe_size=spec.hr_probe_size, natural_lr_size=SCFACE_LR_SIZE,
+      probe_camera=camera)
 
 
 def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Record], np.ndarray],
@@ -265,7 +290,7 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
                  cache_dir: str | os.PathLike | None = None,
                  cache_tags: Mapping[str, str] | None = None,
                  image_key: Callable[[Record], str] | None = None,
-                 label: str | None = None) -> dict[str, Any]:
+                 label: str | None = None, probe_degradation: Any = 'bicubic') -> dict[str, Any]:
   """Runs protocol `name` on a source's records; returns the results dict `report` writes.
 
   methods: subset of ('hr', 'bicubic', 'sr', 'concat') ('hr' means 'native' for SCface; 'sr'
@@ -277,6 +302,8 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   image_quality: PSNR/SSIM of bicubic and SR vs HR (synthetic LR only; costs host time).
   hr_size: the size gallery and bicubic probes are brought to, the SR model's input size.
   label: what the progress lines call this evaluation (default the protocol's name).
+  probe_degradation: how synthetic LR probes are made: 'bicubic' (the paper's) or a camera preset
+  ('camera_mild', 'camera_hard'), fixed per probe and size; bicubic and SR see the same probe.
   cache_dir, cache_tags: keep embeddings (and PSNR/SSIM) on disk, see `EmbeddingCache`; tags map
   'emb', 'judge_<name>' and sr_fns names to fingerprints (e.g. `inference.BatchedModel.fingerprint`).
   image_key: names each record's image in the cache (`FaceSource.image_key`); default its path.
@@ -287,17 +314,18 @@ def run_protocol(name: str, records: Sequence[Record], load_image: Callable[[Rec
   value (fractions in [0, 1]; std over trials, ddof=0); examples hold uint8 images for figures.
   """
   spec = get_protocol(name)
+  camera = probe_camera(probe_degradation, spec.natural)
   sr_fns = dict(sr_fns or {})
   method_names = _method_names(spec, sr_fns, methods)
   seeds = _seeds(spec, trials)
   # Split: one per trial, then every image any of them touches, each to be embedded only once.
   splits = [spec.split(records, seed, **dict(split_kwargs or {})) for seed in seeds]
-  plan = _plan(name, spec, splits, method_names, sr_fns, resolutions, hr_size)
+  plan = _plan(name, spec, splits, method_names, sr_fns, resolutions, hr_size, camera)
   population = protocol_steps.Population(records, splits)
   # What changes every image of a condition: the protocol (LFW's HR probe is 112x96) and sizes.
   cache = embedding_cache.RecordCache.open(
       cache_dir, cache_tags or {}, records, image_key,
-      extra=f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}')
+      extra=f'{name}|hr_size={tuple(hr_size)}|hr_probe={spec.hr_probe_size}', probe_tag=probe_tag(camera))
   scorers = {'emb': embed_fn} | {protocol_steps.judge_scorer(n): fn for n, fn in (judges or {}).items()}
   embeddings = protocol_steps.Embeddings(scorers, population, cache, chunk)
   quality = protocol_steps.QualityMeter(cache) if image_quality and not spec.natural else None  # natural LR: no HR

@@ -6,6 +6,8 @@
 `protocol` is one of `protocols.PROTOCOLS` (ar, lfw, lfw_dev, generic, scface_p1, scface_p2). The
 faces are the entry's data (source, root, synthetic sizes) or else the run's (config.data) at
 `split`; every generator, bicubic and HR are scored on the same trials (`protocols.run_protocol`).
+`probe_degradation` makes the synthetic LR probes with a camera model ('camera_mild',
+'camera_hard') instead of bicubic down-sampling; the report then names it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from ipsr_jax.data import camera
 from ipsr_jax.data import image_io
 from ipsr_jax.data import sources
 from ipsr_jax.evaluation import judge as judge_lib
@@ -30,7 +33,8 @@ DEFAULTS = dict(
     embedder='',                       # '' -> config.embedder.checkpoint
     max_rank=100, synthetic_identities=0, synthetic_images_per_identity=0,
     align=False, align_pad=0.0,        # align: MTCNN-align `root` first (the staged runs, ipsr_jax/experiments.py)
-    grey=False)                        # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
+    grey=False,                        # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
+    probe_degradation='bicubic')       # synthetic LR probes: 'bicubic' or a camera ('camera_mild', 'camera_hard')
 
 
 class Evaluator(common.Evaluator):
@@ -44,6 +48,13 @@ class Evaluator(common.Evaluator):
       raise ValueError(f'{self.where}.protocol: unknown protocol {self.settings.protocol!r}; '
                        f'known: {sorted(protocols.PROTOCOLS)}')
     self._runs = common.parse_runs(self.settings.compare, f'{self.where}.compare')
+    degradation = self.settings.probe_degradation
+    if not isinstance(degradation, str) or degradation not in camera.NAMES:
+      raise ValueError(f'{self.where}.probe_degradation: {degradation!r} is not a probe degradation; '
+                       f'known: {list(camera.NAMES)}')
+    if degradation != camera.BICUBIC and protocols.PROTOCOLS[self.settings.protocol].natural:
+      raise ValueError(f'{self.where}.probe_degradation: protocol {self.settings.protocol!r} has natural '
+                       "LR probes (captured, not made); only 'bicubic' applies")
 
   def runs(self) -> dict[str, tuple[str, ...]]:
     return dict(self._runs)
@@ -91,14 +102,16 @@ class Evaluator(common.Evaluator):
           resolutions=tuple(tuple(r) for r in s.resolutions) or None,
           trials=None if s.trials < 0 else s.trials, judges={n: j.embed for n, j in opened.items()},
           max_rank=s.max_rank, hr_size=(config.model.image_size,) * 2,
-          cache_dir=cache_dir or None, cache_tags=tags, image_key=image_key, label=self.name)
+          cache_dir=cache_dir or None, cache_tags=tags, image_key=image_key, label=self.name,
+          probe_degradation=s.probe_degradation)
     finally:
       judge_lib.close_judges(opened)
     if repeats:
       results['repeats'] = repeats
+    probes = {} if s.probe_degradation == camera.BICUBIC else {'probe_degradation': s.probe_degradation}
     extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': self.name,
              'judge_models': {n: repr(j) for n, j in opened.items()},  # results['judges'] lists the names
              # A judge is independent only of generators that did not train against it.
              'trained_against': {k: fn.info['trained_against'] for k, fn in sr_fns.items()
-                                 if 'trained_against' in getattr(fn, 'info', {})}}
+                                 if 'trained_against' in getattr(fn, 'info', {})}, **probes}
     return common.Scored(results, extra)
