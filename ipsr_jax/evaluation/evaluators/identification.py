@@ -50,7 +50,8 @@ class Evaluator(common.Evaluator):
     self._runs = common.parse_runs(self.settings.compare, f'{self.where}.compare')
     degradation = self.settings.probe_degradation
     if not isinstance(degradation, str) or degradation not in camera.NAMES:
-      raise ValueError(f'{self.where}.probe_degradation: {degradation!r} is not a probe degradation; '
+      given = degradation.to_dict() if hasattr(degradation, 'to_dict') else degradation
+      raise ValueError(f'{self.where}.probe_degradation: {given!r} is not a probe degradation; '
                        f'known: {list(camera.NAMES)}')
     if degradation != camera.BICUBIC and protocols.PROTOCOLS[self.settings.protocol].natural:
       raise ValueError(f'{self.where}.probe_degradation: protocol {self.settings.protocol!r} has natural '
