@@ -349,7 +349,7 @@ def _choice(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
   return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable (by identity) though settings is a dict
 class CameraModel:
   """Draws each example's camera (`params`) and applies it (`apply`, `degrade`); picklable."""
   settings: Mapping[str, Any]
