@@ -142,6 +142,15 @@ def test_bicubic_weights_unchanged_by_the_other_filters():
     resize_lib.resize_weights(8, 4, 'lanczos')
 
 
+def test_upsampling_is_bicubic_resize_bit_for_bit():
+  rng = np.random.default_rng(10)
+  for lr_hw in ((7, 6), (11, 8), (16, 14), (21, 15), (32, 32), (112, 96), (128, 128)):
+    lr = rng.integers(0, 256, (2,) + lr_hw + (3,), dtype=np.uint8)
+    got = degrade.upsample_uint8(lr, (128, 128))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, degrade.bicubic_resize(lr, (128, 128)))
+
+
 @pytest.mark.parametrize('quality', [10, 40, 90])
 def test_jpeg_is_pils_encode_decode(quality):
   lr = resize_lib.resize_np(_face(6), (16, 14))

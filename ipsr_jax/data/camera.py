@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from ipsr_jax.data import degrade as degrade_lib
 from ipsr_jax.ops import resize as resize_lib
 
 BICUBIC = 'bicubic'  # the name of today's path: bicubic down, uint8, bicubic up (`degrade.degrade`)
@@ -152,18 +153,35 @@ def blur_kernel(params: Mapping[str, Any], scale: float = 1.0) -> np.ndarray:
 # --- operators (float [H, W, C] in 0..255 -> float64) --------------------------------------------------
 
 
+def _fast_length(n: int) -> int:
+  """The smallest 2^a 3^b 5^c >= n: FFT lengths pocketfft transforms fastest."""
+  best = 1 << (n - 1).bit_length()
+  p5 = 1
+  while p5 < best:
+    p35 = p5
+    while p35 < best:
+      m = p35
+      while m < n:
+        m *= 2
+      best = min(best, m)
+      p35 *= 3
+    p5 *= 5
+  return best
+
+
 def convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   """2-D convolution of every channel of [H, W, C] `image` with odd-sized `kernel`, borders
   mirrored with the edge pixel repeated (numpy 'symmetric', scipy.ndimage 'reflect').
 
   Through the FFT of the padded image: a kernel scaled to a 128x128 face may be as wide as the face.
+  The transform is zero-padded to a fast length; the pixels kept never wrap around.
   """
   image = np.asarray(image, np.float64)
   kh, kw = kernel.shape
   ph, pw = kh // 2, kw // 2
   padded = np.pad(image, ((ph, ph), (pw, pw), (0, 0)), mode='symmetric')
-  shape = padded.shape[:2]
-  spectrum = np.fft.rfft2(padded, axes=(0, 1)) * np.fft.rfft2(kernel, s=shape)[..., None]
+  shape = tuple(_fast_length(n) for n in padded.shape[:2])
+  spectrum = np.fft.rfft2(padded, s=shape, axes=(0, 1)) * np.fft.rfft2(kernel, s=shape)[..., None]
   full = np.fft.irfft2(spectrum, s=shape, axes=(0, 1))
   # Circular convolution with the kernel's corner at the origin: output (i, j) is centred at
   # padded pixel (i + ph, j + pw), so the image's own pixels start at 2 * pad.
@@ -444,7 +462,7 @@ class CameraModel:
       else:
         x = jpeg(x, p['quality'])
     lr = to_uint8(x)
-    return lr, resize_lib.resize_np(lr, out_hw)  # `degrade.degrade`'s up-sampling of a uint8 LR face
+    return lr, degrade_lib.upsample_uint8(lr[None], out_hw)[0]  # = degrade.degrade's up-sampling
 
   def degrade_lr(self, hr: np.ndarray, lr_hw: Sequence[int], out_hw: Sequence[int],
                  key: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
-from ipsr_jax.data import camera
 from ipsr_jax.ops import resize as resize_lib
 
 Size = tuple[int, int]
@@ -138,6 +137,17 @@ def _degrade_uint8(hr: np.ndarray, lr_hw: Size) -> np.ndarray:
   return x
 
 
+def upsample_uint8(lr: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
+  """`bicubic_resize` of uint8 [n, h, w, C] faces to `out_hw`, bit for bit, as `degrade_batch`'s
+  stacked passes (width, then height): the camera model's up-sampling of its 8-bit LR faces."""
+  out_h, out_w = _hw(out_hw)
+  x = lr
+  for axis, size in ((2, out_w), (1, out_h)):
+    if x.shape[axis] != size:
+      x = _pass(x, axis, size)
+  return np.asarray(x).astype(np.uint8)
+
+
 # --- one BLAS thread while degrading -------------------------------------------------------------
 
 _blas_lock = threading.Lock()
@@ -179,7 +189,7 @@ def resolve_on_device(setting, backend: str | None = None, degradation='bicubic'
   backend), or name the `backend` the step is compiled for (`ipsr_jax.training.aot`: 'tpu', 'cuda').
   `degradation` (config.data.degradation): a camera model runs on host only (PIL's JPEG), so
   None/'auto' mean off for it and True is an error."""
-  if not camera.is_bicubic(degradation):
+  if not (degradation is None or (isinstance(degradation, str) and degradation == 'bicubic')):
     if setting is True:
       raise ValueError(f'data.degrade_on_device=True: data.degradation={degradation!r} runs on host only '
                        "(the device path is bicubic); set data.degrade_on_device to False or 'auto'")

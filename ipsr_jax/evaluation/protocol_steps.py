@@ -174,8 +174,9 @@ def _camera_probes(plan: Plan, hr: Lazy, idx: Sequence[int], cond: str) -> tuple
   """(LR faces, their bicubic upsampling) of a chunk's probes through `plan.probe_camera`."""
   def both():
     lr_hw = plan.lr_sizes[cond]
-    pairs = [plan.probe_camera.degrade_lr(face, lr_hw, plan.hr_size, probe_key(i, lr_hw))
-             for face, i in zip(hr(), idx)]
+    with degrade_lib.one_blas_thread():  # small matmuls: BLAS threads would only spin
+      pairs = [plan.probe_camera.degrade_lr(face, lr_hw, plan.hr_size, probe_key(i, lr_hw))
+               for face, i in zip(hr(), idx)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
   made = Lazy(both)
   return Lazy(lambda: made()[0]), Lazy(lambda: made()[1])
