@@ -82,7 +82,7 @@ _POOL = dict(auto_pad=AUTO_PADS, kernel_shape=ANY, pads=ANY, strides=ANY, dilati
 
 
 # ---------------------------------------------------------------------------------------------
-# Array helpers the SFace port (models/sface.py) shares.
+# Array helpers of the ops below, usable on their own (numpy in, numpy out).
 
 _INTEGER_TYPES = (np.int8, np.uint8, np.int16, np.uint16)
 
