@@ -303,22 +303,18 @@ def test_open_judges_skips_what_is_missing_and_runs_sface(monkeypatch, caplog):
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_depthwise_conv_matches_lax_grouped_conv(stride):
-  """SFace's depthwise convs run as shifted multiply-adds (ops/depthwise.py): the values of
-  lax's grouped convolution, and nn.Conv's parameter under the same name and shape."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  """SFace's depthwise convs run as shifted multiply-adds (ops/depthwise.py, onnx_graph's Conv
+  with group == channels): the values of lax's grouped convolution."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from ipsr_jax.ops import depthwise  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(stride)
   x = jnp.asarray(rng.normal(size=(3, 15, 14, 24)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 24)).astype(np.float32))
   pad = ((1, 1), (1, 1))
-  ours = depthwise.DepthwiseConv((3, 3), stride, pad)
-  ref = nn.Conv(24, (3, 3), strides=(stride, stride), padding=pad, feature_group_count=24, use_bias=False,
-                precision=jax.lax.Precision.HIGHEST)
-  variables = ref.init(jax.random.PRNGKey(0), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
-  want = np.asarray(ref.apply(variables, x))
-  got = np.asarray(ours.apply(variables, x))
+  want = np.asarray(jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=24,
+      precision=jax.lax.Precision.HIGHEST))
+  got = np.asarray(depthwise.depthwise_conv(x, kernel, stride, pad))
   assert got.shape == want.shape == (3, (15 + 2 - 3) // stride + 1, (14 + 2 - 3) // stride + 1, 24)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match='depthwise kernel'):
