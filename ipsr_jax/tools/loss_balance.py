@@ -74,7 +74,7 @@ def measure(config, faces: int, sizes: list[tuple[int, int]], seed: int = 0) -> 
     recognizers = train.loss_recognizers(config)
     embed = train.make_embed_fn(module, variables, config.embedder.input_size, recognizers,
                                 {n: r.params for n, r in recognizers.items()},
-                                losses.feature_layers(loss_config), names=losses.loss_recognizers(loss_config))
+                                losses.feature_layers(loss_config), names=losses.loss_recognizers(loss_config) or None)
   hr_x = pixels_lib.from_pixels(jnp.asarray(hr))
   key = jax.random.key(seed)
   results = {}

@@ -166,8 +166,10 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, recognizer_va
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
+  # Without an identity term (the feature term alone) the embedder's embedding still gives the
+  # cosine-similarity metric: `names` None is FaceNet and the other recognizers.
   embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, recognizers, recognizer_vars,
-                         losses.feature_layers(config.loss), names=losses.loss_recognizers(config.loss))
+                         losses.feature_layers(config.loss), names=losses.loss_recognizers(config.loss) or None)
            if embedder is not None or recognizers else None)
   fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 
