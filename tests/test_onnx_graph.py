@@ -116,6 +116,8 @@ def _dequantize(q_dtype, scale_shape, opset=17, **attrs):
 
 
 CASES = {
+    'conv_1x1': _conv((6, 4, 1, 1)),  # a matrix product over channels (onnx_graph.conv)
+    'conv_1x1_stride2_no_bias': _conv((6, 4, 1, 1), bias=False, strides=[2, 2]),
     'conv_bias_pads': _conv((6, 4, 3, 3), pads=[1, 1, 1, 1]),
     'conv_strides_asymmetric_pads': _conv((6, 4, 3, 2), bias=False, strides=[2, 1],
                                           pads=[0, 1, 1, 0]),

@@ -238,6 +238,12 @@ def conv(inputs, attrs, node):
       and strides[0] == strides[1]):
     # Depthwise: OIHW [C, 1, kh, kw] -> [kh, kw, 1, C], the layout depthwise_conv takes.
     y = _nhwc(depthwise_conv, x, jnp.transpose(w, (2, 3, 1, 0)), int(strides[0]), pads)
+  elif (group == 1 and tuple(kernel) == (1, 1) and list(strides) == [1, 1]
+        and pads == ((0, 0), (0, 0))):
+    # A 1x1 conv is a matrix product over channels: [O, C] @ [N, C, H*W], no layout change.
+    n, c, h, wd = x.shape
+    y = jnp.einsum('oc,ncp->nop', w[:, :, 0, 0], jnp.reshape(x, (n, c, h * wd)),
+                   precision=HIGHEST).reshape(n, -1, h, wd)
   else:
     y = jax.lax.conv_general_dilated(
         x, w, tuple(strides), pads, rhs_dilation=tuple(dilations),
