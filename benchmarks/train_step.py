@@ -402,7 +402,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   jax.block_until_ready(state)
 
   t0 = time.perf_counter()
-  traced = trainer.train_step.trace(state, device[0], trainer.embedder_vars, trainer.extra_vars)
+  traced = trainer.train_step.trace(state, device[0], *trainer.step_inputs())
   lowered = traced.lower()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
@@ -417,7 +417,7 @@ def time_step(config, workdir: str, steps: int, warmup: int, host_fed: bool = Tr
   flops.update(forward_flops(trainer, config))
 
   def run(state, batch):
-    return compiled(state, batch, trainer.embedder_vars, trainer.extra_vars)
+    return compiled(state, batch, *trainer.step_inputs())
 
   with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='Some donated buffers were not usable')

@@ -17,6 +17,8 @@ import importlib.util
 
 import ml_collections
 
+from ipsr_jax.models import recognizers
+
 # The paper's 10 training input resolutions (height, width), Section 3.3.
 PAPER_LR_SIZES = ((7, 6), (11, 8), (14, 12), (16, 12), (16, 14), (16, 16), (18, 16), (21, 15), (32, 32),
                   (112, 96))
@@ -69,9 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The embedder sees one random view of each (SR, HR) pair, the same for both, drawn every
       # step (ipsr_jax/ops/views.py; not the paper's): shift in pixels, scale relative, rotate in
       # degrees, flip a coin, blur the largest sigma, noise in grey levels, colour a gain range.
-      # Recognizers besides config.embedder in the identity term (the mean of their distances):
-      # () or ('sface',). A recognizer in the loss cannot also judge the run independently.
-      extra_recognizers=(),
+      # The recognizers of the identity term, names of config.recognizers ('facenet' is
+      # config.embedder); the term is the weighted mean of their distances. A recognizer in the
+      # loss cannot also judge the run independently.
+      recognizers=('facenet',),
+      # One weight per name of `recognizers`, in its order; () weighs them equally.
+      recognizer_weights=(),
       # + feature_weight * L_features: the distance between the embedder's intermediate activations
       # of SR and HR at feature_layers (channel-normalised, LPIPS's form; losses.feature_distance;
       # not the paper's). 0 = off; with identity_weight=0 the feature term alone reads the recognizer.
@@ -80,6 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       views=dict(enabled=False, shift=2.0, scale=0.05, rotate=5.0, flip=True, blur=1.0,
                  noise=2.0, colour=0.1),
   ))
+
+  # Every recognizer the code knows, by name (ipsr_jax/models/recognizers.py says each key): the
+  # identity loss (loss.recognizers), the evaluations' judges and tools.verify take these names.
+  # Add yours: config.recognizers.mine = dict(kind='onnx', path='mine.onnx', input_size=112,
+  # layout='nchw', channels='rgb', mean=127.5, std=127.5, crop=()).
+  config.recognizers = ml_collections.ConfigDict(recognizers.default_entries())
 
   config.data = ml_collections.ConfigDict(dict(
       source='identity_folder',   # identity_folder | tfds | synthetic | lfw | orl

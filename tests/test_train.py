@@ -107,41 +107,46 @@ def _faces_pair():
   return sr, hr
 
 
-def test_extra_recognizer_joins_the_identity_term(tmp_path, embedder_dir):
-  """loss.extra_recognizers=('sface',): the identity term is the mean of both distances, SFace's
-  weights are an input of the jitted step, and the run records what it trained against."""
+def test_recognizers_by_name_join_the_identity_term(tmp_path, embedder_dir):
+  """loss.recognizers=('facenet', 'sface'): the identity term is the mean of both distances,
+  SFace's weights are an input of the jitted step, and the run records what it trained against by
+  name; an unknown name and the old extra_recognizers key are errors."""
   from ipsr_jax.evaluation import judge  # pylint: disable=import-outside-toplevel
   if not judge.SFaceJudge.available():
     pytest.skip('SFace (extra: sface) is not installed')
   from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
-  from ipsr_jax.models import sface  # pylint: disable=import-outside-toplevel
   config = tiny_config(embedder_dir)
-  config.loss.extra_recognizers = ('sface',)
+  config.loss.recognizers = ('facenet', 'sface')
   config.train.num_train_steps = 2
   config.train.image_summary_every_steps = 0
   # Either term by hand on the same faces: the step's identity is their mean. One compiled
   # program (the networks' variables its inputs) instead of both networks op by op.
   module, evars, _ = embedder_store.load_embedder(embedder_dir)
-  smodule, svars, _ = sface.load_sface()
+  recs = train.loss_recognizers(config)
+  sface = recs['sface']
 
   @jax.jit
   def by_hand(evars, svars, sr, hr):
-    embed = train.make_embed_fn(module, evars, config.embedder.input_size, {'sface': smodule}, {'sface': svars})
+    embed = train.make_embed_fn(module, evars, config.embedder.input_size, recs, {'sface': svars})
     _, terms = losses.ipsr_loss(sr, hr, embed, config.loss)
     own = losses.ipsr_loss(sr, hr, train.make_embed_fn(module, evars, config.embedder.input_size), config.loss)[1]
     px = lambda x: (x + 1.0) * 127.5
-    e_sr, e_hr = sface.embed_images(smodule, svars, px(sr)), sface.embed_images(smodule, svars, px(hr))
+    e_sr, e_hr = sface.embed(svars, px(sr)), sface.embed(svars, px(hr))
     theirs = losses.identity_distance(e_sr, e_hr, config.loss.identity_distance, config.loss.temperature)
     return terms, own, theirs
 
-  terms, own, theirs = by_hand(evars, svars, *_faces_pair())
+  terms, own, theirs = by_hand(evars, sface.params, *_faces_pair())
   np.testing.assert_allclose(terms['identity'], (own['identity'] + theirs) / 2, rtol=1e-5)
   np.testing.assert_allclose(terms['cosine_similarity'], own['cosine_similarity'], rtol=1e-6)
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert inference.SuperResolver.from_checkpoint(tmp_path / 'run').info['trained_against'] == [
       os.path.basename(embedder_dir), 'sface']
-  config.loss.extra_recognizers = ('arcface',)
-  with pytest.raises(ValueError, match='extra_recognizers'):
+  config.loss.recognizers = ('facenet', 'arcface')
+  with pytest.raises(ValueError, match=r"loss.recognizers: unknown recognizers of the loss \['arcface'\]"):
+    train.Trainer(config, str(tmp_path / 'bad'))
+  config.loss.recognizers = ('facenet',)
+  config.loss.extra_recognizers = ('sface',)
+  with pytest.raises(ValueError, match=r"extra_recognizers.*loss.recognizers=\('facenet', 'sface'\)"):
     train.Trainer(config, str(tmp_path / 'bad'))
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ipsr_jax.evaluation import report
 from ipsr_jax.evaluation import verification
+from tests.conftest import REPO
 
 SHARED_LFW = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'lfw'
 
@@ -415,8 +416,31 @@ def test_cli_judges_flag(tmp_path):
   proc = verify('--judges=sface')
   assert proc.returncode == 0, proc.stderr[-3000:]
   doc = json.loads((tmp_path / 'cli' / 'report.json').read_text())
-  assert list(doc['methods']) == ['judge (sface)'] and 'SFaceEmbedder' in doc['judges']['sface']
+  assert list(doc['methods']) == ['judge (sface)'] and 'OnnxEmbedder' in doc['judges']['sface']
   assert doc['methods']['judge (sface)']['embedding_size'] == 128
+  judged = doc['methods']['judge (sface)']
+  # --recognizer=sface scores with SFace instead of an embedder: the judge's numbers exactly.
+  proc = verify('--recognizer=sface', '--out=cli_recognizer')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / 'cli_recognizer' / 'report.json').read_text())
+  assert list(doc['methods']) == ['embedder'] and doc['recognizer'] == 'sface'
+  for key in ('accuracy', 'auc', 'embedding_size'):
+    assert doc['methods']['embedder'][key] == judged[key], key
+  # A user's ONNX entry, named in --config, as the scorer and as a judge.
+  from tests.test_recognizers import _write_recognizer  # pylint: disable=import-outside-toplevel
+  path = _write_recognizer(tmp_path / 'mine.onnx', 0)
+  (tmp_path / 'mine_config.py').write_text(
+      f'import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom configs import base\n'
+      f'def get_config():\n  c = base.get_config()\n'
+      f'  c.recognizers.mine = dict(kind="onnx", path={path!r}, input_size=16)\n  return c\n')
+  proc = verify('--config=mine_config.py', '--recognizer=mine', '--judges=mine', '--out=cli_mine')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / 'cli_mine' / 'report.json').read_text())
+  assert list(doc['methods']) == ['embedder', 'judge (mine)'] and doc['recognizer'] == 'mine'
+  assert doc['methods']['embedder']['accuracy'] == doc['methods']['judge (mine)']['accuracy']
+  assert doc['methods']['embedder']['embedding_size'] == 6
+  bad = verify('--recognizer=mine', '--out=cli_bad')
+  assert bad.returncode == 1 and "--recognizer: unknown recognizers ['mine']" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- real faces

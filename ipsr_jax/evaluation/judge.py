@@ -4,8 +4,9 @@ The SR network is trained against one embedder (FaceNet); rank-1 measured with t
 embedder can reward faces that fool it rather than faces that look like the person. A judge is a
 recognizer the generator never trained against: dlib's ResNet (a ResNet-29 trained with a metric
 loss on ~3 M faces, run by dlib) and SFace (a MobileFaceNet trained with the sigmoid-constrained
-hypersphere loss, OpenCV zoo; ported to JAX in `ipsr_jax.models.sface`). Evaluations name theirs
-(`config.evals.<name>.judges=('dlib', 'sface')`); `open_judges` builds them.
+hypersphere loss, OpenCV zoo; run in JAX by the general ONNX path), and any ONNX recognizer a user
+names in `config.recognizers`. Evaluations name theirs (`config.evals.<name>.judges=('dlib',
+'sface')`, names of `config.recognizers`); `open_judges` builds them.
 
 Optional extra `judge` (dlib-bin, face-recognition-models). The weights ship inside the
 face_recognition_models package; it is located with importlib's find_spec because importing it
@@ -28,6 +29,9 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ipsr_jax.models import recognizers as recognizers_lib
+from ipsr_jax.models import sface
 
 RESNET_FILE = 'dlib_face_recognition_resnet_model_v1.dat'
 SHAPE_FILE = 'shape_predictor_5_face_landmarks.dat'
@@ -149,20 +153,26 @@ class DlibJudge:
             f'input_size={self.input_size})')
 
 
-class SFaceJudge:
-  """SFace (`ipsr_jax.models.sface`, JAX) with the judge interface: uint8 faces -> unit [N, 128].
+class OnnxJudge:
+  """A `config.recognizers` entry of kind 'sface' or 'onnx' with the judge interface: uint8 faces
+  -> unit [N, D], run in JAX by the general ONNX path (`serving.inference.recognizer_embedder`).
 
-  Faces are the project's aligned crops (the ArcFace 5-point template scaled to their size), which
-  resized to 112 are SFace's own input; no landmarks are needed."""
+  Faces are the project's aligned crops (the ArcFace 5-point template scaled to their size), so no
+  landmarks are needed: the entry's crop and input size say what the recognizer sees."""
 
-  def __init__(self, path: str | None = None):
+  def __init__(self, name: str = 'sface', entry: Mapping[str, Any] | None = None):
     from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
-    self._model = inference.SFaceEmbedder.load(path)
+    entry = recognizers_lib.default_entries()[name] if entry is None else entry
+    self.name = name
+    self._model = inference.recognizer_embedder(name, entry)
 
   @staticmethod
-  def available() -> bool:
-    from ipsr_jax.serving import inference  # pylint: disable=import-outside-toplevel
-    return inference.SFaceEmbedder.available()
+  def available(entry: Mapping[str, Any] | None = None) -> bool:
+    """Whether the entry's file (default: the built-in SFace) and the onnx package are there."""
+    e = recognizers_lib.filled(entry or recognizers_lib.default_entries()['sface'])
+    if importlib.util.find_spec('onnx') is None:
+      return False
+    return sface.model_path() is not None if not e['path'] else os.path.isfile(os.path.expanduser(e['path']))
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     return self._model(images)
@@ -177,38 +187,66 @@ class SFaceJudge:
     return self._model.fingerprint
 
   def __repr__(self) -> str:
-    return repr(self._model)
+    return f'{self.name}: {self._model!r}'
 
 
-# name -> (class, what to install when it is missing)
+class SFaceJudge(OnnxJudge):
+  """The built-in SFace (`config.recognizers.sface`'s default entry) as a judge."""
+
+  def __init__(self, path: str | None = None):
+    entry = recognizers_lib.default_entries()['sface']
+    super().__init__('sface', {**entry, 'path': path or ''})
+
+  @staticmethod
+  def available(entry: Mapping[str, Any] | None = None) -> bool:
+    return OnnxJudge.available(entry)
+
+
+# The judges every config knows (config.recognizers' defaults): name -> (class, what to install
+# when it is missing). Any 'onnx' entry of config.recognizers judges too (`open_judges`).
 JUDGES = {'dlib': (DlibJudge, "pip install 'ipsr_jax[judge]'"),
           'sface': (SFaceJudge, "pip install 'ipsr_jax[sface]'")}
+JUDGE_KINDS = ('dlib', 'sface', 'onnx')
 
 
-def check_names(names: Sequence[str], where: str) -> tuple[str, ...]:
-  """The judge names as a tuple; an unknown name is an error naming the known ones."""
-  if isinstance(names, str):
-    names = (names,)
-  names = tuple(names)
-  unknown = [n for n in names if n not in JUDGES]
-  if unknown:
-    raise ValueError(f'{where}: unknown judges {unknown}; known: {sorted(JUDGES)}')
-  if len(set(names)) != len(names):
-    raise ValueError(f'{where}: judges {list(names)} name one twice')
-  return names
+def check_names(names: Sequence[str], where: str,
+                recognizers: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[str, ...]:
+  """The judge names as a tuple, each a `recognizers` entry (default: config.recognizers'
+  defaults) that can judge; an unknown name is an error naming the known ones."""
+  known = recognizers_lib.default_entries() if recognizers is None else recognizers
+  return recognizers_lib.check_names(names, known, where, kinds=JUDGE_KINDS, role='judges')
 
 
-def open_judges(names: Sequence[str], *, num_workers: int = 0, where: str = 'judges') -> dict[str, Any]:
+def install_hint(name: str, entry: Mapping[str, Any]) -> str:
+  """What to do when a judge is not there."""
+  kind = recognizers_lib.filled(entry)['kind']
+  if kind == 'onnx':
+    return f"its file {entry.get('path')!r} is missing, or the onnx package is not installed"
+  return JUDGES['dlib' if kind == 'dlib' else 'sface'][1]
+
+
+def judge_available(entry: Mapping[str, Any]) -> bool:
+  return DlibJudge.available() if recognizers_lib.filled(entry)['kind'] == 'dlib' else OnnxJudge.available(entry)
+
+
+def open_judges(names: Sequence[str], *, num_workers: int = 0, where: str = 'judges',
+                recognizers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
   """{name: judge} for each named judge that is installed; a missing one is skipped with a
   warning that says what to install (an evaluation still runs with the others).
-  num_workers: dlib's processes (0: one per core)."""
+  recognizers: the config's entries (default: config.recognizers' defaults); num_workers: dlib's
+  processes (0: one per core)."""
+  known = recognizers_lib.default_entries() if recognizers is None else recognizers
   judges = {}
-  for name in check_names(names, where):
-    cls, install = JUDGES[name]
-    if not cls.available():
-      logging.warning('%s: the %s judge is not installed (%s); no %s column.', where, name, install, name)
+  for name in check_names(names, where, known):
+    entry = known[name]
+    if not judge_available(entry):
+      logging.warning('%s: the %s judge is not installed (%s); no %s column.', where, name,
+                      install_hint(name, entry), name)
       continue
-    judges[name] = cls(num_workers=num_workers) if cls is DlibJudge else cls()
+    if recognizers_lib.filled(entry)['kind'] == 'dlib':
+      judges[name] = DlibJudge(num_workers=num_workers)
+    else:
+      judges[name] = OnnxJudge(name, entry)
   return judges
 
 

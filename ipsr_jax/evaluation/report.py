@@ -219,6 +219,10 @@ def _identification_markdown(protocol: str, results: Mapping[str, Any], checkpoi
   for judge, prefix in judge_prefixes(results).items():
     lines += ['', f'## Judge: {judge} (rank-1 %)', '']
     lines += [f'Judge: {extra["judge_models"][judge]}', ''] if judge in (extra.get('judge_models') or {}) else []
+    in_loss = [m for m, names in trained.items() if judge in names]
+    if in_loss:  # a recognizer in a generator's loss is no independent judge of it
+      lines += [f'Not independent of {", ".join(in_loss)}: {judge} is in {"its" if len(in_loss) == 1 else "their"} '
+                'training loss.', '']
     lines += _table(['Method'] + labels, _rank1_rows(protocol, results, columns, prefix))
     if len(results.get('trials') or []) > 1:
       lines += _gain_lines(results, columns, prefix, f'{judge} gains, paired per trial (mean ± std, rank-1 points)')

@@ -82,7 +82,7 @@ _POOL = dict(auto_pad=AUTO_PADS, kernel_shape=ANY, pads=ANY, strides=ANY, dilati
 
 
 # ---------------------------------------------------------------------------------------------
-# Array helpers the SFace port (models/sface.py) shares.
+# Array helpers of the ops below, usable on their own (numpy in, numpy out).
 
 _INTEGER_TYPES = (np.int8, np.uint8, np.int16, np.uint16)
 
@@ -238,6 +238,12 @@ def conv(inputs, attrs, node):
       and strides[0] == strides[1]):
     # Depthwise: OIHW [C, 1, kh, kw] -> [kh, kw, 1, C], the layout depthwise_conv takes.
     y = _nhwc(depthwise_conv, x, jnp.transpose(w, (2, 3, 1, 0)), int(strides[0]), pads)
+  elif (group == 1 and tuple(kernel) == (1, 1) and list(strides) == [1, 1]
+        and pads == ((0, 0), (0, 0))):
+    # A 1x1 conv is a matrix product over channels: [O, C] @ [N, C, H*W], no layout change.
+    n, c, h, wd = x.shape
+    y = jnp.einsum('oc,ncp->nop', w[:, :, 0, 0], jnp.reshape(x, (n, c, h * wd)),
+                   precision=HIGHEST).reshape(n, -1, h, wd)
   else:
     y = jax.lax.conv_general_dilated(
         x, w, tuple(strides), pads, rhs_dilation=tuple(dilations),

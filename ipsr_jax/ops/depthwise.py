@@ -9,9 +9,6 @@ than the convolution's, so values agree to float rounding (~1e-6 relative).
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -32,17 +29,3 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
       tap = tap * kernel[i, j, 0, :].astype(x.dtype)
       out = tap if out is None else out + tap
   return out
-
-
-class DepthwiseConv(nn.Module):
-  """nn.Conv(features=C, feature_group_count=C, use_bias=False)'s parameter ('kernel',
-  [kh, kw, 1, C], the same initialiser), computed by `depthwise_conv`."""
-  kernel_size: tuple[int, int]
-  strides: int = 1
-  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-  kernel_init: Any = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, 1, x.shape[-1]), jnp.float32)
-    return depthwise_conv(x, kernel, self.strides, self.padding)

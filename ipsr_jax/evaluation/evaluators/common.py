@@ -26,6 +26,7 @@ import ml_collections
 
 from ipsr_jax.evaluation import judge as judge_lib
 from ipsr_jax.evaluation import report
+from ipsr_jax.models import recognizers as recognizers_lib
 
 # type -> the module whose `Evaluator` class runs entries of that type (imported when used).
 TYPES = {'identification': 'ipsr_jax.evaluation.evaluators.identification',
@@ -54,10 +55,13 @@ class Evaluator:
   REQUIRED: ClassVar[tuple[str, ...]] = ()
   SCORES_GENERATORS: ClassVar[bool] = True
 
-  def __init__(self, name: str, entry: Mapping[str, Any], where: str):
+  def __init__(self, name: str, entry: Mapping[str, Any], where: str,
+               recognizers: Mapping[str, Mapping[str, Any]] | None = None):
     self.name, self.where = name, where
+    # The config's recognizers by name: judges are names of these.
+    self.recognizers = recognizers_lib.default_entries() if recognizers is None else dict(recognizers)
     self.settings = settings(entry, self.DEFAULTS, where, self.REQUIRED)
-    self.settings.judges = judge_lib.check_names(self.settings.judges, f'{where}.judges')
+    self.settings.judges = judge_lib.check_names(self.settings.judges, f'{where}.judges', self.recognizers)
     self.check()
 
   def check(self) -> None:
@@ -75,7 +79,7 @@ class Evaluator:
     """The entry's judges, or `judges` instead (() for the embedder alone)."""
     if judges is None:
       return tuple(self.settings.judges)
-    return judge_lib.check_names(judges, f'judges of {self.name}')
+    return judge_lib.check_names(judges, f'judges of {self.name}', self.recognizers)
 
   def run(self, config: ml_collections.ConfigDict, sr_fns: Mapping[str, Callable[..., Any]],
           embedder: Callable[..., Any] | None, *, judges: Sequence[str] | None = None,
@@ -106,14 +110,16 @@ def settings(entry: Mapping[str, Any], defaults: Mapping[str, Any], where: str,
   return ml_collections.ConfigDict({**defaults, **entry})
 
 
-def from_entry(name: str, entry: Mapping[str, Any], where: str | None = None) -> Evaluator:
-  """The evaluator of one entry (a dict with its `type`); `where` names it in errors."""
+def from_entry(name: str, entry: Mapping[str, Any], where: str | None = None,
+               recognizers: Mapping[str, Mapping[str, Any]] | None = None) -> Evaluator:
+  """The evaluator of one entry (a dict with its `type`); `where` names it in errors;
+  `recognizers`: the config's (`config.recognizers`, whose names `judges` takes)."""
   where = where or f'config.evals.{name}'
   kind = entry.get('type')
   if kind not in TYPES:
     raise ValueError(f'{where}: ' + (f'unknown type {kind!r}' if kind is not None else 'no type') +
                      f'; known types: {sorted(TYPES)}{_type_hint(entry)}')
-  return importlib.import_module(TYPES[kind]).Evaluator(name, entry, where)
+  return importlib.import_module(TYPES[kind]).Evaluator(name, entry, where, recognizers)
 
 
 def _type_hint(entry: Mapping[str, Any]) -> str:
@@ -132,7 +138,8 @@ def from_config(config: ml_collections.ConfigDict, name: str) -> Evaluator:
   if name not in evals:
     raise ValueError(f'config.evals has no entry {name!r} (has {sorted(evals)})')
   entry = evals[name]
-  return from_entry(name, entry.to_dict() if hasattr(entry, 'to_dict') else dict(entry))
+  return from_entry(name, entry.to_dict() if hasattr(entry, 'to_dict') else dict(entry),
+                    recognizers=recognizers_lib.entries(config))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

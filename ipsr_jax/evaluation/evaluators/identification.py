@@ -87,7 +87,8 @@ class Evaluator(common.Evaluator):
     if unknown:
       raise ValueError(f'repeats name runs that are not among the generators: {unknown}')
     source = self.source(config)
-    opened = judge_lib.open_judges(self.judge_names(judges), num_workers=s.judge_workers, where=self.where)
+    opened = judge_lib.open_judges(self.judge_names(judges), num_workers=s.judge_workers, where=self.where,
+                                  recognizers=self.recognizers)
     load, image_key = source.load_image, source.image_key
     if s.grey:  # the same faces in grey: their own cache keys, so colour rows are never reused
       load = lambda record: image_io.to_grey(source.load_image(record))

@@ -98,7 +98,8 @@ class Evaluator(common.Evaluator):
     del config, sr_fns, cache_dir, repeats
     s = self.settings
     methods = self.embedder_rows(embedder)
-    opened = judge_lib.open_judges(self.judge_names(judges), num_workers=s.judge_workers, where=self.where)
+    opened = judge_lib.open_judges(self.judge_names(judges), num_workers=s.judge_workers, where=self.where,
+                                  recognizers=self.recognizers)
     methods.update({f'judge ({n})': j.embed for n, j in opened.items()})
     try:
       if not methods:
