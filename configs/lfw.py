@@ -125,11 +125,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.image_summary_every_steps = 2
     config.demo.ipsr.train.num_train_steps = 2
     config.demo.pixel_only.train.num_train_steps = 2
-    config.evals.lfw.update(dict(trials=3, judge_workers=1))  # in-process judge: no worker start-up
+    # Two sizes of LFW's four; the judges (dlib runs one face at a time) score LFW and the dev split.
+    config.evals.lfw.update(dict(trials=3, resolutions=((7, 6), (14, 12)), judge_workers=1))
     config.data.dev_identities = 4  # of the generated tree's 8 people with 2-3 images
-    config.evals.lfw_dev.update(dict(trials=2, judge_workers=1))
-    config.evals.lfw_dev_grey.update(dict(trials=2, resolutions=((7, 6),), judge_workers=1))
-    config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16)), judge_workers=1))
+    config.evals.lfw_dev.update(dict(trials=2, resolutions=((7, 6), (14, 12)), judge_workers=1))
+    config.evals.lfw_dev_grey.update(dict(trials=2, resolutions=((7, 6),), judges=()))
+    config.evals.orl.update(dict(trials=2, resolutions=((7, 6), (16, 16)), judges=()))
   elif arg:
     raise ValueError(f'configs/lfw.py: unknown variant {arg!r} (known: dev, gpu, tiny)')
   return config

@@ -29,10 +29,28 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
-def pytest_collection_modifyitems(config, items):
-  """Tests marked `slow` (whole datasets, full-size compiles) run only with IPSR_SLOW=1; each has a
-  fast counterpart in the default run that asserts the same property on less."""
+# The modules that take longest (minutes on 2 cores, each spent mostly compiling in programs it
+# starts), longest first: the workers take modules in collection order, so these start first and
+# the short modules fill in behind them (pyproject.toml's addopts: --dist loadfile, no reorder).
+LONGEST_MODULES = ('test_train.py', 'test_lfw_run.py', 'test_robustness.py', 'test_demo.py', 'test_aot.py',
+                   'test_embedder_train.py')
+WORKER_MEMORY = 6 * 2**30  # a worker and the programs its tests start, at their peak
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core this process may use, at most one per WORKER_MEMORY of RAM."""
   del config
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return max(1, min(len(os.sched_getaffinity(0)), memory // WORKER_MEMORY))
+
+
+def pytest_collection_modifyitems(config, items):
+  """The longest modules first; tests marked `slow` (whole datasets, full-size compiles) run only
+  with IPSR_SLOW=1, each with a fast counterpart in the default run that asserts the same property
+  on less."""
+  del config
+  rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
   if os.environ.get('IPSR_SLOW'):
     return
   skip = pytest.mark.skip(reason='slow: set IPSR_SLOW=1 to run it')

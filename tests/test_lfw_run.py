@@ -93,7 +93,7 @@ def test_lfw_config_runs_every_stage(lfw_run):
   assert len(out.splitlines()) <= (2 + len(judged)) * MAX_TERMINAL_LINES
   workdir = cwd / 'runs' / 'lfw'
   lfw = json.loads((workdir / 'report' / 'lfw' / 'report.json').read_text())
-  assert lfw['conditions'] == ['7x6', '14x12', '16x14', '18x16'] and lfw['trials'] == [0, 1, 2]
+  assert lfw['conditions'] == ['7x6', '14x12'] and lfw['trials'] == [0, 1, 2]
   assert lfw['num_identities'] == 10  # the people with >= 4 images; the rest trained the models
   assert set(lfw['methods']) >= {'hr', 'bicubic', 'sr', 'pixel_only'}
   assert set(lfw['gains']['14x12']) == {'sr - bicubic', 'pixel_only - bicubic', 'sr - pixel_only'}
@@ -116,9 +116,10 @@ def test_lfw_config_runs_every_stage(lfw_run):
   # The generated faces are vividly coloured; in grey only the (untrained) generators' SR may tint.
   assert chroma['lfw_dev'] > 100 and chroma['lfw_dev_grey'] <= 8, chroma
   assert lfw['trained_against']['pixel_only'] == [] and len(lfw['trained_against']['sr']) == 1
-  assert lfw.get('judges', []) == orl.get('judges', []) == dev.get('judges', []) == dev_grey.get('judges', []) == judged
+  assert lfw.get('judges', []) == dev.get('judges', []) == judged
+  assert orl.get('judges', []) == dev_grey.get('judges', []) == []  # tiny: judged on LFW and dev only
   for name in judged:
-    assert f'## Judge: {name}' in md and f'judge_{name}_gains' in lfw and f'judge_{name}_rank1' in orl
+    assert f'## Judge: {name}' in md and f'judge_{name}_gains' in lfw and f'judge_{name}_rank1' in dev
     assert (workdir / 'report' / 'lfw' / f'cmc_judge_{name}_14x12.png').exists()
   assert list((workdir / 'report' / 'lfw' / 'cache').rglob('*.npz'))
 
