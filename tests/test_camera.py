@@ -25,6 +25,7 @@ from ipsr_jax.evaluation import protocol_steps
 from ipsr_jax.evaluation import protocols
 from ipsr_jax.evaluation.evaluators import common
 from ipsr_jax.ops import resize as resize_lib
+from tests import test_protocols
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
 import base  # pylint: disable=wrong-import-position
@@ -421,38 +422,15 @@ def test_the_cache_keys_degraded_probes_on_the_camera(tmp_path):
   assert protocols.probe_tag(None) == ''
 
 
-def _toy_records():
-  rng = np.random.default_rng(0)
-  records, images = [], {}
-  for i in range(6):
-    base_face = _face(int(rng.integers(1 << 30)))
-    for j in range(3):
-      path = f'/toy/id{i}/{j}.png'
-      images[path] = np.clip(base_face + rng.normal(0, 6, base_face.shape), 0, 255).astype(np.uint8)
-      records.append(Record(path=path, label=i, identity=f'id{i}'))
-  return records, lambda r: images[r.path]
-
-
-def _embed(calls):
-  def embed(images):
-    x = np.asarray(images, np.float32)
-    calls.append(len(x))
-    n, h, w, c = x.shape
-    v = x.reshape(n, 8, h // 8, 8, w // 8, c).mean(axis=(2, 4)).reshape(n, -1)
-    v -= v.mean(1, keepdims=True)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-  return embed
-
-
 def test_run_protocol_camera_probes_are_not_read_from_the_bicubic_cache(tmp_path):
-  records, load = _toy_records()
+  records, load = test_protocols._toy_dataset(num_ids=6, noise=6.0)
   kw = dict(embed_fn=None, sr_fns={'sr': lambda x: np.asarray(x)[:, :, ::-1]}, resolutions=((16, 14),),
             cache_dir=tmp_path, cache_tags={'emb': 'toy', 'sr': 'g'})
   calls = []
-  bicubic = protocols.run_protocol('generic', records, load, **{**kw, 'embed_fn': _embed(calls)})
+  bicubic = protocols.run_protocol('generic', records, load, **{**kw, 'embed_fn': test_protocols._toy_embed(calls)})
   first = sum(calls)
   hard = protocols.run_protocol('generic', records, load, probe_degradation='camera_hard',
-                                **{**kw, 'embed_fn': _embed(calls)})
+                                **{**kw, 'embed_fn': test_protocols._toy_embed(calls)})
   # The gallery and the 'hr' reference probes came back from the cache; every degraded probe
   # (bicubic and SR) was embedded again.
   split = protocols.generic_identity_split(records, 0)
@@ -461,7 +439,7 @@ def test_run_protocol_camera_probes_are_not_read_from_the_bicubic_cache(tmp_path
   assert hard['psnr'] != bicubic['psnr']
   calls.clear()
   again = protocols.run_protocol('generic', records, load, probe_degradation='camera_hard',
-                                 **{**kw, 'embed_fn': _embed(calls)})
+                                 **{**kw, 'embed_fn': test_protocols._toy_embed(calls)})
   assert calls == [] and again['rank1'] == hard['rank1']  # its own entries are reused
 
 
@@ -474,7 +452,7 @@ def _report_digests(out_dir, entry):
     fingerprint = 'toy'
 
     def __call__(self, images):
-      return _embed([])(images)
+      return test_protocols._toy_embed([])(images)
 
   scored = ev.run(config, {'sr': lambda x: np.asarray(x)[:, ::-1]}, Embed())
   paths = ev.write(str(out_dir), scored, 5)
