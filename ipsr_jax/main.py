@@ -2,6 +2,7 @@
 
   python -m ipsr_jax.main --config=configs/base.py --workdir=runs/ipsr \
       [--config.train.batch_size=8] [--mode=train|eval|pretrain_embedder|demo] [--log_level=info]
+  Evaluation: --mode=eval [--checkpoint_step=N | --checkpoint_steps=100,200,400 | --checkpoint_steps=all]
 
 The terminal shows stage headers, progress, metrics and results; WORKDIR/log.txt holds everything,
 the libraries' INFO logs included (`ipsr_jax.runtime.console`). The workdir is claimed first
@@ -27,6 +28,9 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.', 
 paths.DEFINE_path('workdir', None, 'Directory for checkpoints, metrics, reports and log.txt (local or gs://).')
 flags.DEFINE_string('mode', None, 'train | eval | pretrain_embedder | demo; default: config.mode or train.')
 flags.DEFINE_integer('checkpoint_step', None, 'eval: restore this step instead of the newest.')
+flags.DEFINE_string('checkpoint_steps', None,
+                    "eval: score each of these checkpoints ('100,200,400', or 'all' the run kept) into "
+                    "eval/<name>/step_<N>/ and a curve eval/<name>/curve.md; sets every entry's `steps`.")
 flags.DEFINE_enum('log_level', 'warning', ['debug', 'info', 'warning', 'error'],
                   "Library logs shown on the terminal (all of INFO always goes to WORKDIR/log.txt).")
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -100,8 +104,12 @@ def _dispatch(mode, config, workdir):
     train.train_and_evaluate(config, workdir)
   elif mode == 'eval':  # every entry on the run (row 'sr') and the runs each entry's `compare` names
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    if FLAGS.checkpoint_steps is not None:
+      if FLAGS.checkpoint_step is not None:
+        raise ValueError('--checkpoint_step and --checkpoint_steps: give one (a step, or the steps of a curve)')
+      evaluator.set_steps(config, FLAGS.checkpoint_steps)
     evaluator.score_runs(config, {'sr': [workdir]}, os.path.join(workdir, 'eval', evaluator.NAME),
-                         steps={'sr': FLAGS.checkpoint_step}, report_step='sr', entry_runs=True)
+                         steps={'sr': FLAGS.checkpoint_step}, report_step='sr', entry_runs=True, steps_of='sr')
   elif mode == 'pretrain_embedder':
     from ipsr_jax.training import embedder_train  # pylint: disable=g-import-not-at-top
     embedder_train.train_embedder(config, workdir)

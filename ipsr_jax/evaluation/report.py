@@ -400,11 +400,21 @@ def write_report(out_dir: str | os.PathLike, protocol: str, results: Mapping[str
   return _write_identification(out_dir, protocol, results, checkpoint_step, extra, examples)
 
 
+def write_json(path: str, doc: Mapping[str, Any]) -> str:
+  """`doc`, JSON-safe, at `path` in report.json's format; returns the path."""
+  with open(path, 'w') as f:
+    json.dump(_jsonable(doc), f, indent=1)
+  return path
+
+
+def as_json(doc: Any) -> Any:
+  """`doc` as `write_json` then json.load give it back: for comparing with a file written before."""
+  return json.loads(json.dumps(_jsonable(doc)))
+
+
 def _write_documents(out_dir: str, doc: Mapping[str, Any], md: str) -> dict[str, str]:
   """report.json (`doc`, JSON-safe) and report.md; their paths as {'json', 'md'}."""
-  paths = {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md')}
-  with open(paths['json'], 'w') as f:
-    json.dump(_jsonable(doc), f, indent=1)
+  paths = {'json': write_json(os.path.join(out_dir, 'report.json'), doc), 'md': os.path.join(out_dir, 'report.md')}
   with open(paths['md'], 'w') as f:
     f.write(md)
   return paths
@@ -450,3 +460,82 @@ def _write_verification(out_dir: str, results: Mapping[str, Any],
   paths['roc'] = os.path.join(out_dir, 'roc.png')
   plot_roc(paths['roc'], results['roc'])
   return paths
+
+
+# A run's checkpoints scored one by one (`evaluator.score_runs` with an entry's `steps`): the curve.
+
+EMBEDDER = 'embedder'  # the scorer name of an entry's own recognizer in a curve (judges keep theirs)
+
+
+def rank1_by_scorer(doc: Mapping[str, Any]) -> dict[str, Any]:
+  """{scorer: {cond: {method: rank-1}}} of one identification report: the embedder's and each judge's."""
+  keys = {EMBEDDER: 'rank1', **{n: f'{p}rank1' for n, p in judge_prefixes(doc).items()}}
+  return {scorer: doc[key] for scorer, key in keys.items() if key in doc}
+
+
+def write_curve(out_dir: str, curve: Mapping[str, Any]) -> dict[str, str]:
+  """curve.json (`curve`), curve.md and curve.png under `out_dir`; returns their paths.
+
+  curve: {'eval_name', 'protocol', 'run', 'method' (the row whose checkpoints were walked),
+  'global_batch', 'rows': [{'step', 'faces_seen', 'report', 'rank1': {scorer: {cond: {method: r}}}}]},
+  rows in step order, each row's rank1 that of the step's report.json (`rank1_by_scorer`).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {'json': write_json(os.path.join(out_dir, 'curve.json'), curve),
+           'md': os.path.join(out_dir, 'curve.md'), 'png': os.path.join(out_dir, 'curve.png')}
+  with open(paths['md'], 'w') as f:
+    f.write(curve_markdown(curve))
+  plot_curve(paths['png'], curve)
+  return paths
+
+
+def _curve_columns(curve: Mapping[str, Any], scorer: str) -> list[str]:
+  last = curve['rows'][-1]['rank1'].get(scorer, {})
+  return _columns(curve['protocol'], {'rank1': last})
+
+
+def curve_markdown(curve: Mapping[str, Any]) -> str:
+  """One table a scorer: the walked method's rank-1 (%) per condition, a row a step, then the
+  reference rows (bicubic, HR: the same at every step) from the last step."""
+  method, rows = curve['method'], curve['rows']
+  lines = [f'# {curve["eval_name"]}: rank-1 identification (%) over training', '',
+           f'Run: {curve["run"]}, row {method!r}; faces seen = step x global batch {curve["global_batch"]}. '
+           f'Each step\'s full report: step_<N>/report.md.']
+  for scorer in rows[-1]['rank1']:
+    columns = _curve_columns(curve, scorer)
+    table = [[str(r['step']), str(r['faces_seen'])] +
+             [_pct(r['rank1'].get(scorer, {}).get(c, {}).get(method)) for c in columns] for r in rows]
+    last = rows[-1]['rank1'][scorer]
+    table += [[ref, ''] + [_pct(last.get(c, {}).get(ref)) for c in columns]
+              for ref in ('bicubic', 'hr') if any(ref in last.get(c, {}) for c in columns)]
+    title = 'Embedder' if scorer == EMBEDDER else f'Judge: {scorer}'
+    lines += ['', f'## {title} (rank-1 %)', ''] + _table(['Step', 'Faces seen'] + columns, table)
+  lines += ['', '![rank-1 against faces seen](curve.png)']
+  return '\n'.join(lines) + '\n'
+
+
+def plot_curve(path: str, curve: Mapping[str, Any]) -> None:
+  """Rank-1 of the walked method against faces seen (log axis): a colour per condition, a line
+  style per scorer. Steps that saw no faces (step 0) have no place on a log axis."""
+  fig = Figure(figsize=(7, 5))
+  ax = fig.add_subplot()
+  rows = [r for r in curve['rows'] if r['faces_seen'] > 0]
+  styles = ('-', '--', ':', '-.')
+  colours = {}
+  for i, scorer in enumerate(curve['rows'][-1]['rank1']):
+    for cond in _curve_columns(curve, scorer):
+      points = [(r['faces_seen'], r['rank1'].get(scorer, {}).get(cond, {}).get(curve['method'])) for r in rows]
+      points = [(x, 100.0 * y) for x, y in points if y is not None]
+      if not points:
+        continue
+      colour = colours.setdefault(cond, f'C{len(colours) % 10}')
+      ax.plot(*zip(*points), linestyle=styles[i % len(styles)], marker='o', color=colour, label=f'{cond} {scorer}')
+  ax.set_xscale('log')
+  ax.set_xlabel(f'faces seen (step x {curve["global_batch"]})')
+  ax.set_ylabel(f'rank-1 of {curve["method"]} (%)')
+  ax.set_title(f'{curve["eval_name"]}: rank-1 over training')
+  ax.grid(alpha=0.3, which='both')
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc='best', fontsize=8)
+  fig.tight_layout()
+  _save(fig, path)

@@ -34,7 +34,23 @@ DEFAULTS = dict(
     max_rank=100, synthetic_identities=0, synthetic_images_per_identity=0,
     align=False, align_pad=0.0,        # align: MTCNN-align `root` first (the staged runs, ipsr_jax/experiments.py)
     grey=False,                        # grey: every face (gallery and probes) in grey, as ORL's: an ORL-like dev set
-    probe_degradation='bicubic')       # synthetic LR probes: 'bicubic' or a camera ('camera_mild', 'camera_hard')
+    probe_degradation='bicubic',       # synthetic LR probes: 'bicubic' or a camera ('camera_mild', 'camera_hard')
+    steps=())                          # --mode=eval: () the one checkpoint; (100, 200) or 'all': each of
+                                       # these checkpoints of the run, a report each and a curve (evaluator.py)
+
+
+def check_steps(steps: Any, where: str) -> tuple[int, ...] | str:
+  """The checkpoint steps an entry walks: () none (one checkpoint), 'all', or distinct steps >= 0
+  (a tuple, or '100,200' as a flag gives them), in ascending order."""
+  if isinstance(steps, str) and steps != 'all':
+    steps = [s for s in steps.split(',') if s.strip()]
+  if steps == 'all':
+    return steps
+  given = [str(s).strip() for s in steps] if isinstance(steps, (tuple, list)) else None
+  if given is None or not all(g.isdigit() for g in given) or len({int(g) for g in given}) != len(given):
+    raise ValueError(f"{where}: checkpoint steps are 'all' or distinct steps >= 0, e.g. (100, 200, 400); "
+                     f'got {steps!r}')
+  return tuple(sorted(int(g) for g in given))
 
 
 class Evaluator(common.Evaluator):
@@ -56,6 +72,8 @@ class Evaluator(common.Evaluator):
     if degradation != camera.BICUBIC and protocols.PROTOCOLS[self.settings.protocol].natural:
       raise ValueError(f'{self.where}.probe_degradation: protocol {self.settings.protocol!r} has natural '
                        "LR probes (captured, not made); only 'bicubic' applies")
+
+    self.steps = check_steps(self.settings.steps, f'{self.where}.steps')
 
   def runs(self) -> dict[str, tuple[str, ...]]:
     return dict(self._runs)
