@@ -137,3 +137,18 @@ def test_without_steps_the_one_checkpoint_report_is_as_before(walked_run, embedd
   config.evals.synthetic.steps = (3,)
   _eval(config, walked_run, str(tmp_path / 'walk'), show=None)
   assert (tmp_path / 'walk' / 'synthetic' / 'step_3' / 'report.json').read_bytes() == (one / 'report.json').read_bytes()
+
+
+def test_the_curve_has_a_table_and_lines_for_every_judge(tmp_path):
+  from ipsr_jax.evaluation import report  # pylint: disable=import-outside-toplevel
+  docs = [{'protocol': 'generic', 'judges': ['dlib'], 'rank1': {'8x6': {'bicubic': 0.1, 'sr': r}},
+           'judge_dlib_rank1': {'8x6': {'bicubic': 0.05, 'sr': r / 2}}} for r in (0.2, 0.4)]
+  rows = [{'step': s, 'faces_seen': 8 * s, 'report': f'step_{s}', 'rank1': report.rank1_by_scorer(d)}
+          for s, d in zip((0, 10), docs)]
+  assert rows[1]['rank1'] == {'embedder': docs[1]['rank1'], 'dlib': docs[1]['judge_dlib_rank1']}
+  curve = {'eval_name': 'e', 'protocol': 'generic', 'run': 'RUN', 'method': 'sr', 'global_batch': 8, 'rows': rows}
+  paths = report.write_curve(str(tmp_path), curve)
+  md = (tmp_path / 'curve.md').read_text()
+  assert '## Judge: dlib (rank-1 %)' in md and '| 10 | 80 | 20.00 |' in md and '| bicubic |  | 5.00 |' in md
+  assert '| 0 | 0 | 10.00 |' in md and os.path.getsize(paths['png']) > 0  # step 0: in the table, not on the log axis
+  assert _json(paths['json']) == curve

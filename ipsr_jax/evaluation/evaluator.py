@@ -8,6 +8,10 @@ in `evaluators/common.py`.
 A run's generator is restored once per call, from its newest (or a named) Orbax checkpoint without
 the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless the
 entry names another, and is loaded once per call as well.
+
+An entry's `steps` (--mode=eval's --checkpoint_steps sets it) walks one run's checkpoints instead:
+a report per step under <report folder>/step_<N>/, each kept until what made it changes, and the
+curve of rank-1 over training beside them (`score_steps`).
 """
 
 from __future__ import annotations
