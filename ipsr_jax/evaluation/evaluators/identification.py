@@ -42,6 +42,7 @@ DEFAULTS = dict(
 def check_steps(steps: Any, where: str) -> tuple[int, ...] | str:
   """The checkpoint steps an entry walks: () none (one checkpoint), 'all', or distinct steps >= 0
   (a tuple, or '100,200' as a flag gives them), in ascending order."""
+  original = steps
   if isinstance(steps, str) and steps != 'all':
     steps = [s for s in steps.split(',') if s.strip()]
   if steps == 'all':
@@ -49,7 +50,7 @@ def check_steps(steps: Any, where: str) -> tuple[int, ...] | str:
   given = [str(s).strip() for s in steps] if isinstance(steps, (tuple, list)) else None
   if given is None or not all(g.isdigit() for g in given) or len({int(g) for g in given}) != len(given):
     raise ValueError(f"{where}: checkpoint steps are 'all' or distinct steps >= 0, e.g. (100, 200, 400); "
-                     f'got {steps!r}')
+                     f'got {original!r}')
   return tuple(sorted(int(g) for g in given))
 
 
