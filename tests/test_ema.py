@@ -126,6 +126,9 @@ def test_readers_take_the_ema_by_default_and_raw_on_request(ema_run, plain_run):
   as_raw = inference.SuperResolver.from_checkpoint(workdir, ema=False, buckets=(2,))
   assert (by_default.info['weights'], as_raw.info['weights']) == ('ema', 'raw')
   assert np.max(np.abs(by_default(faces) - as_raw(faces))) > 1e-4  # they are other generators
+  from ipsr_jax.serving import onnx_export  # pylint: disable=import-outside-toplevel  (needs onnx)
+  for sr, weights in ((by_default, 'ema'), (as_raw, 'raw')):  # an exported file says which
+    assert onnx_export.read_metadata(onnx_export.export_super_resolver(sr))['weights'] == weights
   plain_dir, _ = plain_run
   assert inference.SuperResolver.from_checkpoint(plain_dir, buckets=(2,)).info['weights'] == 'raw'
   with pytest.raises(checkpointing.CheckpointError, match=r'holds no parameter EMA .*train\.ema_decay=0'):
@@ -190,3 +193,15 @@ def test_fsdp_over_two_devices_gives_the_same_ema_as_one(tmp_path, ema_run):
   assert len(got.files) == len(one)
   for i, want in enumerate(one):
     np.testing.assert_allclose(got[f'arr_{i}'], want, atol=2e-5)
+
+
+def test_init_from_an_ema_run_starts_from_its_ema(tmp_path, ema_run):
+  """A new run's generator and its EMA both start at the source's EMA parameters."""
+  workdir, _, source = ema_run
+  config = ema_config(steps=1)
+  config.train.learning_rate = 1e-30  # the one step moves the parameters by ~1e-30 at most
+  config.train.init_from = str(workdir)
+  state = train.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  want = jax.device_get(source.params_ema)
+  for tree in (state.params, state.params_ema):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20), jax.device_get(tree), want)
