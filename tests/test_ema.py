@@ -205,3 +205,32 @@ def test_init_from_an_ema_run_starts_from_its_ema(tmp_path, ema_run):
   want = jax.device_get(source.params_ema)
   for tree in (state.params, state.params_ema):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20), jax.device_get(tree), want)
+
+
+def test_report_says_which_weights_when_an_ema_is_in_play(tmp_path):
+  from ipsr_jax.evaluation import report  # pylint: disable=import-outside-toplevel
+  from tests import test_report  # pylint: disable=import-outside-toplevel
+  results = test_report._fake_results('ar', ['11x8'], ['hr', 'bicubic', 'sr', 'pixel_only'])  # pylint: disable=protected-access
+  report.write_report(tmp_path / 'ema', 'ar', results, None, extra={'weights': {'sr': 'ema', 'pixel_only': 'raw'}})
+  md = (tmp_path / 'ema' / 'report.md').read_text()
+  assert 'Generator weights: sr: parameter EMA; pixel_only: raw parameters.' in md
+  assert json.loads((tmp_path / 'ema' / 'report.json').read_text())['weights'] == {'sr': 'ema', 'pixel_only': 'raw'}
+  report.write_report(tmp_path / 'raw', 'ar', results, None, extra={'weights': {'sr': 'raw'}})
+  assert 'Generator weights' not in (tmp_path / 'raw' / 'report.md').read_text()  # as before the EMA
+
+
+def test_evaluations_score_the_ema_and_record_it(tmp_path, ema_run, plain_run, embedder_dir):
+  """--mode=eval's path and the periodic evaluator both score the EMA generator and say so."""
+  from ipsr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  workdir, _, state = ema_run
+  config = ema_config()
+  config.embedder.checkpoint = embedder_dir
+  config.evals.synthetic.resolutions = ((8, 6),)
+  runs = {'sr': str(workdir), 'plain': str(plain_run[0])}
+  restored = evaluator.score_runs(config, runs, str(tmp_path / 'restored'), show=None)['synthetic']
+  doc = json.loads((tmp_path / 'restored' / 'report.json').read_text())
+  assert doc['weights'] == {'sr': 'ema', 'plain': 'raw'}
+  live = evaluator.make_periodic_evaluator(config, str(tmp_path / 'live'))(STEPS, train.generator_variables(state))
+  doc = json.loads((tmp_path / 'live' / 'eval' / 'synthetic' / f'step_{STEPS}' / 'report.json').read_text())
+  assert doc['weights'] == {'sr': 'ema'}
+  assert live['eval/synthetic/8x6/sr'] == restored['rank1']['8x6']['sr']  # the same generator
