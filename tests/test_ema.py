@@ -210,7 +210,8 @@ def test_init_from_an_ema_run_starts_from_its_ema(tmp_path, ema_run):
 def test_report_says_which_weights_when_an_ema_is_in_play(tmp_path):
   from ipsr_jax.evaluation import report  # pylint: disable=import-outside-toplevel
   from tests import test_report  # pylint: disable=import-outside-toplevel
-  results = test_report._fake_results('ar', ['11x8'], ['hr', 'bicubic', 'sr', 'pixel_only'])  # pylint: disable=protected-access
+  fake = test_report._fake_results  # pylint: disable=protected-access
+  results = fake('ar', ['11x8'], ['hr', 'bicubic', 'sr', 'pixel_only'])
   report.write_report(tmp_path / 'ema', 'ar', results, None, extra={'weights': {'sr': 'ema', 'pixel_only': 'raw'}})
   md = (tmp_path / 'ema' / 'report.md').read_text()
   assert 'Generator weights: sr: parameter EMA; pixel_only: raw parameters.' in md

@@ -6,8 +6,9 @@ training runs every `train.eval_every_steps`. Entries, their types and the synta
 in `evaluators/common.py`.
 
 A run's generator is restored once per call, from its newest (or a named) Orbax checkpoint without
-the optimiser (its parameter EMA when the run keeps one, as the periodic evaluator scores it); the frozen embedder is the one the run trained against (config.embedder), unless the
-entry names another, and is loaded once per call as well.
+the optimiser (its parameter EMA when the run keeps one, as the periodic evaluator scores it); the
+frozen embedder is the one the run trained against (config.embedder), unless the entry names
+another, and is loaded once per call as well.
 """
 
 from __future__ import annotations

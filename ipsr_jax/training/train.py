@@ -91,8 +91,8 @@ def with_ema(state: TrainState, params_ema: Any) -> EmaTrainState:
 
 def generator_variables(state: TrainState) -> dict:
   """The generator a run's state stands for: its EMA parameters when it keeps them (with the raw
-  parameters' running BatchNorm statistics), else its parameters. Evaluation, image summaries
-  and checkpoint readers (`Checkpointer.restore_model`) all take these."""
+  parameters' running BatchNorm statistics), else its parameters. Evaluation and image summaries
+  take these; `Checkpointer.restore_model` reads the same generator back from a checkpoint."""
   params = state.params_ema if isinstance(state, EmaTrainState) else state.params
   return {'params': params, 'batch_stats': state.batch_stats}
 
@@ -344,8 +344,9 @@ class Trainer:
 
   def initialised_from(self, state: TrainState, run_dir: str) -> TrainState:
     """`state` with the generator (params, batch_stats) of another run's newest readable
-    checkpoint (its EMA parameters when it has them, as `restore_model` gives): fine-tuning starts from a trained generator, with this run's fresh optimiser
-    state and step 0. The run's model must have this config's shapes."""
+    checkpoint (its parameter EMA when it keeps one, as `restore_model` gives): fine-tuning starts
+    from a trained generator, with this run's fresh optimiser state and step 0 (and, with an EMA
+    of its own, an EMA starting there). The run's model must have this config's shapes."""
     restored = checkpointing.Checkpointer(paths.resolve(run_dir), read_only=True).restore_generator(
         sharding=sharding.replicated(self.mesh))
     step, variables = restored.step, restored.variables
