@@ -148,6 +148,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       schedule='constant',        # constant | cosine | warmup_cosine
       warmup_steps=0,
       grad_clip_norm=0.0,         # 0 -> no clipping
+      # > 0 (e.g. 0.999): keep an exponential moving average of the generator's parameters,
+      # updated after each optimiser step with min(ema_decay, (1 + t) / (10 + t)) at update t (TF's
+      # ExponentialMovingAverage with num_updates: a warm-up that keeps the random init out of short
+      # runs' averages). Evaluation, image summaries, restore_model, SuperResolver and export read
+      # it, with the generator's running BatchNorm statistics. 0: off. Fixed for a run's lifetime.
+      ema_decay=0.0,
       compute_dtype='float32',    # 'bfloat16' for mixed precision (params and loss stay float32)
       log_every_steps=100,
       checkpoint_every_steps=2000,

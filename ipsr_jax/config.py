@@ -151,6 +151,9 @@ def validate(config: ml_collections.ConfigDict, *, data_paths: bool = True) -> N
   _need(t.schedule in ('constant', 'cosine', 'warmup_cosine'), 'train.schedule', t.schedule,
         "must be 'constant', 'cosine' or 'warmup_cosine'")
   _need(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, 'train.b1', (t.b1, t.b2), 'b1 and b2 must be in [0, 1)')
+  ema = t.get('ema_decay', 0.0)
+  _need(isinstance(ema, (int, float)) and not isinstance(ema, bool) and 0.0 <= ema < 1.0, 'train.ema_decay', ema,
+        'must be a number in [0, 1): 0 is off, e.g. 0.999 keeps an EMA of the generator')
   _need(t.compute_dtype in DTYPES, 'train.compute_dtype', t.compute_dtype, f'must be one of {DTYPES}')
   _need(t.num_train_steps == -1 or t.num_train_steps > 0, 'train.num_train_steps', t.num_train_steps,
         'must be -1 (from num_epochs) or > 0')
@@ -190,7 +193,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # What a workdir's checkpoints mean: the state's shapes (model), what it was trained against and
-# how (embedder, loss, optimiser), and the data stream the saved iterator position refers to.
+# how (embedder, loss, optimiser, the parameter EMA's decay and whether the state holds one), and
+# the data stream the saved iterator position refers to.
 # A resume must keep these; everything else (steps, logging, checkpoint and eval cadence, data
 # paths, the mesh, workers) may change and is recorded.
 _OPTIMISER = tuple(f'train.{k}' for k in ('batch_size', 'optimizer', 'learning_rate', 'b1', 'b2', 'eps',
@@ -201,7 +205,7 @@ _DATA_STREAM = tuple(f'data.{k}' for k in ('source', 'split', 'image_size', 'lr_
 _EMBEDDER_SHAPE = tuple(f'embedder.{k}' for k in ('width', 'embedding_size', 'input_size', 'bn_epsilon',
                                                   'dropout_rate'))
 RESUME_LOCKED = {
-    'train': ('model', 'loss', 'seed') + _EMBEDDER_SHAPE + _OPTIMISER + _DATA_STREAM,
+    'train': ('model', 'loss', 'seed', 'train.ema_decay') + _EMBEDDER_SHAPE + _OPTIMISER + _DATA_STREAM,
     'pretrain_embedder': ('pretrain', 'seed') + _EMBEDDER_SHAPE + _OPTIMISER + _DATA_STREAM,
 }
 

@@ -203,6 +203,20 @@ def test_tpu_fsdp_gathers_parameters_and_reduce_scatters_gradients(tmp_root):
 
 
 @needs_tpu
+def test_tpu_step_keeps_the_parameter_ema_split_as_the_parameters(tmp_root):
+  """config.train.ema_decay > 0, fsdp=8: the compiled step takes (and returns) the EMA as one more
+  copy of the parameters, split over fsdp as they are: no more than a device's share of them."""
+  args = (*SMALL, '--config.mesh.fsdp=8', '--save_executable')
+  _, plain, _ = _cached(tmp_root, 'v5e-8', *args)
+  proc, report, _ = _cached(tmp_root, 'v5e-8', *args, '--config.train.ema_decay=0.999')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  total, _, split_bytes = _param_bytes()
+  share = total - split_bytes + split_bytes / 8
+  grown = report['memory']['arguments'] - plain['memory']['arguments']
+  assert share <= grown < 2 * share, (grown, share)
+
+
+@needs_tpu
 def test_tpu_bf16_keeps_float32_gradient_sums(tmp_root):
   """compute_dtype=bfloat16: float32 parameters, and every cross-device sum is float32."""
   proc, report, hlo = _cached(tmp_root, 'v5e-8', *SMALL, '--config.train.compute_dtype=bfloat16')

@@ -6,8 +6,9 @@ training runs every `train.eval_every_steps`. Entries, their types and the synta
 in `evaluators/common.py`.
 
 A run's generator is restored once per call, from its newest (or a named) Orbax checkpoint without
-the optimiser; the frozen embedder is the one the run trained against (config.embedder), unless the
-entry names another, and is loaded once per call as well.
+the optimiser (its parameter EMA when the run keeps one, as the periodic evaluator scores it); the
+frozen embedder is the one the run trained against (config.embedder), unless the entry names
+another, and is loaded once per call as well.
 
 An entry's `steps` (--mode=eval's --checkpoint_steps sets it) walks one run's checkpoints instead:
 a report per step under <report folder>/step_<N>/, each kept until what made it changes, and the
@@ -43,7 +44,7 @@ def restore_runs(runs: Mapping[str, Sequence[Any]], steps: Mapping[str, int | No
 
   A run dir's generator is restored at steps[method] (default its newest checkpoint), once per
   (dir, step) in `restored` (a cache the caller may keep). say: one line per report row (method,
-  method#2, ...) naming its run, step and what it trained against.
+  method#2, ...) naming its run, step, weights (EMA or raw) and what it trained against.
   """
   from ipsr_jax.serving import inference  # pylint: disable=g-import-not-at-top
   restored = {} if restored is None else restored
@@ -58,8 +59,8 @@ def restore_runs(runs: Mapping[str, Sequence[Any]], steps: Mapping[str, int | No
           restored[key] = inference.SuperResolver.from_checkpoint(item, step=key[1])
         if say:
           info = restored[key].info
-          console.say(f'{method}{f"#{i + 1}" if i else ""}: {item} step {info["step"]}, trained against '
-                      f'{", ".join(info["trained_against"]) or "no recognizer"}')
+          console.say(f'{method}{f"#{i + 1}" if i else ""}: {item} step {info["step"]} ({info["weights"]} weights), '
+                      f'trained against {", ".join(info["trained_against"]) or "no recognizer"}')
         item = restored[key]
       out[method].append(item)
   return out
@@ -305,12 +306,15 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict,
   generator = unet_lib.from_config(config.model)
   names = [n for n in config.evals if common.from_config(config, n).SCORES_GENERATORS]
   embedders = {}  # loaded at the first evaluation, kept for the next
+  # Training passes train.generator_variables: the parameter EMA when the run keeps one.
+  weights = 'ema' if config.train.get('ema_decay', 0.0) else 'raw'
 
   def evaluate(step: int, variables: dict) -> dict[str, float]:
     if not names:
       return {}
     sr = inference.SuperResolver(generator, variables, image_size=config.model.image_size,
-                                 info={'trained_against': inference.trained_against(config)})
+                                 info={'trained_against': inference.trained_against(config),
+                                       'weights': weights})
     results = score_runs(config, {'sr': sr}, os.path.join(workdir, 'eval', NAME, f'step_{step}'),
                          names=names, report_step=step, embedders=embedders, cache=False, show=None)
     scalars = {}

@@ -229,6 +229,10 @@ def _identification_markdown(protocol: str, results: Mapping[str, Any], checkpoi
   if trained:
     lines += ['', 'Recognizers each generator trained against: ' + '; '.join(
         f'{m}: {", ".join(v) or "none (pixel loss only)"}' for m, v in trained.items()) + '.']
+  weights = extra.get('weights') or {}
+  if 'ema' in weights.values():  # said only when an EMA is in play: raw parameters are the default
+    lines += ['', 'Generator weights: ' + '; '.join(
+        f'{m}: {"parameter EMA" if w == "ema" else "raw parameters"}' for m, w in weights.items()) + '.']
   for metric, fmt in (('psnr', '{:.2f}'), ('ssim', '{:.4f}')):
     values = results.get(metric) or {}
     if not values:

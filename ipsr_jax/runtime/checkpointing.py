@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import grain.python as grain_python
@@ -20,6 +20,17 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = 'state', 'data_iter'
+# The train state's field holding the parameter EMA (train.EmaTrainState), when the run keeps one.
+PARAMS_EMA = 'params_ema'
+EMA, RAW = 'ema', 'raw'  # which parameters `restore_generator` read
+
+
+class Generator(NamedTuple):
+  """A restored generator: its checkpoint step, {'params', 'batch_stats'}, and which parameters
+  those are: EMA ('ema', the parameter EMA) or RAW ('raw', the optimiser's)."""
+  step: int
+  variables: dict
+  weights: str
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -271,20 +282,41 @@ class Checkpointer:
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return step, state
 
-  def restore_model(self, step: int | None = None, sharding: Any = None) -> tuple[int, dict]:
-    """For evaluation and serving: {'params', 'batch_stats'} of the generator, without building the
-    optimiser. The tree is read from the checkpoint's metadata and placed with `sharding` (default:
-    the first local device). Without `step`, the newest checkpoint that reads back."""
+  def state_fields(self, step: int) -> list[str]:
+    """The top-level fields of the train state saved at `step`, from its metadata alone."""
+    metadata = self.manager.item_metadata(step)[STATE]
+    return sorted(getattr(metadata, 'tree', metadata))
+
+  def restore_generator(self, step: int | None = None, sharding: Any = None,
+                        ema: bool | None = None) -> Generator:
+    """For evaluation and serving: the generator's {'params', 'batch_stats'}, without building the
+    optimiser. `ema` None: the parameter EMA when the run keeps one, else the parameters; True: the
+    EMA (an error without one); False: the parameters. BatchNorm statistics are the run's own
+    either way. The tree is read from the checkpoint's metadata and placed with `sharding`
+    (default: the first local device). Without `step`, the newest checkpoint that reads back."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def restore_step(s):
       metadata = self.manager.item_metadata(s)[STATE]
       tree = getattr(metadata, 'tree', metadata)
+      weights = EMA if PARAMS_EMA in tree and ema is not False else RAW
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
       state = self.manager.restore(s, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))[STATE]
-      return {'params': state['params'], 'batch_stats': state['batch_stats']}
+      params = state[PARAMS_EMA] if weights == EMA else state['params']
+      return {'params': params, 'batch_stats': state['batch_stats']}, weights
 
-    return self._restore_newest(step, restore_step)
+    s, (variables, weights) = self._restore_newest(step, restore_step)
+    if ema and weights == RAW:
+      raise CheckpointError(f'checkpoint step {s} in {self.directory} holds no parameter EMA (its run had '
+                            'train.ema_decay=0); ask for ema=False or None')
+    return Generator(s, variables, weights)
+
+  def restore_model(self, step: int | None = None, sharding: Any = None,
+                    ema: bool | None = None) -> tuple[int, dict]:
+    """(step, {'params', 'batch_stats'}) of `restore_generator`: by default the generator a user
+    gets, its parameter EMA when the run keeps one."""
+    restored = self.restore_generator(step, sharding, ema)
+    return restored.step, restored.variables
 
   def wait(self) -> None:
     self._confirm_pending()

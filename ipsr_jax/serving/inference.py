@@ -489,16 +489,19 @@ class SuperResolver(BatchedModel):
 
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike, step: int | None = None, *,
-                      dtype: Any = jnp.float32, **kwargs: Any) -> 'SuperResolver':
+                      dtype: Any = jnp.float32, ema: bool | None = None, **kwargs: Any) -> 'SuperResolver':
     """The generator of a training run: `<workdir>/config.json` + its Orbax checkpoint `step`
-    (default: the newest). `dtype=jnp.bfloat16` computes in bfloat16 (weights stay float32)."""
+    (default: the newest). `dtype=jnp.bfloat16` computes in bfloat16 (weights stay float32).
+    `ema` None: the parameter EMA when the run keeps one (config.train.ema_decay > 0), else its
+    parameters; False: the raw parameters; True: the EMA or an error. `info['weights']` says
+    which ('ema' or 'raw')."""
     cpu_devices.configure()  # the loaders are where an API user's JAX starts
     workdir = os.fspath(workdir)
     config = load_run_config(workdir)
     generator = unet_lib.from_config(config.model, dtype=dtype)
-    step, variables = Checkpointer(workdir, read_only=True).restore_model(step=step)
+    step, variables, weights = Checkpointer(workdir, read_only=True).restore_generator(step=step, ema=ema)
     info = dict(workdir=workdir, step=int(step), model=config.model.to_dict(),
-                trained_against=trained_against(config))
+                trained_against=trained_against(config), weights=weights)
     return cls(generator, variables, image_size=config.model.image_size, info=info, **kwargs)
 
   def fingerprint_fields(self) -> dict[str, Any]:

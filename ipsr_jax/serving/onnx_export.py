@@ -559,6 +559,8 @@ def _common_metadata(kind: str, input_dtype: str, hw: tuple[int, int], size: int
   }
   if 'step' in info:
     meta['step'] = int(info['step'])
+  if 'weights' in info:  # the run's parameter EMA ('ema') or its raw parameters ('raw')
+    meta['weights'] = info['weights']
   meta.update(extra or {})
   return meta
 

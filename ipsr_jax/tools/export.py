@@ -65,8 +65,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, embedder: str
   functions = {'sr': export_lib.export_super_resolver(
       sr, lr_size=lr_size, input_dtype=input_dtype, platforms=platforms)}
   pipeline = None
-  metadata = dict(workdir=os.fspath(workdir), step=sr.info['step'], image_size=sr.image_size,
-                  lr_size=list(lr_size) if lr_size else None)
+  metadata = dict(workdir=os.fspath(workdir), step=sr.info['step'], weights=sr.info['weights'],
+                  image_size=sr.image_size, lr_size=list(lr_size) if lr_size else None)
   if embedder:
     # Default: the input side the run's identity loss used.
     input_size = embedder_input_size or inference.load_run_config(workdir).embedder.input_size

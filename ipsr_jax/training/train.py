@@ -7,6 +7,7 @@ exactly the batches an uninterrupted run would; clu metric writers), with image 
 periodic evaluations as its periodic actions.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -57,6 +58,46 @@ class TrainState:
 
 
 @flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """The train state of a run with config.train.ema_decay > 0: TrainState plus `params_ema`, an
+  exponential moving average of the generator's parameters (`ema_update`), sharded as `params`.
+  A run without it keeps the plain TrainState, so its checkpoints hold exactly the same tree."""
+  params_ema: Any
+
+
+def ema_decay_of(train_config) -> float:
+  """config.train.ema_decay; 0 (off) for configs saved before the key existed."""
+  return float(train_config.get('ema_decay', 0.0))
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The decay of the update after `step` earlier ones: min(decay, (1 + step) / (10 + step)), TF's
+  ExponentialMovingAverage with num_updates. The warm-up keeps the random init out of the average:
+  a plain 0.999 EMA still holds 0.999**800 = 45% of it after 800 steps; with it, the average spans
+  about the last tenth of the steps until that reaches 1 / (1 - decay)."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(params_ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+  """decay_t * params_ema + (1 - decay_t) * params, decay_t = ema_decay_at(step, decay)."""
+  return optax.incremental_update(params, params_ema, 1.0 - ema_decay_at(step, decay))
+
+
+def with_ema(state: TrainState, params_ema: Any) -> EmaTrainState:
+  return EmaTrainState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)},
+                       params_ema=params_ema)
+
+
+def generator_variables(state: TrainState) -> dict:
+  """The generator a run's state stands for: its EMA parameters when it keeps them (with the raw
+  parameters' running BatchNorm statistics), else its parameters. Evaluation and image summaries
+  take these; `Checkpointer.restore_model` reads the same generator back from a checkpoint."""
+  params = state.params_ema if isinstance(state, EmaTrainState) else state.params
+  return {'params': params, 'batch_stats': state.batch_stats}
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output('loss')
   pixel_mse: clu_metrics.Average.from_output('pixel_mse')
@@ -99,9 +140,11 @@ def init_state(config, generator: unet_lib.UNet, tx: optax.GradientTransformatio
   rng = jax.random.PRNGKey(config.seed)
   size = config.model.image_size
   variables = generator.init(init_key(config.seed), jnp.zeros((1, size, size, 3)), train=False)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
-                    rng=jax.random.fold_in(rng, 2), nonfinite_step=jnp.full((), -1, jnp.int32))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                     batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+                     rng=jax.random.fold_in(rng, 2), nonfinite_step=jnp.full((), -1, jnp.int32))
+  # The EMA starts at the initial parameters (a copy: the step donates both trees' buffers).
+  return with_ema(state, jax.tree.map(jnp.copy, state.params)) if ema_decay_of(config.train) else state
 
 
 def generator_input(batch: dict, degrader: degrade.DeviceDegrader | None) -> jax.Array:
@@ -182,7 +225,7 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, recognizer_va
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if fsdp:
     grads = jax.lax.with_sharding_constraint(grads, sharding.param_sharding(grads, mesh))
-  new_state = apply_if_finite(state, loss, grads, batch_stats, tx)
+  new_state = apply_if_finite(state, loss, grads, batch_stats, tx, ema_decay=ema_decay_of(config.train))
   terms = dict(terms, grad_norm=optax.global_norm(grads))
   terms.setdefault('identity', jnp.zeros(()))
   terms.setdefault('cosine_similarity', jnp.zeros(()))
@@ -191,17 +234,21 @@ def train_step(state: TrainState, batch: dict, embedder_vars: Any, recognizer_va
 
 
 def apply_if_finite(state: TrainState, loss: jax.Array, grads: Any, batch_stats: Any,
-                    tx: optax.GradientTransformation) -> TrainState:
-  """The optimiser update, unless this loss (or an earlier one) was not finite: then the state
-  stays at its last good values and `nonfinite_step` records the step for the host's next check."""
+                    tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
+  """The optimiser update, then (an EmaTrainState) the parameter EMA's update towards the new
+  parameters, unless this loss (or an earlier one) was not finite: then the state stays at its
+  last good values and `nonfinite_step` records the step for the host's next check."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ok = jnp.isfinite(loss) & (state.nonfinite_step < 0)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return state.replace(
-      step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step))
+  new = dict(step=state.step + 1, params=keep(params, state.params), batch_stats=keep(batch_stats, state.batch_stats),
+             opt_state=keep(opt_state, state.opt_state),
+             nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step,
+                                      state.nonfinite_step))
+  if isinstance(state, EmaTrainState):
+    new['params_ema'] = keep(ema_update(state.params_ema, params, state.step, ema_decay), state.params_ema)
+  return state.replace(**new)
 
 
 def sr_apply(generator, variables, lr: jax.Array) -> jax.Array:
@@ -297,10 +344,12 @@ class Trainer:
 
   def initialised_from(self, state: TrainState, run_dir: str) -> TrainState:
     """`state` with the generator (params, batch_stats) of another run's newest readable
-    checkpoint: fine-tuning starts from a trained generator, with this run's fresh optimiser
-    state and step 0. The run's model must have this config's shapes."""
-    step, variables = checkpointing.Checkpointer(paths.resolve(run_dir), read_only=True).restore_model(
+    checkpoint (its parameter EMA when it keeps one, as `restore_model` gives): fine-tuning starts
+    from a trained generator, with this run's fresh optimiser state and step 0 (and, with an EMA
+    of its own, an EMA starting there). The run's model must have this config's shapes."""
+    restored = checkpointing.Checkpointer(paths.resolve(run_dir), read_only=True).restore_generator(
         sharding=sharding.replicated(self.mesh))
+    step, variables = restored.step, restored.variables
     want = {'params': state.params, 'batch_stats': state.batch_stats}
     shapes = lambda tree: {jax.tree_util.keystr(p): tuple(v.shape)
                            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -310,15 +359,20 @@ class Trainer:
       shown = '; '.join(f'{k}: {have.get(k)} there, {need.get(k)} here' for k in diff[:3])
       raise ValueError(f'--config.train.init_from={run_dir}: its generator does not fit this config.model '
                        f'({len(diff)} arrays differ: {shown}); use the model settings of its config.json.')
-    console.say(f'Generator initialised from {run_dir} (its step {step}); optimiser state fresh.')
-    return state.replace(params=jax.device_put(variables['params'], self.state_sharding.params),
-                         batch_stats=jax.device_put(variables['batch_stats'], self.state_sharding.batch_stats))
+    console.say(f'Generator initialised from {run_dir} (its step {step}, {restored.weights} weights); '
+                'optimiser state fresh.')
+    state = state.replace(params=jax.device_put(variables['params'], self.state_sharding.params),
+                          batch_stats=jax.device_put(variables['batch_stats'], self.state_sharding.batch_stats))
+    if isinstance(state, EmaTrainState):  # the EMA starts at the initial parameters, as in init_state
+      state = state.replace(params_ema=jax.device_put(jax.tree.map(jnp.copy, variables['params']),
+                                                      self.state_sharding.params_ema))
+    return state
 
   def image_summary(self, state: TrainState, hr: np.ndarray) -> np.ndarray:
     """Rows: per LR size, the bicubic input, the SR output; last row HR."""
     hr = np.asarray(hr[:8])
     rows = []
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = generator_variables(state)
     for lr_hw in self.config.train.image_summary_lr_sizes:
       lr = degrade.degrade(hr, tuple(lr_hw), hr.shape[1:3], round_lr=self.config.data.round_lr)
       sr = self._sr(variables, pixels_lib.from_pixels(jnp.asarray(lr)))
@@ -350,6 +404,33 @@ def record_run_config(config: ml_collections.ConfigDict, workdir: str, mode: str
       f.write(json.dumps(document, indent=2, sort_keys=True, default=str))
 
 
+def check_checkpoint_ema(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Before a resume reads anything: the newest checkpoint's state must hold a parameter EMA
+  exactly when config.train.ema_decay keeps one. config.json's lock on the key catches most
+  changes; this one also catches runs whose config.json predates the key."""
+  if not checkpointing.has_checkpoints(workdir):
+    return
+  ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step()
+  try:
+    has_ema = step is not None and checkpointing.PARAMS_EMA in ckpt.state_fields(step)
+  except Exception:  # pylint: disable=broad-except  (unreadable: the restore names it, tries older ones)
+    return
+  finally:
+    ckpt.manager.close()
+  decay = ema_decay_of(config.train)
+  if step is None or has_ema == bool(decay):
+    return
+  if decay:
+    raise config_lib.ConfigError(
+        f'config.train.ema_decay={decay}: the checkpoints in {workdir} hold no parameter EMA (the run had '
+        f'train.ema_decay=0). Nothing was changed: resume with --config.train.ema_decay=0, or start a new '
+        f'--workdir from its generator with --config.train.init_from={workdir}.')
+  raise config_lib.ConfigError(
+      f'config.train.ema_decay=0: the checkpoints in {workdir} hold a parameter EMA. Nothing was changed: '
+      f'resume with the run\'s train.ema_decay (its config.json), or use a new --workdir.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn: Callable[[int, dict], dict] | None = None) -> TrainState:
   """Trains (resuming from the newest checkpoint in workdir) and returns the final state."""
@@ -357,6 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if evaluate_fn is None and config.train.eval_every_steps and config.evals:
     from ipsr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     evaluate_fn = evaluator.make_periodic_evaluator(config, workdir)
+  check_checkpoint_ema(config, workdir)
   record_run_config(config, workdir, 'train')
   t = config.train
 
@@ -383,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate(step: int, state: TrainState, batch: dict, writer) -> None:
     del batch
-    writer.write_scalars(step, evaluate_fn(step, {'params': state.params, 'batch_stats': state.batch_stats}))
+    writer.write_scalars(step, evaluate_fn(step, generator_variables(state)))
 
   actions = [loop.Periodic(t.image_summary_every_steps, image_summary)]
   if evaluate_fn is not None:

@@ -134,5 +134,8 @@ class Evaluator(common.Evaluator):
              'judge_models': {n: repr(j) for n, j in opened.items()},  # results['judges'] lists the names
              # A judge is independent only of generators that did not train against it.
              'trained_against': {k: fn.info['trained_against'] for k, fn in sr_fns.items()
-                                 if 'trained_against' in getattr(fn, 'info', {})}, **probes}
+                                 if 'trained_against' in getattr(fn, 'info', {})},
+             # Which parameters each generator ran with: 'ema' (its parameter EMA) or 'raw'.
+             'weights': {k: fn.info['weights'] for k, fn in sr_fns.items() if 'weights' in getattr(fn, 'info', {})},
+             **probes}
     return common.Scored(results, extra)
