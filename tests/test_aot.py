@@ -202,10 +202,12 @@ def test_tpu_fsdp_gathers_parameters_and_reduce_scatters_gradients(tmp_root):
   assert dp['memory']['arguments'] - report['memory']['arguments'] >= 0.9 * 3 * split_bytes * 7 / 8
 
 
+@pytest.mark.slow
 @needs_tpu
 def test_tpu_step_keeps_the_parameter_ema_split_as_the_parameters(tmp_root):
   """config.train.ema_decay > 0, fsdp=8: the compiled step takes (and returns) the EMA as one more
-  copy of the parameters, split over fsdp as they are: no more than a device's share of them."""
+  copy of the parameters, split over fsdp as they are: no more than a device's share of them.
+  (A compile of its own: slow. tests/test_ema.py checks the same split on two CPU devices.)"""
   args = (*SMALL, '--config.mesh.fsdp=8', '--save_executable')
   _, plain, _ = _cached(tmp_root, 'v5e-8', *args)
   proc, report, _ = _cached(tmp_root, 'v5e-8', *args, '--config.train.ema_decay=0.999')
