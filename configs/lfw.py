@@ -81,24 +81,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=dict(num_train_steps=800), loss=dict(identity_weight=0.0)))
 
   config.evals = ml_collections.ConfigDict()
+  # Every entry's probes are the paper's bicubic down-samples; probe_degradation='camera_mild' or
+  # 'camera_hard' scores camera-like probes instead (ipsr_jax/data/camera.py; the report names it).
   # The dev protocol (choices are made here): the dev people, gallery one image each, 381 probes
   # at the test protocol's sizes, 10 seeded trials; scored by FaceNet and both judges.
   config.evals.lfw_dev = ml_collections.ConfigDict(dict(
       type='identification', protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES,
-      max_rank=100, resolutions=LFW_LR_SIZES))
+      max_rank=100, resolutions=LFW_LR_SIZES, probe_degradation='bicubic'))
   # The same dev people in grey at ORL's sizes: an ORL-like dev set (ORL's faces are grey), so
   # what is chosen for ORL is chosen without reading ORL.
   config.evals.lfw_dev_grey = ml_collections.ConfigDict(dict(
       type='identification', protocol='lfw_dev', source='lfw', split='dev', trials=10, judges=JUDGES,
-      max_rank=100, grey=True, resolutions=ORL_DEV_SIZES))
+      max_rank=100, grey=True, resolutions=ORL_DEV_SIZES, probe_degradation='bicubic'))
   config.evals.lfw = ml_collections.ConfigDict(dict(
       type='identification', protocol='lfw', source='lfw', split='test', trials=10, judges=JUDGES,
-      max_rank=100, resolutions=LFW_LR_SIZES))
+      max_rank=100, resolutions=LFW_LR_SIZES, probe_degradation='bicubic'))
   # A second real test set the training never saw: ORL's 40 people (tight 92x112 grey crops, so
   # padded before detection). --config.evals.orl.root=<ORL>; left empty, ORL is skipped.
   config.evals.orl = ml_collections.ConfigDict(dict(
       type='identification', protocol='generic', source='orl', root='', split='test', trials=10,
-      judges=JUDGES, max_rank=40, resolutions=ORL_LR_SIZES, align=True, align_pad=0.25))
+      judges=JUDGES, max_rank=40, resolutions=ORL_LR_SIZES, align=True, align_pad=0.25,
+      probe_degradation='bicubic'))
 
   if arg == 'dev':  # choosing: train as above, score the dev protocol only (no test set is read)
     del config.evals.lfw

@@ -130,7 +130,8 @@ def _hide_gpus_from_tensorflow() -> None:
 
 
 def run():
-  app.run(main)
+  from ipsr_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=console.parse_flags)
 
 
 if __name__ == '__main__':

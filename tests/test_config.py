@@ -57,9 +57,14 @@ def test_cli_rejects_bad_and_unknown_values_before_compiling():
   bad = _main('--config.train.optimizer=adagrad', '--config.data.root=/nonexistent')
   assert bad.returncode != 0 and 'config.train.optimizer' in bad.stderr
   unknown = _main('--config.train.not_a_field=1')
-  assert unknown.returncode != 0 and 'not_a_field' in unknown.stderr
+  assert unknown.returncode == 1 and 'Traceback' not in unknown.stderr
+  assert [l for l in unknown.stderr.splitlines() if l.startswith('Error:')] == [
+      "Error: a --config.<field> override names a field the config does not have: \"'not_a_field'\" "
+      '(the command line sets existing fields; a config file adds new ones)']
   variant = _main('--config=configs/base.py:nope')
-  assert variant.returncode != 0 and 'unknown variant' in variant.stderr
+  assert variant.returncode == 1 and 'Traceback' not in variant.stderr
+  assert "Error: flag --config=configs/base.py:nope: Error whilst parsing config file: ValueError: configs/base.py: " \
+         "unknown variant 'nope' (known: local, tiny)" in variant.stderr
 
 
 def test_lfw_sizes_are_the_protocols_and_a_flag_scores_fewer():

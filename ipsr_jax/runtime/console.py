@@ -165,6 +165,25 @@ def error(exc: BaseException) -> None:
   print(f'Error: {type(exc).__name__}: {one_line(str(exc), limit=1000)}{where}', file=terminal(), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for every entry point: a bad flag value, or a --config.<field> override of a
+  field the config does not have, is one 'Error:' line and exit code 1, as every other error."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if 'Traceback (most recent call last)' in text:  # a config file raised: its message is the last line
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      text = f'{lines[0]} {lines[-1]}'
+    print(f'Error: {one_line(text)} (see --helpfull)', file=sys.stderr, flush=True)
+  except (AttributeError, KeyError) as e:  # raised by config_flags for a field the config lacks
+    print(f'Error: a --config.<field> override names a field the config does not have: '
+          f'{one_line(str(e))} (the command line sets existing fields; a config file adds new ones)',
+          file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def run_tool(main: Callable[[list[str]], Any], name: str) -> None:
   """`app.run(main)` for a command-line tool, with the main command's terminal conventions.
 
@@ -192,17 +211,10 @@ def run_tool(main: Callable[[list[str]], Any], name: str) -> None:
       error(e)
       sys.exit(1)
 
-  def parse(argv):  # a bad flag value: the same one 'Error:' line as every other error
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      print(f'Error: {one_line(str(e))} (see --helpfull)', file=sys.stderr, flush=True)
-      sys.exit(1)
-
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from ipsr_jax.runtime import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.configure()  # one XLA CPU device per core unless the user chose; before JAX starts
-  app.run(wrapped, flags_parser=parse)
+  app.run(wrapped, flags_parser=parse_flags)
 
 
 def duration(seconds: float) -> str:
