@@ -33,7 +33,7 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 # starts), longest first: the workers take modules in collection order, so these start first and
 # the short modules fill in behind them (pyproject.toml's addopts: --dist loadfile, no reorder).
 LONGEST_MODULES = ('test_train.py', 'test_lfw_run.py', 'test_robustness.py', 'test_demo.py', 'test_aot.py',
-                   'test_embedder_train.py', 'test_ema.py', 'test_curve.py')
+                   'test_ema.py', 'test_curve.py')
 WORKER_MEMORY = 6 * 2**30  # a worker and the programs its tests start, at their peak
 
 

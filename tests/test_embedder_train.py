@@ -112,10 +112,13 @@ embedder_train.train_embedder(config, stopped)
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_resumes_to_the_same_embedder(tmp_path):
   """SIGTERM mid-run saves that step and stops the embedder's trainer (`Preempted`, which
   `ipsr_jax.main` turns into EXIT_PREEMPTED: test_train.py) without writing the embedder; the
-  same call resumes there and ends with the metrics and weights of an uninterrupted run."""
+  same call resumes there and ends with the metrics and weights of an uninterrupted run. (Slow: three
+  embedder trainings. The embedder's trainer runs through loop.run, whose SIGTERM handling
+  tests/test_loop.py checks on a toy step, and tests/test_train.py on the generator's trainer.)"""
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   (tmp_path / 'runs.py').write_text(_STOP_AND_RESUME)
   proc = subprocess.run([sys.executable, str(tmp_path / 'runs.py'), str(straight), str(stopped),

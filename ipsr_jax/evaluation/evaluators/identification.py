@@ -130,12 +130,14 @@ class Evaluator(common.Evaluator):
     if repeats:
       results['repeats'] = repeats
     probes = {} if s.probe_degradation == camera.BICUBIC else {'probe_degradation': s.probe_degradation}
+    # Which parameters each generator ran with, 'ema' (its parameter EMA) or 'raw': recorded when
+    # an EMA is in play (raw parameters are the default, and their reports stay as they were).
+    weights = {k: fn.info['weights'] for k, fn in sr_fns.items() if 'weights' in getattr(fn, 'info', {})}
+    ema = {'weights': weights} if 'ema' in weights.values() else {}
     extra = {'embedder': embedder.info.get('source', 'unknown'), 'source': repr(source), 'eval_name': self.name,
              'judge_models': {n: repr(j) for n, j in opened.items()},  # results['judges'] lists the names
              # A judge is independent only of generators that did not train against it.
              'trained_against': {k: fn.info['trained_against'] for k, fn in sr_fns.items()
                                  if 'trained_against' in getattr(fn, 'info', {})},
-             # Which parameters each generator ran with: 'ema' (its parameter EMA) or 'raw'.
-             'weights': {k: fn.info['weights'] for k, fn in sr_fns.items() if 'weights' in getattr(fn, 'info', {})},
-             **probes}
+             **probes, **ema}
     return common.Scored(results, extra)
